@@ -1,0 +1,236 @@
+# Resampling kernels, included by _resample.pyx (baseline ISA) and by
+# _resample_avx2.pyx (compiled with -mavx2 -mfma).  _resample picks one table at
+# import from the CPU's features (DATAGO_SIMD=generic forces the baseline).
+#
+# Safety: noexcept nogil, raw pointers whose extents the caller checked; no
+# Python objects, no allocation.  Needs: int16_t, int32_t, uint8_t, memcpy and the
+# _kernels.pxd declarations cimported by the including module.
+
+# --- kernels, generic over the accumulator type ------------------------------------
+# int16_t: Q7 samples, fixed-point weights, each tap (a * w) >> 16 (pmulhw).
+# float:   plain samples and weights; used when there are too many taps for int16.
+
+ctypedef fused acc_t:
+    int16_t
+    float
+
+
+cdef inline acc_t _mul(acc_t a, acc_t w) noexcept nogil:
+    if acc_t is float:
+        return a * w
+    else:
+        return <int16_t>((<int32_t>a * <int32_t>w) >> 16)
+
+
+cdef inline void _load_row(acc_t* d, const uint8_t* s, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(n):
+        if acc_t is float:
+            d[j] = s[j]
+        else:
+            d[j] = <int16_t>(<int16_t>s[j] << 7)
+
+
+cdef inline void _vtaps(acc_t* acc, const acc_t** rows, const acc_t* w, int nt,
+                        Py_ssize_t n, acc_t bias) noexcept nogil:
+    """acc[0:n] = bias + sum_k rows[k][j] * w[k] -- three taps per sweep over acc."""
+    cdef Py_ssize_t j
+    cdef int k
+    cdef acc_t a, b, c
+    cdef const acc_t* p
+    cdef const acc_t* q
+    cdef const acc_t* u
+    if nt >= 3:
+        a = w[0]; b = w[1]; c = w[2]
+        p = rows[0]; q = rows[1]; u = rows[2]
+        for j in range(n):
+            acc[j] = <acc_t>(bias + _mul(p[j], a) + _mul(q[j], b) + _mul(u[j], c))
+        k = 3
+    elif nt == 2:
+        a = w[0]; b = w[1]
+        p = rows[0]; q = rows[1]
+        for j in range(n):
+            acc[j] = <acc_t>(bias + _mul(p[j], a) + _mul(q[j], b))
+        k = 2
+    else:
+        a = w[0]
+        p = rows[0]
+        for j in range(n):
+            acc[j] = <acc_t>(bias + _mul(p[j], a))
+        k = 1
+    while k + 2 < nt:
+        a = w[k]; b = w[k + 1]; c = w[k + 2]
+        p = rows[k]; q = rows[k + 1]; u = rows[k + 2]
+        for j in range(n):
+            acc[j] = <acc_t>(acc[j] + _mul(p[j], a) + _mul(q[j], b) + _mul(u[j], c))
+        k += 3
+    while k < nt:
+        a = w[k]
+        p = rows[k]
+        for j in range(n):
+            acc[j] = <acc_t>(acc[j] + _mul(p[j], a))
+        k += 1
+
+
+cdef inline void _hcol(const acc_t* t0, const acc_t* w, int nt, acc_t bias, int shift,
+                       uint8_t* u) noexcept nogil:
+    """u[0:64] = clamp(round(bias + sum_k t0[k*64 + j] * w[k])).
+
+    The accumulator is a local array (it cannot alias anything), and every loop has
+    the fixed trip count 64: the compiler emits straight vector code, no alias checks.
+    ``shift`` is the number of fraction bits of the int16 result (5 or 3).
+    """
+    cdef acc_t acc[LANES]
+    cdef int j, k
+    cdef acc_t a = w[0]
+    cdef const acc_t* p
+    cdef int16_t v
+    cdef float f
+    for j in range(LANES):
+        acc[j] = <acc_t>(bias + _mul(t0[j], a))
+    for k in range(1, nt):
+        a = w[k]
+        p = t0 + k * LANES
+        for j in range(LANES):
+            acc[j] = <acc_t>(acc[j] + _mul(p[j], a))
+    if acc_t is float:
+        for j in range(LANES):
+            f = acc[j] + <float>0.5
+            f = 0.0 if f < 0.0 else f
+            f = 255.0 if f > 255.0 else f
+            u[j] = <uint8_t><int>f
+    elif shift == 5:    # constant shifts keep the loop a plain psraw/packuswb sequence
+        for j in range(LANES):
+            v = <int16_t>(<int16_t>(acc[j] + 16) >> 5)
+            v = 0 if v < 0 else v
+            v = 255 if v > 255 else v
+            u[j] = <uint8_t>v
+    else:
+        for j in range(LANES):
+            v = <int16_t>(<int16_t>(acc[j] + 4) >> 3)
+            v = 0 if v < 0 else v
+            v = 255 if v > 255 else v
+            u[j] = <uint8_t>v
+
+
+cdef size_t _work_bytes(const AxisPlan* px, const AxisPlan* py, int C, size_t item) noexcept nogil:
+    cdef size_t cw = px.span1 - px.span0
+    cdef size_t n = cw * C
+    cdef int R = R_GREY if C == 1 else R_COLOR
+    return ((<size_t>(py.ntaps + 1) + R) * n + cw * LANES) * item + 64
+
+
+cdef void _strips(acc_t* work, const AxisPlan* px, const AxisPlan* py, int filt,
+                  const uint8_t* src, Py_ssize_t s_row, int C,
+                  uint8_t* dst, Py_ssize_t d_row, Py_ssize_t d_px, Py_ssize_t d_ch,
+                  int dC) noexcept nogil:
+    """The strip algorithm of the module docstring (``work`` from _work_bytes)."""
+    cdef int cw = px.span1 - px.span0
+    cdef int ow = px.out_size
+    cdef int oh = py.out_size
+    cdef int nty = py.ntaps
+    cdef int ntx = px.ntaps
+    cdef int CT = 1 if C == 1 else 4            # channels in the transposed strip
+    cdef int R = R_GREY if C == 1 else R_COLOR
+    cdef Py_ssize_t n = <Py_ssize_t>cw * C       # samples per row of the needed columns
+    cdef int ring = nty + 1
+    cdef acc_t* ring_buf = work
+    cdef acc_t* rows = ring_buf + <size_t>ring * n
+    cdef acc_t* T = rows + <size_t>R * n
+    cdef uint8_t u[LANES]
+    cdef const acc_t* rp[MAX_TAPS]
+    cdef const acc_t* wy
+    cdef const acc_t* wx
+    cdef int y0, rr, y, lo, k, nxt, x, c, sc, r
+    cdef acc_t* tp
+    cdef const acc_t* rowp
+    cdef uint8_t* d0
+    cdef uint8_t* dp
+    cdef acc_t vbias, hbias
+    # Q7 source x Q(b) weights >> 16, twice: the result has 2b - 25 fraction bits
+    cdef int shift = 2 * wbits(filt) - 25
+    cdef bint packed3 = dC == 3 and d_ch == 1 and d_px == 3 and CT == 4
+    nxt = py.lo[0]
+    y0 = 0
+    while y0 < oh:
+        # pass 1: R output rows (rows past the end repeat the last one)
+        for rr in range(R):
+            y = y0 + rr if y0 + rr < oh else oh - 1
+            lo = py.lo[y]
+            if nxt < lo:
+                nxt = lo
+            while nxt < lo + nty:
+                _load_row(ring_buf + <size_t>(nxt % ring) * n,
+                          src + nxt * s_row + <Py_ssize_t>px.span0 * C, n)
+                nxt += 1
+            for k in range(nty):
+                rp[k] = ring_buf + <size_t>((lo + k) % ring) * n
+            if acc_t is float:
+                wy = py.wf + y * nty
+                vbias = 0
+            else:
+                wy = py.w + y * nty
+                vbias = <int16_t>(py.nz[y] // 2)   # each tap truncates by 1/2 unit on average
+            _vtaps(rows + rr * n, rp, wy, nty, n, vbias)
+        # transpose the strip: T[x][rr][c]
+        if C == 4:      # constant trip counts: fully unrolled moves
+            for x in range(cw):
+                tp = T + x * LANES
+                rowp = rows + x * 4
+                for rr in range(R_COLOR):
+                    memcpy(tp + rr * 4, rowp + rr * n, 4 * sizeof(acc_t))
+        elif C == 3:
+            for x in range(cw):
+                tp = T + x * LANES
+                for rr in range(R):
+                    rowp = rows + rr * n + x * 3
+                    tp[rr * 4 + 0] = rowp[0]
+                    tp[rr * 4 + 1] = rowp[1]
+                    tp[rr * 4 + 2] = rowp[2]
+                    tp[rr * 4 + 3] = 0
+        else:
+            for x in range(cw):
+                tp = T + x * LANES
+                for rr in range(R):
+                    tp[rr] = rows[rr * n + x]
+        # pass 2: one output column at a time over 64 lanes, then round and store
+        r = oh - y0 if oh - y0 < R else R
+        d0 = dst + y0 * d_row
+        for x in range(ow):
+            if acc_t is float:
+                wx = px.wf + x * ntx
+                hbias = 0
+            else:
+                wx = px.w + x * ntx
+                hbias = <int16_t>(px.nz[x] // 2)
+            _hcol(T + (px.lo[x] - px.span0) * LANES, wx, ntx, hbias, shift, u)
+            dp = d0 + x * d_px
+            if packed3 and x < ow - 1 and r == R_COLOR:
+                for rr in range(R_COLOR):
+                    memcpy(dp + rr * d_row, u + rr * 4, 4)   # byte 4 is rewritten by x + 1
+            elif packed3 and x < ow - 1:
+                for rr in range(r):
+                    memcpy(dp + rr * d_row, u + rr * 4, 4)
+            else:
+                for rr in range(r):
+                    for c in range(dC):
+                        sc = c if c < CT else CT - 1
+                        dp[rr * d_row + c * d_ch] = u[rr * CT + sc]
+        y0 += R
+
+
+cdef void strips_i16(void* work, const AxisPlan* px, const AxisPlan* py, int filt,
+                     const uint8_t* src, Py_ssize_t s_row, int C, uint8_t* dst,
+                     Py_ssize_t d_row, Py_ssize_t d_px, Py_ssize_t d_ch, int dC) noexcept nogil:
+    _strips(<int16_t*>work, px, py, filt, src, s_row, C, dst, d_row, d_px, d_ch, dC)
+
+
+cdef void strips_f32(void* work, const AxisPlan* px, const AxisPlan* py, int filt,
+                     const uint8_t* src, Py_ssize_t s_row, int C, uint8_t* dst,
+                     Py_ssize_t d_row, Py_ssize_t d_px, Py_ssize_t d_ch, int dC) noexcept nogil:
+    _strips(<float*>work, px, py, filt, src, s_row, C, dst, d_row, d_px, d_ch, dC)
+
+
+cdef KernelTable KERNELS
+KERNELS.strips_i16 = strips_i16
+KERNELS.strips_f32 = strips_f32

@@ -1,0 +1,32 @@
+"""Exception hierarchy of datago.
+
+Every error raised on purpose by datago derives from :class:`DatagoError`, and
+also from the builtin that best describes it, so ``except ValueError`` keeps
+working for code that does not know about datago.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "DatagoError", "DecodeError", "ImageTooLargeError"]
+
+
+class DatagoError(Exception):
+    """Base class of every error datago raises on purpose."""
+
+
+class DecodeError(DatagoError, ValueError):
+    """Image bytes that cannot be decoded: corrupt, truncated, empty or unsupported.
+
+    The message names the format (``JPEG``, ``PNG``, ...) and the cause.
+    """
+
+
+class ImageTooLargeError(DecodeError):
+    """The header announces more pixels than ``max_pixels`` (decompression-bomb guard).
+
+    Raised from the header, before any pixel buffer is allocated.
+    """
+
+
+class ConfigError(DatagoError, ValueError):
+    """An invalid configuration; the message names the offending key path."""
