@@ -14,7 +14,7 @@ from datago.errors import DecodeError, ImageTooLargeError
 
 # Formats we hand to Pillow; anything else is "unrecognised" (Pillow also opens
 # odd formats such as ICO or PCX, which are not image-dataset material).
-FORMATS = ("WEBP", "BMP", "GIF", "TIFF", "MPO")
+FORMATS = ("WEBP", "BMP", "GIF", "TIFF")
 
 
 def _open(view, max_pixels: int):
@@ -24,7 +24,7 @@ def _open(view, max_pixels: int):
         im = Image.open(io.BytesIO(view), formats=FORMATS)
     except UnidentifiedImageError:
         raise DecodeError(f"unrecognised image format (first bytes {head!r}); "
-                          f"supported: JPEG, PNG, {', '.join(f.title() for f in FORMATS[:-1])}") from None
+                          f"supported: JPEG, PNG, {', '.join(f.title() for f in FORMATS)}") from None
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"{e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:

@@ -251,17 +251,14 @@ def decode_to_bucket(data: BytesLike, buckets: Optional[Sequence[Bucket]] = None
         arr = _fallback.decode(view, mode, int(max_pixels), bg, indices=mask)
         dh, dw = arr.shape[:2]
         tw, th = pick(dw, dh)
-        scale = max(tw / dw, th / dh)
-        cw, ch = tw / scale, th / scale
-        x0, y0 = (dw - cw) / 2.0, (dh - ch) / 2.0
+        box = _pipeline.cover_box(dw, dh, tw, th)
         if out is not None and out.ndim == 2:
             out = out[:, :, None]
         if out is not None and out.shape != (th, tw, arr.shape[2]):
             raise ValueError(f"out must have shape ({th}, {tw}, {arr.shape[2]}) for bucket "
                              f"{tw}x{th}, got {tuple(out.shape)}")
-        img = _resample.resize(arr, tw, th, box=(x0, y0, x0 + cw, y0 + ch),
-                               filter="nearest" if mask else filter, out=out)
-        res = (img, (dw, dh), (tw, th), (x0, y0, x0 + cw, y0 + ch), 1)
+        img = _resample.resize(arr, tw, th, box=box, filter="nearest" if mask else filter, out=out)
+        res = (img, (dw, dh), (tw, th), box, 1)
     img, (dw, dh), (tw, th), box, _ = res
     scale = max(tw / dw, th / dh)
     crop = (int(round(box[1] * scale)), int(round(box[0] * scale)))

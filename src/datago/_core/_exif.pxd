@@ -53,16 +53,26 @@ cdef inline int tiff_orientation(const uint8_t* p, size_t n) noexcept nogil:
     return 1
 
 
-cdef inline int jpeg_orientation(const uint8_t* d, size_t n) noexcept nogil:
-    """EXIF orientation of a JPEG (first APP1 "Exif" segment before SOS); 1 if none."""
+cdef inline int jpeg_scan(const uint8_t* d, size_t n, int* width, int* height,
+                          int* orientation) noexcept nogil:
+    """Walk the JPEG markers up to the first scan: frame size (SOFn) and EXIF orientation.
+
+    Returns 1 when a frame header was found, 0 when the data ends first (truncated,
+    or a tables-only stream), -1 on a malformed marker sequence.  ``orientation`` is
+    1 unless an APP1 "Exif" segment says otherwise.
+    """
     cdef size_t pos = 2
     cdef size_t seglen
     cdef uint8_t marker
+    cdef int found = 0
+    width[0] = 0
+    height[0] = 0
+    orientation[0] = 1
     if n < 4 or d[0] != 0xFF or d[1] != 0xD8:
-        return 1
+        return -1
     while pos + 4 <= n:
         if d[pos] != 0xFF:
-            return 1
+            return -1 if not found else 1
         marker = d[pos + 1]
         if marker == 0xFF:                       # fill byte
             pos += 1
@@ -71,12 +81,17 @@ cdef inline int jpeg_orientation(const uint8_t* d, size_t n) noexcept nogil:
             pos += 2
             continue
         if marker == 0xDA or marker == 0xD9:     # start of scan / end of image
-            return 1
+            return found
         seglen = (<size_t>d[pos + 2] << 8) | d[pos + 3]
         if seglen < 2:
-            return 1
-        if (marker == 0xE1 and seglen >= 16 and pos + 2 + seglen <= n
-                and memcmp(d + pos + 4, b"Exif\0\0", 6) == 0):
-            return tiff_orientation(d + pos + 10, seglen - 8)
+            return -1
+        if (0xC0 <= marker <= 0xCF and marker != 0xC4 and marker != 0xC8 and marker != 0xCC
+                and seglen >= 8 and pos + 9 <= n and not found):
+            height[0] = (d[pos + 5] << 8) | d[pos + 6]
+            width[0] = (d[pos + 7] << 8) | d[pos + 8]
+            found = 1
+        elif (marker == 0xE1 and seglen >= 16 and pos + 2 + seglen <= n
+                and orientation[0] == 1 and memcmp(d + pos + 4, b"Exif\0\0", 6) == 0):
+            orientation[0] = tiff_orientation(d + pos + 10, seglen - 8)
         pos += 2 + seglen
-    return 1
+    return found

@@ -8,8 +8,9 @@ turns it into ``DecodeError``.
 """
 
 from libc.stdint cimport uint8_t
+from libc.string cimport memset, strncpy
 from datago._core cimport turbojpeg as tj
-from datago._core._exif cimport jpeg_orientation
+from datago._core._exif cimport jpeg_scan
 
 from datago.errors import DecodeError
 
@@ -21,14 +22,19 @@ cdef extern from *:
     """
     const char* DATAGO_TURBOJPEG_VERSION
 
-# libjpeg warnings that leave a complete, correct image behind.  Everything else a
-# decoder reports (premature end, bad Huffman code, corrupt data) is an error: a
-# partially decoded image is never returned as a success.
-_BENIGN_WARNINGS = (
-    "extraneous bytes before marker 0xd9",      # junk between the last scan and EOI
-    "unknown jfif revision number",
-    "invalid sos parameters for sequential jpeg",
-)
+cdef extern from *:
+    """
+    /* libjpeg warnings about header trivia that leave a complete, correct image.
+       Every other warning (premature end, bad Huffman code, corrupt data,
+       extraneous bytes -- which also appears when the entropy decoder loses
+       sync) is an error: a partially decoded image is never a success. */
+    #include <string.h>
+    static int datago_jpeg_benign(const char* msg) {
+        return msg != NULL && (strstr(msg, "unknown JFIF revision") != NULL
+                               || strstr(msg, "Invalid SOS parameters for sequential JPEG") != NULL);
+    }
+    """
+    int datago_jpeg_benign(const char* msg) noexcept nogil
 
 # DCT scaling factors we decode at (numerator over 8).  libjpeg-turbo 2.1 has SIMD
 # IDCTs for 8/8, 4/8, 2/8 and 1/8 only; measured on the benchmark corpus, 5/8, 6/8
@@ -51,6 +57,8 @@ cdef class JpegDecoder:
         self.handle = tj.tjInitDecompress()
         if self.handle == NULL:
             raise MemoryError("tjInitDecompress failed")
+        self.msg[0] = 0
+        self.code = 0
 
     def __dealloc__(self):
         if self.handle != NULL:
@@ -58,27 +66,76 @@ cdef class JpegDecoder:
             self.handle = NULL
 
     cdef int read_header(self, const uint8_t* data, size_t n, JpegInfo* info) noexcept nogil:
-        cdef int rc = tj.tjDecompressHeader3(self.handle, data, n, &info.width, &info.height,
-                                             &info.subsamp, &info.colorspace)
-        info.orientation = jpeg_orientation(data, n)
-        return rc
+        """Fill ``info``; returns 0, -1 (TurboJPEG error), HDR_NO_FRAME or HDR_MALFORMED.
+
+        Our own marker scan runs first, so ``info.width``/``height`` hold the frame
+        size even when TurboJPEG refuses the header (the caller checks max_pixels
+        with them before reporting the error).
+        """
+        cdef int w = 0, h = 0, rc
+        memset(info, 0, sizeof(JpegInfo))
+        if self.handle == NULL:
+            self.handle = tj.tjInitDecompress()
+            if self.handle == NULL:
+                return NO_HANDLE
+        rc = jpeg_scan(data, n, &info.width, &info.height, &info.orientation)
+        if rc == 0:
+            return HDR_NO_FRAME
+        if rc < 0:
+            return HDR_MALFORMED
+        rc = tj.tjDecompressHeader3(self.handle, data, n, &w, &h, &info.subsamp, &info.colorspace)
+        if rc == 0:
+            info.width = w
+            info.height = h
+        return self._failed(rc)
 
     cdef int decode(self, const uint8_t* data, size_t n, uint8_t* dst, int width, int pitch,
                     int height, int pixel_format) noexcept nogil:
-        return tj.tjDecompress2(self.handle, data, n, dst, width, pitch, height, pixel_format,
-                                tj.TJFLAG_LIMITSCANS)
+        """Decode, stopping at the first warning (a corrupt file fails fast instead of
+        being decoded to the end); a benign warning is decoded again without stopping."""
+        cdef int rc
+        if self.handle == NULL:
+            return NO_HANDLE
+        rc = tj.tjDecompress2(self.handle, data, n, dst, width, pitch, height,
+                              pixel_format, tj.TJFLAG_LIMITSCANS | tj.TJFLAG_STOPONWARNING)
+        if (rc != 0 and tj.tjGetErrorCode(self.handle) == tj.TJERR_WARNING
+                and datago_jpeg_benign(tj.tjGetErrorStr2(self.handle))):
+            rc = tj.tjDecompress2(self.handle, data, n, dst, width, pitch, height,
+                                  pixel_format, tj.TJFLAG_LIMITSCANS)
+        return self._failed(rc)
+
+    cdef int _failed(self, int rc) noexcept nogil:
+        """Record a failed call's message; replace the handle unless it was a benign
+        warning (a fatal error can leave libjpeg mid-header, and the next image must
+        not inherit that state).  Returns 0 for success or a benign warning, else -1."""
+        if rc == 0:
+            return 0
+        strncpy(self.msg, tj.tjGetErrorStr2(self.handle), 255)
+        self.msg[255] = 0
+        self.code = tj.tjGetErrorCode(self.handle)
+        if self.code == tj.TJERR_WARNING and datago_jpeg_benign(self.msg):
+            return 0
+        tj.tjDestroy(self.handle)
+        self.handle = tj.tjInitDecompress()      # NULL is handled by the next call
+        return -1
 
     cdef int check(self, int rc, str what) except -1:
-        """Raise DecodeError for a failed TurboJPEG call; accept the benign warnings."""
+        """Raise DecodeError for a failed call; accept the benign warnings.
+
+        The message is the one ``_failed`` saved before it replaced the handle.
+        """
         cdef bytes raw
         if rc == 0:
             return 0
-        raw = tj.tjGetErrorStr2(self.handle)
+        if rc == HDR_NO_FRAME:
+            raise DecodeError(f"JPEG: {what} failed: the data ends before a frame header "
+                              "(truncated file, or a tables-only stream)")
+        if rc == HDR_MALFORMED:
+            raise DecodeError(f"JPEG: {what} failed: malformed marker segment")
+        if rc == NO_HANDLE:
+            raise MemoryError("tjInitDecompress failed")
+        raw = self.msg
         msg = raw.decode("utf-8", "replace").strip()
-        if tj.tjGetErrorCode(self.handle) == tj.TJERR_WARNING:
-            low = msg.lower()
-            if any(b in low for b in _BENIGN_WARNINGS):
-                return 0
         if "premature end" in msg.lower():
             msg += " (truncated file?)"
         raise DecodeError(f"JPEG: {what} failed: {msg}")

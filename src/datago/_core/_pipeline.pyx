@@ -121,6 +121,18 @@ cdef int _check_size(long long w, long long h, long long max_pixels, str fmt) ex
     return 0
 
 
+cdef int _check_header(int rc, long long w, long long h, long long max_pixels, str fmt) except -1:
+    """A header the library refused for its size (libjpeg stops at 65500 px, libspng at
+    2^31 - 1) still announces a size over the limit: report that, not a decode error."""
+    if rc == 0 or w <= 0 or h <= 0 or w * h <= max_pixels:
+        return 0
+    if fmt == "JPEG" and (w > 65500 or h > 65500):
+        _check_size(w, h, max_pixels, fmt)
+    if fmt == "PNG" and w <= 0x7FFFFFFF and h <= 0x7FFFFFFF:   # larger is invalid PNG
+        _check_size(w, h, max_pixels, fmt)
+    return 0
+
+
 cdef inline bint _is_cmyk(int cs) noexcept nogil:
     return cs == tj.TJCS_CMYK or cs == tj.TJCS_YCCK
 
@@ -137,7 +149,7 @@ def read_header(data):
     cdef _State st
     cdef JpegInfo info
     cdef PngDecoder png
-    cdef int rc, fmt, orient
+    cdef int rc, fmt
     if n == 0:
         return None
     fmt = _sniff(&v[0], n)
@@ -145,15 +157,17 @@ def read_header(data):
         st = _state()
         with nogil:
             rc = st.jpeg.read_header(&v[0], n, &info)
+        if rc != 0 and (info.width > 65500 or info.height > 65500):
+            # a well-formed frame header libjpeg will not decode: the size is still known
+            return ("jpeg", info.width, info.height, info.orientation)
         st.jpeg.check(rc, "reading the header")
         return ("jpeg", info.width, info.height, info.orientation)
     if fmt == FMT_PNG:
         png = PngDecoder()
         with nogil:
             rc = png.open(&v[0], n)
-            orient = png.orientation()
         png.check(rc, "reading the header")
-        return ("png", png.ihdr.width, png.ihdr.height, orient)
+        return ("png", png.ihdr.width, png.ihdr.height, png.orient)
     return None
 
 
@@ -188,6 +202,7 @@ cdef tuple _decode_jpeg(const uint8_t[::1] v, int C, long long max_pixels):
     cdef uint8_t[:, :, ::1] o
     with nogil:
         rc = st.jpeg.read_header(&v[0], n, &info)
+    _check_header(rc, info.width, info.height, max_pixels, "JPEG")
     st.jpeg.check(rc, "reading the header")
     _check_size(info.width, info.height, max_pixels, "JPEG")
     out = np.empty((info.height, info.width, C), dtype=np.uint8)
@@ -255,8 +270,9 @@ cdef tuple _decode_png(const uint8_t[::1] v, int C, long long max_pixels, bytes 
     cdef const uint8_t* bg = background
     with nogil:
         rc = png.open(&v[0], n)
-        orient = png.orientation()
+    _check_header(rc, png.pre_width, png.pre_height, max_pixels, "PNG")
     png.check(rc, "reading the header")
+    orient = png.orient
     w = png.ihdr.width
     h = png.ihdr.height
     _check_size(w, h, max_pixels, "PNG")
@@ -323,6 +339,33 @@ cdef int _png_indices(PngDecoder png, _State st, uint8_t* dst) except -1:
 
 # ----------------------------------------------------------------------------- to bucket
 
+cdef void _cover(int dw, int dh, int tw, int th, double* box) noexcept nogil:
+    """Centred crop of a dw x dh image with the aspect ratio of tw x th, as large as
+    possible (the crop a cover resize + centre crop keeps): box = x0, y0, x1, y1.
+    The covering axis is exact (0 and the full size), whatever the rounding."""
+    cdef double c
+    if <long long>tw * dh >= <long long>th * dw:        # width-limited
+        c = <double>th * dw / tw
+        c = dh if c > dh else c
+        box[0] = 0.0; box[2] = dw
+        box[1] = (dh - c) / 2.0; box[3] = box[1] + c
+    else:
+        c = <double>tw * dh / th
+        c = dw if c > dw else c
+        box[1] = 0.0; box[3] = dh
+        box[0] = (dw - c) / 2.0; box[2] = box[0] + c
+
+
+def cover_box(int dw, int dh, int tw, int th):
+    """(left, top, right, bottom) of the centred cover crop of a dw x dh image for a
+    tw x th bucket."""
+    cdef double box[4]
+    if dw <= 0 or dh <= 0 or tw <= 0 or th <= 0:
+        raise ValueError(f"sizes must be positive, got {dw}x{dh} and {tw}x{th}")
+    _cover(dw, dh, tw, th, box)
+    return (box[0], box[1], box[2], box[3])
+
+
 cdef void _source_box(int o, double sw, double sh, double x0, double y0, double x1, double y1,
                       double* b) noexcept nogil:
     """Map a box in display coordinates to stored coordinates for EXIF orientation o."""
@@ -373,8 +416,11 @@ cdef uint8_t* _oriented_dst(int o, uint8_t* base, int th, int tw, Py_ssize_t row
 
 
 def decode_to_bucket(data, pick, out, str mode, bint mask, int filt, long long max_pixels,
-                     bytes background):
+                     bytes background, bint resample=True):
     """The fused path (JPEG/PNG).  Returns None for other formats.
+
+    ``resample=False`` stops after decoding at the chosen DCT scale (the benchmark's
+    decode-only ceiling of this same path) and returns the scaled (width, height).
 
     ``pick(display_w, display_h) -> (bucket_w, bucket_h)`` chooses the bucket once the
     header is read; ``out`` is None or a uint8 (bh, bw, C) array (any strides).
@@ -389,8 +435,9 @@ def decode_to_bucket(data, pick, out, str mode, bint mask, int filt, long long m
     cdef int C = _channels(mode)
     cdef int fmt, rc, orient, sw, sh, dw, dh, tw, th, ow, oh, m, pf, srcC, dstC, i
     cdef int scaled_w, scaled_h
-    cdef double scale, cw, ch, x0, y0
+    cdef double scale
     cdef double box[4]
+    cdef double crop[4]
     cdef size_t size = 0
     cdef uint8_t* buf = NULL
     cdef uint8_t* dst
@@ -410,6 +457,7 @@ def decode_to_bucket(data, pick, out, str mode, bint mask, int filt, long long m
     if fmt == FMT_JPEG:
         with nogil:
             rc = st.jpeg.read_header(&v[0], n, &info)
+        _check_header(rc, info.width, info.height, max_pixels, "JPEG")
         st.jpeg.check(rc, "reading the header")
         sw, sh, orient = info.width, info.height, info.orientation
         _check_size(sw, sh, max_pixels, "JPEG")
@@ -417,9 +465,9 @@ def decode_to_bucket(data, pick, out, str mode, bint mask, int filt, long long m
         png = PngDecoder()
         with nogil:
             rc = png.open(&v[0], n)
-            orient = png.orientation()
+        _check_header(rc, png.pre_width, png.pre_height, max_pixels, "PNG")
         png.check(rc, "reading the header")
-        sw, sh = png.ihdr.width, png.ihdr.height
+        sw, sh, orient = png.ihdr.width, png.ihdr.height, png.orient
         _check_size(sw, sh, max_pixels, "PNG")
     dw, dh = (sh, sw) if orient >= 5 else (sw, sh)
     # 2. bucket and cover crop, in display coordinates, mapped to stored coordinates
@@ -427,23 +475,24 @@ def decode_to_bucket(data, pick, out, str mode, bint mask, int filt, long long m
     if tw <= 0 or th <= 0:
         raise ValueError(f"bucket must have positive size, got {tw}x{th}")
     scale = max(<double>tw / dw, <double>th / dh)
-    cw = tw / scale
-    ch = th / scale
-    x0 = (dw - cw) / 2.0
-    y0 = (dh - ch) / 2.0
-    _source_box(orient, sw, sh, x0, y0, x0 + cw, y0 + ch, box)
+    _cover(dw, dh, tw, th, crop)
+    _source_box(orient, sw, sh, crop[0], crop[1], crop[2], crop[3], box)
     ow, oh = (th, tw) if orient >= 5 else (tw, th)
     # 3. output
-    if out is None:
+    if not resample:
+        dst = NULL
+        d_row = d_px = d_ch = 0
+    elif out is None:
         out = np.empty((th, tw, C), dtype=np.uint8)
     elif out.ndim == 2 and C == 1:
         out = out[:, :, None]
-    if out.ndim != 3 or out.shape[0] != th or out.shape[1] != tw or out.shape[2] != C:
-        raise ValueError(f"out must have shape ({th}, {tw}, {C}) for bucket {tw}x{th}, "
-                         f"got {tuple(out.shape)}")
-    o = out                      # raises for a read-only or non-uint8 array
-    dst = _oriented_dst(orient, &o[0, 0, 0], th, tw, o.strides[0], o.strides[1], &d_row, &d_px)
-    d_ch = o.strides[2]
+    if resample:
+        if out.ndim != 3 or out.shape[0] != th or out.shape[1] != tw or out.shape[2] != C:
+            raise ValueError(f"out must have shape ({th}, {tw}, {C}) for bucket {tw}x{th}, "
+                             f"got {tuple(out.shape)}")
+        o = out                      # raises for a read-only or non-uint8 array
+        dst = _oriented_dst(orient, &o[0, 0, 0], th, tw, o.strides[0], o.strides[1], &d_row, &d_px)
+        d_ch = o.strides[2]
     # 4. decode into scratch
     if fmt == FMT_JPEG:
         m = 8 if (mask or scale >= 1.0) else scale_numerator(scale)
@@ -497,6 +546,9 @@ def decode_to_bucket(data, pick, out, str mode, bint mask, int filt, long long m
         else:
             srcC = 1 if C == 1 else 4
             buf = _png_rgba(png, st, bg, NULL, -4 if srcC == 4 else 1)
+    if not resample:
+        st.trim()
+        return (sw, sh)
     # 5. resample the crop into out
     with nogil:
         rc = st.rs.plan(sw, sh, box[0], box[1], box[2], box[3], ow, oh,
@@ -508,7 +560,7 @@ def decode_to_bucket(data, pick, out, str mode, bint mask, int filt, long long m
         raise ValueError(f"downscale {sw}x{sh} -> {ow}x{oh} needs too many filter taps")
     if rc < 0:
         raise MemoryError("no memory for the resampling plan")
-    return out, (dw, dh), (tw, th), (x0, y0, x0 + cw, y0 + ch), orient
+    return out, (dw, dh), (tw, th), (crop[0], crop[1], crop[2], crop[3]), orient
 
 
 cdef uint8_t* _data(arr):

@@ -65,6 +65,7 @@ cdef extern from "spng.h" nogil:
     int spng_set_crc_action(spng_ctx* ctx, int critical, int ancillary)
     int spng_decoded_image_size(spng_ctx* ctx, int fmt, size_t* len)
     int spng_decode_image(spng_ctx* ctx, void* out, size_t len, int fmt, int flags)
+    int spng_decode_chunks(spng_ctx* ctx)
     int spng_get_ihdr(spng_ctx* ctx, spng_ihdr* ihdr)
     int spng_get_trns(spng_ctx* ctx, spng_trns* trns)
     int spng_get_exif(spng_ctx* ctx, spng_exif* exif)

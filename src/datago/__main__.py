@@ -1,0 +1,5 @@
+import sys
+
+from datago.cli import main
+
+sys.exit(main())

@@ -1,0 +1,160 @@
+"""Command line: ``datago`` (sample corpus) and ``datago core ROOT``.
+
+``datago core [ROOT]`` measures decode-to-bucket throughput on the images under
+ROOT (default: a generated sample corpus) and prints a table comparing datago,
+with one thread and with N threads, against a Pillow baseline written the usual
+way (open, EXIF transpose, RGB, LANCZOS cover-resize, centre crop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+
+from datago.buckets import make_buckets, nearest_bucket
+from datago.errors import DecodeError
+from datago.image import decode_to_bucket, read_header
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:          # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _list_images(root: Path, limit: Optional[int]) -> List[Path]:
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return files[:limit] if limit else files
+
+
+def _pillow_to_bucket(data: bytes, buckets) -> np.ndarray:
+    from PIL import Image, ImageOps
+    im = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    w, h = im.size
+    bw, bh = nearest_bucket(w, h, buckets)
+    s = max(bw / w, bh / h)
+    rw, rh = max(bw, round(w * s)), max(bh, round(h * s))
+    im = im.resize((rw, rh), Image.LANCZOS)
+    left, top = (rw - bw) // 2, (rh - bh) // 2
+    return np.asarray(im.crop((left, top, left + bw, top + bh)))
+
+
+def _timed(fn: Callable[[], int], min_seconds: float) -> tuple:
+    """Run fn (returns images done) until min_seconds have passed; (images, seconds)."""
+    done, t0 = 0, time.perf_counter()
+    while True:
+        done += fn()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_seconds:
+            return done, elapsed
+
+
+def run_core(root: Optional[str], size: int, ratio: int, threads: int, limit: Optional[int],
+             filter: str, seconds: float, out=sys.stdout) -> int:
+    if root is None:
+        from datago.sample import make_sample_corpus
+        print("generating the sample corpus (first run only) ...", file=out, flush=True)
+        root_path = make_sample_corpus()
+    else:
+        root_path = Path(root)
+        if not root_path.is_dir():
+            print(f"datago: {root} is not a directory", file=sys.stderr)
+            return 2
+    files = _list_images(root_path, limit)
+    if not files:
+        print(f"datago: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root_path}", file=sys.stderr)
+        return 2
+    datas, skipped, pixels = [], {}, 0
+    for p in files:
+        b = p.read_bytes()
+        try:
+            info = read_header(b)
+        except DecodeError as e:
+            skipped[str(e).split(":")[0]] = skipped.get(str(e).split(":")[0], 0) + 1
+            continue
+        datas.append(b)
+        pixels += info.width * info.height
+    if not datas:
+        print("datago: no decodable image", file=sys.stderr)
+        return 1
+    buckets = make_buckets(size, ratio, 0.5, 2.0)
+    mb = sum(len(d) for d in datas) / 1e6
+    print(f"corpus: {root_path}  {len(datas)} images, {mb:.1f} MB, "
+          f"{pixels / len(datas) / 1e6:.2f} MP mean"
+          + (f", skipped {sum(skipped.values())} unreadable" if skipped else ""), file=out)
+    print(f"buckets: {len(buckets)} ({size}/{ratio}, AR 0.5-2.0), filter={filter}, "
+          f"{_cpu_count()} CPUs available", file=out, flush=True)
+
+    def ours_one() -> int:
+        for d in datas:
+            decode_to_bucket(d, buckets, filter=filter)
+        return len(datas)
+
+    pool = ThreadPoolExecutor(threads)
+
+    def ours_many() -> int:
+        for _ in pool.map(lambda d: decode_to_bucket(d, buckets, filter=filter), datas, chunksize=8):
+            pass
+        return len(datas)
+
+    def pillow() -> int:
+        n = max(1, len(datas) // 4)          # the baseline is slow: a quarter is plenty
+        for d in datas[:n]:
+            _pillow_to_bucket(d, buckets)
+        return n
+
+    rows = []
+    try:
+        for name, fn in (("Pillow (open, RGB, LANCZOS cover-resize, crop)", pillow),
+                         ("datago decode_to_bucket, 1 thread", ours_one),
+                         (f"datago decode_to_bucket, {threads} threads", ours_many)):
+            n, secs = _timed(fn, seconds)
+            rows.append((name, n / secs))
+    finally:
+        pool.shutdown()
+    base = rows[0][1]
+    width = max(len(r[0]) for r in rows)
+    print(f"\n| {'variant':<{width}} | img/s  | MP/s  | vs Pillow |", file=out)
+    print(f"|{'-' * (width + 2)}|--------|-------|-----------|", file=out)
+    mp = pixels / len(datas) / 1e6
+    for name, rate in rows:
+        print(f"| {name:<{width}} | {rate:6.1f} | {rate * mp:5.0f} | {rate / base:8.2f}x |", file=out)
+    print("\n(one noisy run on a shared machine: compare the ratios, see benchmarks/ for the "
+          "controlled comparison)", file=out)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="datago", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    core = sub.add_parser("core", help="decode-to-bucket throughput vs Pillow")
+    core.add_argument("root", nargs="?", help="folder of images (default: generated sample corpus)")
+    core.add_argument("--size", type=int, default=512, help="default_image_size (512)")
+    core.add_argument("--ratio", type=int, default=16, help="downsampling_ratio (16)")
+    core.add_argument("--threads", type=int, default=_cpu_count(), help="threads for the parallel row")
+    core.add_argument("--limit", type=int, default=None, help="use the first N images")
+    core.add_argument("--filter", default="triangle", help="resampling filter (triangle)")
+    core.add_argument("--seconds", type=float, default=3.0, help="minimum time per row (3)")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["core"])
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    return run_core(args.root, args.size, args.ratio, args.threads, args.limit, args.filter,
+                    args.seconds)
+
+
+if __name__ == "__main__":      # pragma: no cover
+    sys.exit(main())

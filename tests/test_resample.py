@@ -1,0 +1,147 @@
+"""The resampler against a float64 NumPy reference of the same filters."""
+
+import numpy as np
+import pytest
+
+import datago
+from datago._core import _resample
+import reference
+from conftest import photo
+
+FILTERS = ["triangle", "lanczos", "bicubic", "box"]
+
+
+def _cases(seed, n):
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        c = int(rng.choice([1, 3, 4]))
+        sw, sh = (int(v) for v in rng.integers(1, 300, 2))
+        ow, oh = (int(v) for v in rng.integers(1, 200, 2))
+        yield c, sw, sh, ow, oh, rng
+
+
+@pytest.mark.parametrize("name", FILTERS)
+def test_matches_float64_reference_within_one_lsb(name):
+    worst = 0
+    for c, sw, sh, ow, oh, rng in _cases(hash(name) % 1000, 40):
+        img = rng.integers(0, 256, (sh, sw, c), dtype=np.uint8)
+        ours = datago.resize(img, (ow, oh), filter=name)
+        ref = reference.resize(img, ow, oh, name=name)
+        assert ours.shape == ref.shape and ours.dtype == np.uint8
+        worst = max(worst, int(np.abs(ours.astype(int) - ref).max()))
+    assert worst <= 1
+
+
+@pytest.mark.parametrize("name", FILTERS)
+def test_fractional_box_matches_reference(name):
+    img = photo(257, 190, seed=3)
+    for box, size in [((10.25, 3.5, 250.75, 180.0), (120, 90)),     # downscale
+                      ((100.5, 50.25, 140.0, 80.0), (160, 120)),     # upscale
+                      ((0, 0, 257, 190), (257, 190)),                # identity
+                      ((1.0, 0.0, 256.0, 190.0), (64, 190))]:        # one axis only
+        ours = datago.resize(img, size, box=box, filter=name)
+        ref = reference.resize(img, *size, box=box, name=name)
+        assert np.abs(ours.astype(int) - ref).max() <= 1, box
+
+
+def test_large_downscale_uses_precise_path():
+    # 40x downscale: hundreds of taps, beyond the 16-bit path's precision budget
+    img = np.random.default_rng(0).integers(0, 256, (60, 2400, 3), dtype=np.uint8)
+    for name in ("lanczos", "triangle"):
+        ours = datago.resize(img, (60, 50), filter=name)
+        ref = reference.resize(img, 60, 50, name=name)
+        assert np.abs(ours.astype(int) - ref).max() <= 1
+
+
+def test_unbiased_on_smooth_content():
+    img = photo(400, 300, seed=5)
+    ours = datago.resize(img, (230, 170)).astype(np.float64)
+    exact = reference.resize(img, 230, 170, exact=True)
+    assert abs((ours - exact).mean()) < 0.05          # no systematic rounding bias
+    assert np.abs(ours - exact).max() <= 1.0
+
+
+def test_coefficients_are_normalised():
+    for name in FILTERS:
+        lo, w = _resample.coefficients(100, 3.5, 97.25, 37, name)
+        assert np.allclose(w.sum(axis=1), 1.0, atol=1e-6)
+        assert (lo >= 0).all() and (lo + w.shape[1] <= 100).all()
+
+
+@pytest.mark.skipif(_resample.simd() != "avx2", reason="no AVX2 build on this machine")
+def test_simd_builds_are_identical():
+    try:
+        for c, sw, sh, ow, oh, rng in _cases(11, 30):
+            img = rng.integers(0, 256, (sh, sw, c), dtype=np.uint8)
+            name = str(rng.choice(FILTERS))
+            _resample.set_simd("avx2")
+            a = datago.resize(img, (ow, oh), filter=name)
+            _resample.set_simd("generic")
+            b = datago.resize(img, (ow, oh), filter=name)
+            assert np.array_equal(a, b), (c, sw, sh, ow, oh, name)
+    finally:
+        _resample.set_simd("auto")
+
+
+def test_out_with_any_strides():
+    img = photo(300, 200, seed=1)
+    ref = datago.resize(img, (150, 100))
+    # a (3, H, W) planar buffer viewed as (H, W, 3)
+    planar = np.zeros((3, 100, 150), np.uint8)
+    datago.resize(img, (150, 100), out=planar.transpose(1, 2, 0))
+    assert np.array_equal(planar.transpose(1, 2, 0), ref)
+    # a slice of a batch, and a flipped view
+    batch = np.zeros((4, 100, 150, 3), np.uint8)
+    datago.resize(img, (150, 100), out=batch[2])
+    assert np.array_equal(batch[2], ref) and not batch[[0, 1, 3]].any()
+    flipped = np.zeros((100, 150, 3), np.uint8)
+    datago.resize(img, (150, 100), out=flipped[::-1, ::-1])
+    assert np.array_equal(flipped[::-1, ::-1], ref)
+
+
+def test_grey_source_fills_rgb_output():
+    grey = photo(120, 80, seed=2)[:, :, :1].copy()
+    out = np.zeros((40, 60, 3), np.uint8)
+    datago.resize(grey, (60, 40), out=out)
+    single = datago.resize(grey, (60, 40))
+    for ch in range(3):
+        assert np.array_equal(out[:, :, ch], single[:, :, 0])
+
+
+def test_nearest_keeps_label_values():
+    rng = np.random.default_rng(4)
+    labels = rng.choice(np.array([0, 7, 19, 255], np.uint8), size=(90, 130, 1))
+    out = datago.resize(labels, (57, 41), filter="nearest")
+    assert set(np.unique(out)) <= {0, 7, 19, 255}
+    # nearest samples the pixel under each output centre
+    ys = np.clip(np.floor((np.arange(41) + 0.5) * 90 / 41).astype(int), 0, 89)
+    xs = np.clip(np.floor((np.arange(57) + 0.5) * 130 / 57).astype(int), 0, 129)
+    assert np.array_equal(out[:, :, 0], labels[ys][:, xs, 0])
+
+
+def test_2d_input_gives_2d_output():
+    img = photo(64, 48, seed=0)[:, :, 0]
+    out = datago.resize(img, (32, 24))
+    assert out.shape == (24, 32)
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (np.zeros((10, 10, 3), np.float32), TypeError, "uint8"),
+    (np.zeros((10, 10, 2), np.uint8), ValueError, "channels"),
+    (np.zeros((10,), np.uint8), TypeError, "uint8"),
+])
+def test_bad_arrays(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        datago.resize(bad, (5, 5))
+
+
+def test_bad_box_size_and_filter():
+    img = np.zeros((10, 10, 3), np.uint8)
+    with pytest.raises(ValueError, match="box"):
+        datago.resize(img, (5, 5), box=(0, 0, 11, 10))
+    with pytest.raises(ValueError, match="target"):
+        datago.resize(img, (0, 5))
+    with pytest.raises(ValueError, match="unknown filter"):
+        datago.resize(img, (5, 5), filter="cubic-spline")
+    with pytest.raises(ValueError, match="out must be"):
+        datago.resize(img, (5, 5), out=np.zeros((5, 6, 3), np.uint8))
