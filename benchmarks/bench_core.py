@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from io import BytesIO
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -155,9 +156,12 @@ def variant_b(data: bytes, buckets) -> np.ndarray:
     return np.ascontiguousarray(centre_crop(arr, bw, bh))
 
 
+FILTER = datago.image.DEFAULT_FILTER     # --filter
+
+
 def variant_c(data: bytes, buckets) -> np.ndarray:
-    """datago, public API, default filter."""
-    return datago.decode_to_bucket(data, buckets).image
+    """datago, public API (default filter unless --filter)."""
+    return datago.decode_to_bucket(data, buckets, filter=FILTER).image
 
 
 def make_variant_e(buckets):
@@ -197,11 +201,41 @@ def run_threaded(ex: ThreadPoolExecutor, datas, paths, buckets) -> None:
         pass
 
 
-def timed(run) -> float:
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_counters() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine, from /proc/stat (0, 0 if absent)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    v += [0] * (8 - len(v))
+    user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
+    return (user + nice + system + irq + softirq) / _TICK, steal / _TICK
+
+
+class Run(NamedTuple):
+    """One timed pass: wall seconds and the cores used, on average, by this process
+    (``ours``), by everything else on the machine (``others``) and stolen by the
+    hypervisor (``steal``) -- the noise the interleaving is there to even out."""
+    wall: float
+    ours: float
+    others: float
+    steal: float
+
+
+def timed(run) -> Run:
     gc.collect()
+    busy0, steal0 = _cpu_counters()
+    c0 = time.process_time()
     t0 = time.perf_counter()
     run()
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    ours = time.process_time() - c0
+    busy1, steal1 = _cpu_counters()
+    return Run(wall, ours / wall, max(0.0, busy1 - busy0 - ours) / wall, (steal1 - steal0) / wall)
 
 
 def sanity_check(datas, paths, infos, buckets, fn_e) -> list[str]:
@@ -211,8 +245,9 @@ def sanity_check(datas, paths, infos, buckets, fn_e) -> list[str]:
     idx = set(np.linspace(0, n - 1, min(n, SANITY_IMAGES - 8)).astype(int).tolist())
     idx |= set([i for i in range(n) if infos[i].orientation != 1][:4])
     idx |= set([i for i in range(n) if infos[i].format == "png"][:4])
+    idx = sorted(idx)
     diffs_ab, diffs_ac = [], []
-    for i in sorted(idx):
+    for i in idx:
         d, info = datas[i], infos[i]
         bw, bh = datago.nearest_bucket(*info.display_size, buckets)
         want = (bh, bw, 3)
@@ -235,8 +270,8 @@ def sanity_check(datas, paths, infos, buckets, fn_e) -> list[str]:
     return [f"sanity check: {len(idx)} images (incl. EXIF-rotated and PNG), (a) (b) (c) all "
             f"give the bucket shape (H, W, 3) uint8",
             f"mean |pixel diff| vs (a): (b) {np.mean(diffs_ab):.2f} (max {max(diffs_ab):.2f}, "
-            f"{paths[sorted(idx)[worst_b]]}), (c) {np.mean(diffs_ac):.2f} "
-            f"(max {max(diffs_ac):.2f}, {paths[sorted(idx)[worst_c]]})"]
+            f"{paths[idx[worst_b]]}), (c) {np.mean(diffs_ac):.2f} "
+            f"(max {max(diffs_ac):.2f}, {paths[idx[worst_c]]})"]
 
 
 def bench_size(size: int, datas, paths, infos, rounds: int, ex) -> tuple[list[str], list[str]]:
@@ -265,19 +300,26 @@ def bench_size(size: int, datas, paths, infos, rounds: int, ex) -> tuple[list[st
         for name in order:
             times[name].append(timed(lambda: runs[name](datas, paths)))
         print(f"  [{size}] round {r + 1}/{rounds} ({' '.join(order)}): "
-              + "  ".join(f"{k} {n / times[k][-1]:.1f}" for k in names) + " img/s", flush=True)
+              + "  ".join(f"{k} {n / times[k][-1].wall:.1f}" for k in names)
+              + " img/s; cores ours/others/steal: "
+              + "  ".join(f"{k} {times[k][-1].ours:.2f}/{times[k][-1].others:.2f}"
+                          f"/{times[k][-1].steal:.2f}" for k in names), flush=True)
 
     mp = sum(i.width * i.height for i in infos) / 1e6
-    lines = [f"| variant | img/s (median of {rounds}) | source MP/s | img/s min..max |",
-             "|---|---:|---:|---:|"]
+    lines = [f"| variant | img/s (median of {rounds}) | source MP/s | img/s min..max "
+             f"| cores: ours (median) / others, steal (max) |",
+             "|---|---:|---:|---:|---:|"]
     for name, desc in VARIANTS:
-        rates = [n / t for t in times[name]]
+        rates = [n / t.wall for t in times[name]]
         med = statistics.median(rates)
+        cpu = (statistics.median(t.ours for t in times[name]),
+               max(t.others for t in times[name]), max(t.steal for t in times[name]))
         lines.append(f"| ({name}) {desc} | {med:.1f} | {med * mp / n:.1f} | "
-                     f"{min(rates):.1f}..{max(rates):.1f} |")
+                     f"{min(rates):.1f}..{max(rates):.1f} | "
+                     f"{cpu[0]:.2f} / {cpu[1]:.2f} / {cpu[2]:.2f} |")
     lines += ["", "| ratio | median | min..max | target | result |", "|---|---:|---:|---:|---|"]
     for label, num, den, target in RATIOS:
-        per_round = [times[den][r] / times[num][r] for r in range(rounds)]
+        per_round = [times[den][r].wall / times[num][r].wall for r in range(rounds)]
         med = statistics.median(per_round)
         lines.append(f"| {label} | {med:.2f} | {min(per_round):.2f}..{max(per_round):.2f} | "
                      f">= {target} | {'PASS' if med >= target else 'FAIL'} |")
@@ -333,7 +375,7 @@ def environment(paths, datas, infos) -> list[str]:
         f"cv2 {cv2.__version__} (cv2.setNumThreads(1): (b) is single-threaded), "
         f"PyTurboJPEG {version('PyTurboJPEG')}, torch {version('torch')}",
         f"- datago {datago.__version__}: libjpeg-turbo {_jpeg.version()}, libspng {_png.version()}, "
-        f"resample SIMD {_resample.simd()}",
+        f"resample SIMD {_resample.simd()}, filter {FILTER!r} for (c) and (d)",
         f"- corpus: {n} images ({', '.join(f'{v} {k}' for k, v in fmts.items())}; "
         f"{rotated} with EXIF orientation != 1), {sum(map(len, datas)) / 1e6:.1f} MB, "
         f"mean {statistics.mean(mps):.3f} MP (median {statistics.median(mps):.3f}, "
@@ -341,6 +383,9 @@ def environment(paths, datas, infos) -> list[str]:
         "- (a) composites RGBA over grey 128 like datago; (b) PNG: cv2.IMREAD_COLOR drops alpha "
         "without compositing, orientation applied from datago.read_header",
         f"- (d): ThreadPoolExecutor({THREADS}), {CHUNK} images per task",
+        "- cores: average CPUs busy during a timed pass with this process (ours), with other "
+        "processes (others) and stolen by the hypervisor (steal), from /proc/stat; "
+        "others/steal well above 0 mean the pass was disturbed",
     ]
 
 
@@ -352,7 +397,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds per size (default 3)")
     ap.add_argument("--sizes", default="512,1024", help="bucket sizes (default 512,1024)")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables to this .md")
+    ap.add_argument("--filter", default=datago.image.DEFAULT_FILTER,
+                    help=f"datago's resampling filter for (c) and (d) (default {datago.image.DEFAULT_FILTER})")
     args = ap.parse_args(argv)
+    global FILTER
+    FILTER = args.filter
+    _resample.filter_id(FILTER)                 # fail early on a bad name
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")

@@ -1,13 +1,17 @@
 """datago: fast image data loading for PyTorch training.
 
 The image core (``datago.image``) decodes JPEG and PNG with libjpeg-turbo and
-libspng and crops/resizes into aspect-ratio buckets with the GIL released.
+libspng and crops/resizes into aspect-ratio buckets with the GIL released;
+``DatagoDataset`` streams a folder of images as sharded, bucket-batched tensors.
 """
 
 from datago.buckets import make_buckets, nearest_bucket
+from datago.config import DatagoConfig, FileSourceConfig, ImageConfig, LoaderConfig
+from datago.dataset import DatagoDataset
 from datago.errors import ConfigError, DatagoError, DecodeError, ImageTooLargeError
 from datago.image import (DEFAULT_MAX_PIXELS, BucketResult, ImageInfo, decode,
                           decode_to_bucket, read_header, resize)
+from datago.sharding import ShardDetector, ShardInfo
 
 __version__ = "0.1.0"
 
@@ -15,10 +19,17 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "BucketResult",
     "ConfigError",
+    "DatagoConfig",
+    "DatagoDataset",
     "DatagoError",
     "DecodeError",
+    "FileSourceConfig",
+    "ImageConfig",
     "ImageInfo",
     "ImageTooLargeError",
+    "LoaderConfig",
+    "ShardDetector",
+    "ShardInfo",
     "decode",
     "decode_to_bucket",
     "make_buckets",

@@ -1,0 +1,409 @@
+"""The per-worker engine: a bounded thread pool that reads, decodes into batch slots,
+and groups samples by bucket.
+
+Flow (deterministic whatever the thread timing):
+
+1. *load* tasks (pool threads) read a sample's files and its image header;
+2. the consumer takes load results in submission order, picks the bucket and a
+   slot in that bucket's open batch, and submits a *decode* task that writes the
+   image (and masks, additional images) straight into the batch tensors;
+3. a batch whose slots are all assigned is *closed*; closed batches are yielded
+   in closing order once their decode tasks are done.
+
+At most ``buffer`` samples are being loaded or decoded at once.  A sample that
+fails (unreadable file, corrupt data, bad sidecar) is counted under its reason and
+skipped (``on_error="skip"``) or raised (``"raise"``); a failure after its slot was
+assigned leaves a hole that is closed up when the batch is finished (the batch is
+then one sample short).  Leaving the iterator (exhaustion, ``break``, garbage
+collection, an exception) shuts the pool down; no thread outlives it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from datago.buckets import nearest_bucket
+from datago.errors import DatagoError, DecodeError, ImageTooLargeError
+from datago.image import decode, decode_to_bucket, read_header
+from datago.sources.filesystem import SampleRef
+
+# skip reasons, in the order of the stats counters
+REASONS = ("read_error", "decode_error", "too_large", "bad_attributes")
+COUNTERS = ("samples", "batches", "bytes", "dropped", "t_read", "t_decode", "t_wait") + \
+    tuple(f"skipped_{r}" for r in REASONS)
+
+
+class SampleError(DatagoError):
+    """A sample could not be loaded; ``reason`` is one of REASONS."""
+
+    def __init__(self, sample_id: str, reason: str, cause: BaseException):
+        super().__init__(f"sample {sample_id!r}: {reason}: {cause}")
+        self.sample_id = sample_id
+        self.reason = reason
+        self.cause = cause
+
+
+class Stats:
+    """Counters of one worker, in a row of a (possibly shared-memory) float64 tensor."""
+
+    def __init__(self, row: torch.Tensor):
+        self.row = row
+        self._lock = threading.Lock()
+        self._idx = {name: i for i, name in enumerate(COUNTERS)}
+
+    def add(self, name: str, value: float = 1.0) -> None:
+        with self._lock:
+            self.row[self._idx[name]] += value
+
+
+def summarize(table: torch.Tensor) -> dict:
+    """Sum the per-worker rows into the public stats dict."""
+    tot = table.sum(dim=0).tolist()
+    v = dict(zip(COUNTERS, tot))
+    return {
+        "samples": int(v["samples"]),
+        "batches": int(v["batches"]),
+        "bytes_read": int(v["bytes"]),
+        "skipped": {r: int(v[f"skipped_{r}"]) for r in REASONS if v[f"skipped_{r}"]},
+        "skipped_total": int(sum(v[f"skipped_{r}"] for r in REASONS)),
+        "dropped_last": int(v["dropped"]),
+        "seconds": {"read": v["t_read"], "decode": v["t_decode"], "wait": v["t_wait"]},
+    }
+
+
+class _Loaded:
+    __slots__ = ("ref", "data", "info", "masks", "images", "attributes", "nbytes")
+
+    def __init__(self, ref, data, info, masks, images, attributes, nbytes):
+        self.ref, self.data, self.info = ref, data, info
+        self.masks, self.images, self.attributes, self.nbytes = masks, images, attributes, nbytes
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def load(ref: SampleRef, stats: Stats) -> _Loaded:
+    """Read a sample's files and its image header (pool thread)."""
+    t0 = time.perf_counter()
+    try:
+        data = _read(ref.path)
+        masks = [(name, _read(p)) for name, p in ref.masks]
+        images = [(name, _read(p)) for name, p in ref.images]
+        texts = [(name, _read(p), p) for name, p in ref.texts]
+    except OSError as e:
+        raise SampleError(ref.id, "read_error", e) from None
+    finally:
+        stats.add("t_read", time.perf_counter() - t0)
+    nbytes = len(data) + sum(len(b) for _, b in masks) + sum(len(b) for _, b in images) \
+        + sum(len(b) for _, b, _ in texts)
+    attributes = {}
+    try:
+        for name, raw, p in texts:
+            text = raw.decode("utf-8")
+            if p.lower().endswith(".json"):
+                value = json.loads(text)
+                if name == "" and isinstance(value, dict):
+                    attributes.update(value)
+                else:
+                    attributes[name or "json"] = value
+            else:
+                attributes[name or "txt"] = text
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SampleError(ref.id, "bad_attributes", e) from None
+    try:
+        info = read_header(data)
+    except ImageTooLargeError as e:
+        raise SampleError(ref.id, "too_large", e) from None
+    except DecodeError as e:
+        raise SampleError(ref.id, "decode_error", e) from None
+    return _Loaded(ref, data, info, masks, images, attributes, nbytes)
+
+
+class Batch:
+    """Preallocated tensors of one bucket and the samples assigned to their slots."""
+
+    def __init__(self, bucket: Tuple[int, int], capacity: int):
+        self.bucket = bucket                      # (width, height)
+        self.capacity = capacity
+        w, h = bucket
+        self.image = torch.empty((capacity, h, w, 3), dtype=torch.uint8)
+        self._image_np = self.image.numpy()
+        self.masks: Dict[str, torch.Tensor] = {}
+        self.images: Dict[str, torch.Tensor] = {}
+        self.present: Dict[Tuple[str, str], np.ndarray] = {}
+        self.samples: List[Optional[_Loaded]] = []
+        self.meta: List[Optional[tuple]] = []
+        self.futures: List[Future] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.samples) == self.capacity
+
+    def extra(self, kind: str, name: str, channels: int) -> np.ndarray:
+        table = self.masks if kind == "mask" else self.images
+        if name not in table:
+            w, h = self.bucket
+            table[name] = torch.zeros((self.capacity, h, w, channels), dtype=torch.uint8)
+            self.present[(kind, name)] = np.zeros(self.capacity, dtype=bool)
+        return table[name].numpy()
+
+
+def _decode_into(loaded: _Loaded, batch: Batch, slot: int, cfg, stats: Stats) -> None:
+    """Decode a sample's image, masks and additional images into its batch slot."""
+    t0 = time.perf_counter()
+    try:
+        res = decode_to_bucket(loaded.data, bucket=batch.bucket, out=batch._image_np[slot],
+                               filter=cfg.filter, max_pixels=cfg.max_pixels)
+        for name, data in loaded.masks:
+            arr = batch.extra("mask", name, 1)
+            decode_to_bucket(data, bucket=batch.bucket, out=arr[slot], mask=True,
+                             max_pixels=cfg.max_pixels)
+            batch.present[("mask", name)][slot] = True
+        for name, data in loaded.images:
+            arr = batch.extra("image", name, 3)
+            decode_to_bucket(data, bucket=batch.bucket, out=arr[slot], filter=cfg.filter,
+                             max_pixels=cfg.max_pixels)
+            batch.present[("image", name)][slot] = True
+    except ImageTooLargeError as e:
+        raise SampleError(loaded.ref.id, "too_large", e) from None
+    except DecodeError as e:
+        raise SampleError(loaded.ref.id, "decode_error", e) from None
+    finally:
+        stats.add("t_decode", time.perf_counter() - t0)
+    batch.meta[slot] = (res.original_size, res.crop_coords)
+
+
+class Engine:
+    """Iterates batches (or samples) of one worker's sample references."""
+
+    def __init__(self, refs: Iterable[SampleRef], *, image_cfg, buckets, batch_size, drop_last,
+                 num_threads: int, buffer: int, on_error: str, stats: Stats):
+        self.refs = iter(refs)
+        self.cfg = image_cfg
+        self.buckets = buckets
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.num_threads = num_threads
+        self.buffer = buffer
+        self.on_error = on_error
+        self.stats = stats
+        self._warned = set()
+        self._pending = 0
+        self._cond = threading.Condition()
+
+    # ------------------------------------------------------------------ errors
+    def _skip(self, err: SampleError) -> None:
+        self.stats.add(f"skipped_{err.reason}")
+        if self.on_error == "raise":
+            raise err
+        if err.reason not in self._warned:
+            self._warned.add(err.reason)
+            warnings.warn(f"datago: skipping {err} (further '{err.reason}' skips are "
+                          "counted in stats() without a warning)", RuntimeWarning, stacklevel=3)
+
+    def _done(self, _fut) -> None:
+        with self._cond:
+            self._pending -= 1
+            self._cond.notify()
+
+    # ------------------------------------------------------------------ main loop
+    def __iter__(self) -> Iterator[dict]:
+        if self.batch_size is None:
+            yield from self._samples()
+            return
+        pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="datago")
+        loads: deque = deque()
+        closed: deque = deque()
+        open_batches: Dict[Tuple[int, int], Batch] = {}
+        order: List[Tuple[int, int]] = []           # buckets in order of their open batch
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(loads) + self._pending < self.buffer:
+                    ref = next(self.refs, None)
+                    if ref is None:
+                        exhausted = True
+                        break
+                    loads.append(pool.submit(load, ref, self.stats))
+                while closed and all(f.done() for f in closed[0].futures):
+                    out = self._finish(closed.popleft())
+                    if out is not None:
+                        yield out
+                if loads:
+                    fut = loads.popleft()
+                    t0 = time.perf_counter()
+                    try:
+                        loaded = fut.result()
+                    except SampleError as e:
+                        self._skip(e)
+                        continue
+                    finally:
+                        self.stats.add("t_wait", time.perf_counter() - t0)
+                    bucket = nearest_bucket(*loaded.info.display_size, self.buckets)
+                    batch = open_batches.get(bucket)
+                    if batch is None:
+                        batch = open_batches[bucket] = Batch(bucket, self.batch_size)
+                        order.append(bucket)
+                    slot = len(batch.samples)
+                    batch.samples.append(loaded)
+                    batch.meta.append(None)
+                    with self._cond:
+                        self._pending += 1
+                    f = pool.submit(_decode_into, loaded, batch, slot, self.cfg, self.stats)
+                    f.add_done_callback(self._done)
+                    batch.futures.append(f)
+                    if batch.full:
+                        closed.append(batch)
+                        del open_batches[bucket]
+                        order.remove(bucket)
+                elif closed:
+                    t0 = time.perf_counter()
+                    for f in closed[0].futures:
+                        f.exception()                   # wait
+                    self.stats.add("t_wait", time.perf_counter() - t0)
+                elif not exhausted:
+                    # every slot in flight sits in a batch that is not full yet: wait
+                    # for a decode to finish, then load more
+                    t0 = time.perf_counter()
+                    with self._cond:
+                        while self._pending >= self.buffer:
+                            self._cond.wait()
+                    self.stats.add("t_wait", time.perf_counter() - t0)
+                else:
+                    if not open_batches:
+                        break
+                    for bucket in order:                # partial batches, in opening order
+                        b = open_batches[bucket]
+                        if self.drop_last:
+                            for fut in b.futures:
+                                fut.exception()
+                            self.stats.add("dropped", sum(f.exception() is None for f in b.futures))
+                        else:
+                            closed.append(b)
+                    open_batches.clear()
+                    order.clear()
+        finally:
+            for f in loads:
+                f.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _finish(self, batch: Batch) -> Optional[dict]:
+        """Wait for the batch's decodes, close up failed slots, build the output dict."""
+        good = []
+        for slot, f in enumerate(batch.futures):
+            exc = f.exception()
+            if exc is None:
+                good.append(slot)
+            elif isinstance(exc, SampleError):
+                self._skip(exc)
+            else:
+                raise exc
+        n = len(good)
+        if n == 0:
+            return None
+        if good != list(range(n)):                  # move the survivors to the front
+            for dst, src in enumerate(good):
+                if dst != src:
+                    batch.image[dst] = batch.image[src]
+                    for t in list(batch.masks.values()) + list(batch.images.values()):
+                        t[dst] = t[src]
+                    for p in batch.present.values():
+                        p[dst] = p[src]
+        samples = [batch.samples[s] for s in good]
+        meta = [batch.meta[s] for s in good]
+        w, h = batch.bucket
+        self.stats.add("samples", n)
+        self.stats.add("batches", 1)
+        self.stats.add("bytes", sum(s.nbytes for s in samples))
+        out = {
+            "image": batch.image[:n].permute(0, 3, 1, 2),
+            "id": [s.ref.id for s in samples],
+            "original_size": torch.tensor([m[0] for m in meta], dtype=torch.int64),
+            "crop_coords": torch.tensor([m[1] for m in meta], dtype=torch.int64),
+            "bucket": (h, w),
+            "attributes": [s.attributes for s in samples],
+            "masks": {k: t[:n].permute(0, 3, 1, 2) for k, t in batch.masks.items()},
+            "additional_images": {k: t[:n].permute(0, 3, 1, 2) for k, t in batch.images.items()},
+        }
+        if batch.present:
+            out["present"] = {f"{kind}/{name}": torch.from_numpy(p[:n].copy())
+                              for (kind, name), p in batch.present.items()}
+        return out
+
+    # ------------------------------------------------------------------ per sample
+    def _samples(self) -> Iterator[dict]:
+        """batch_size=None: the same dict per sample, without the batch dimension."""
+        pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="datago")
+        work: deque = deque()
+        try:
+            while True:
+                while len(work) < self.buffer:
+                    ref = next(self.refs, None)
+                    if ref is None:
+                        break
+                    work.append(pool.submit(self._one, ref))
+                if not work:
+                    break
+                fut = work.popleft()
+                t0 = time.perf_counter()
+                try:
+                    out = fut.result()
+                except SampleError as e:
+                    self._skip(e)
+                    continue
+                finally:
+                    self.stats.add("t_wait", time.perf_counter() - t0)
+                yield out
+        finally:
+            for f in work:
+                f.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _one(self, ref: SampleRef) -> dict:
+        loaded = load(ref, self.stats)
+        if self.buckets is None:                    # no crop_and_resize: the image as it is
+            t0 = time.perf_counter()
+            try:
+                img = torch.from_numpy(decode(loaded.data, max_pixels=self.cfg.max_pixels
+                                              if self.cfg else 178_956_970))
+            except ImageTooLargeError as e:
+                raise SampleError(ref.id, "too_large", e) from None
+            except DecodeError as e:
+                raise SampleError(ref.id, "decode_error", e) from None
+            finally:
+                self.stats.add("t_decode", time.perf_counter() - t0)
+            h, w = img.shape[:2]
+            out = {"image": img.permute(2, 0, 1), "id": ref.id,
+                   "original_size": torch.tensor([h, w]), "crop_coords": torch.tensor([0, 0]),
+                   "bucket": (h, w), "attributes": loaded.attributes, "masks": {},
+                   "additional_images": {}}
+        else:
+            bucket = nearest_bucket(*loaded.info.display_size, self.buckets)
+            batch = Batch(bucket, 1)
+            batch.samples.append(loaded)
+            batch.meta.append(None)
+            _decode_into(loaded, batch, 0, self.cfg, self.stats)
+            out = {
+                "image": batch.image[0].permute(2, 0, 1),
+                "id": ref.id,
+                "original_size": torch.tensor(batch.meta[0][0]),
+                "crop_coords": torch.tensor(batch.meta[0][1]),
+                "bucket": (bucket[1], bucket[0]),
+                "attributes": loaded.attributes,
+                "masks": {k: t[0].permute(2, 0, 1) for k, t in batch.masks.items()},
+                "additional_images": {k: t[0].permute(2, 0, 1) for k, t in batch.images.items()},
+            }
+        self.stats.add("samples", 1)
+        self.stats.add("bytes", loaded.nbytes)
+        return out

@@ -1,0 +1,300 @@
+"""Configuration: frozen dataclasses, validated on construction.
+
+``DatagoConfig.from_dict`` / ``from_json`` accept the reference datago JSON schema
+(``source_type``, ``source_config``, ``image_config``, ``limit``,
+``samples_buffer_size``) plus datago's own top-level keys (``batch_size``,
+``num_threads``, ``seed``, ``drop_last``, ``on_error``).  Unlike the reference,
+an unknown key, a wrong type or an impossible value raises ``ConfigError`` naming
+the key path (``image_config.min_aspect_ratio``) and, for a misspelt key, the
+closest valid one.
+
+Example::
+
+    cfg = DatagoConfig.from_dict({
+        "source_type": "file",
+        "source_config": {"root_path": "/data/photos", "random_sampling": True},
+        "image_config": {"crop_and_resize": True, "default_image_size": 512,
+                         "downsampling_ratio": 16, "min_aspect_ratio": 0.5,
+                         "max_aspect_ratio": 2.0},
+        "batch_size": 32,
+    })
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Optional
+
+from datago.buckets import make_buckets
+from datago.errors import ConfigError
+from datago.image import DEFAULT_FILTER, DEFAULT_MAX_PIXELS
+
+__all__ = ["DatagoConfig", "FileSourceConfig", "ImageConfig", "LoaderConfig"]
+
+SUPPORTED_SOURCES = ("file",)
+LATER_SOURCES = ("db", "webdataset")
+FILTERS = ("triangle", "bicubic", "lanczos", "box")
+ON_ERROR = ("skip", "raise")
+ENCODE_FORMATS = ("png", "jpeg")
+# keys of the reference's documentation that it ignores; accepted with a warning
+LEGACY_IGNORED = {"prefetch_buffer_size", "page_size"}
+
+
+def _fail(path: str, message: str) -> None:
+    raise ConfigError(f"{path}: {message}")
+
+
+def _check_bool(path: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(path, f"must be true or false, got {value!r}")
+
+
+def _check_int(path: str, value: Any, *, minimum: Optional[int] = None,
+               maximum: Optional[int] = None, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(path, f"must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        _fail(path, f"must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        _fail(path, f"must be <= {maximum}, got {value}")
+
+
+def _check_number(path: str, value: Any, *, positive: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(path, f"must be a number, got {value!r}")
+    if positive and value <= 0:
+        _fail(path, f"must be > 0, got {value}")
+
+
+def _check_choice(path: str, value: Any, choices) -> None:
+    if value not in choices:
+        _fail(path, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class FileSourceConfig:
+    """A local folder of images (reference ``source_type: "file"``)."""
+
+    root_path: str
+    """Folder walked recursively (symlinks followed); must exist."""
+    random_sampling: bool = False
+    """Shuffle the samples, reproducibly from ``seed`` and the epoch (``set_epoch``)."""
+    rank: Optional[int] = None
+    """This process's rank; None: ``torch.distributed`` if initialised, else ``$RANK``, else 0."""
+    world_size: Optional[int] = None
+    """Number of ranks; None (or 0, the reference's default): detected like ``rank``."""
+
+    _section = "source_config"
+
+    def __post_init__(self):
+        p = self._section
+        if not isinstance(self.root_path, (str, os.PathLike)) or not str(self.root_path):
+            _fail(f"{p}.root_path", f"must be a folder path, got {self.root_path!r}")
+        if not os.path.isdir(self.root_path):
+            _fail(f"{p}.root_path", f"{str(self.root_path)!r} is not an existing folder")
+        _check_bool(f"{p}.random_sampling", self.random_sampling)
+        _check_int(f"{p}.rank", self.rank, minimum=0, optional=True)
+        _check_int(f"{p}.world_size", self.world_size, minimum=0, optional=True)
+        if self.world_size == 0:
+            object.__setattr__(self, "world_size", None)
+        if self.rank is not None and self.world_size is not None and self.rank >= self.world_size:
+            _fail(f"{p}.rank", f"must be < world_size ({self.world_size}), got {self.rank}")
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """Image processing: aspect-ratio buckets and the output format."""
+
+    crop_and_resize: bool = True
+    """Cover-resize and centre-crop every image into its bucket (needed for batches)."""
+    default_image_size: int = 512
+    """Side of the square bucket; buckets have at most this many pixels squared."""
+    downsampling_ratio: int = 16
+    """VAE factor / patch size: every bucket side is a multiple of it."""
+    min_aspect_ratio: float = 0.5
+    """Smallest bucket aspect ratio (width / height)."""
+    max_aspect_ratio: float = 2.0
+    """Largest bucket aspect ratio (width / height)."""
+    pre_encode_images: bool = False
+    """DatagoClient only: re-encode processed images (``encode_format``), as the reference."""
+    image_to_rgb8: bool = False
+    """Accepted for compatibility: datago always delivers 8-bit RGB (alpha composited)."""
+    encode_format: str = "png"
+    """``"png"`` or ``"jpeg"``, for ``pre_encode_images``."""
+    jpeg_quality: int = 92
+    """0-100, for ``pre_encode_images`` with JPEG."""
+    filter: str = DEFAULT_FILTER
+    """Resampling filter: "triangle", "bicubic", "lanczos" or "box" (masks use nearest)."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Images announcing more pixels are skipped (decompression-bomb guard)."""
+
+    _section = "image_config"
+
+    def __post_init__(self):
+        p = self._section
+        for name in ("crop_and_resize", "pre_encode_images", "image_to_rgb8"):
+            _check_bool(f"{p}.{name}", getattr(self, name))
+        _check_int(f"{p}.default_image_size", self.default_image_size, minimum=1)
+        _check_int(f"{p}.downsampling_ratio", self.downsampling_ratio, minimum=1)
+        _check_number(f"{p}.min_aspect_ratio", self.min_aspect_ratio)
+        _check_number(f"{p}.max_aspect_ratio", self.max_aspect_ratio)
+        if self.min_aspect_ratio > self.max_aspect_ratio:
+            _fail(f"{p}.min_aspect_ratio", f"{self.min_aspect_ratio} is larger than "
+                  f"max_aspect_ratio {self.max_aspect_ratio}")
+        if self.downsampling_ratio > self.default_image_size:
+            _fail(f"{p}.downsampling_ratio", f"{self.downsampling_ratio} is larger than "
+                  f"default_image_size {self.default_image_size}")
+        _check_choice(f"{p}.encode_format", self.encode_format, ENCODE_FORMATS)
+        _check_int(f"{p}.jpeg_quality", self.jpeg_quality, minimum=0, maximum=100)
+        _check_choice(f"{p}.filter", self.filter, FILTERS)
+        _check_int(f"{p}.max_pixels", self.max_pixels, minimum=1)
+
+    @property
+    def buckets(self) -> list:
+        """The bucket list ``[(width, height), ...]`` (see ``make_buckets``)."""
+        return make_buckets(self.default_image_size, self.downsampling_ratio,
+                            self.min_aspect_ratio, self.max_aspect_ratio)
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How samples are read, decoded, counted and batched."""
+
+    batch_size: Optional[int] = None
+    """Samples per batch (one bucket per batch); None: one sample at a time."""
+    num_threads: Optional[int] = None
+    """Decode threads per DataLoader worker; None: available cores / workers."""
+    samples_buffer_size: int = 64
+    """Samples being read or decoded at once, per worker (bounds memory)."""
+    limit: Optional[int] = None
+    """Samples per rank per epoch (all its workers together); None: one full pass."""
+    seed: int = 0
+    """Seed of the shuffle (with ``random_sampling``)."""
+    drop_last: bool = False
+    """At the end of an epoch, drop batches that are not full instead of yielding them."""
+    on_error: str = "skip"
+    """A corrupt or unreadable file: "skip" (count it, warn once per reason) or "raise"."""
+
+    _section = ""
+
+    def __post_init__(self):
+        p = self._section
+        _check_int(f"{p}batch_size", self.batch_size, minimum=1, optional=True)
+        _check_int(f"{p}num_threads", self.num_threads, minimum=1, optional=True)
+        _check_int(f"{p}samples_buffer_size", self.samples_buffer_size, minimum=1)
+        _check_int(f"{p}limit", self.limit, minimum=1, optional=True)
+        _check_int(f"{p}seed", self.seed, minimum=0)
+        _check_bool(f"{p}drop_last", self.drop_last)
+        _check_choice(f"{p}on_error", self.on_error, ON_ERROR)
+
+
+@dataclass(frozen=True)
+class DatagoConfig:
+    """Everything a DatagoDataset needs; build it directly or with ``from_dict``."""
+
+    source: FileSourceConfig
+    image: Optional[ImageConfig] = field(default_factory=ImageConfig)
+    """None: images are delivered at their own size (per-sample mode only)."""
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    source_type: str = "file"
+
+    def __post_init__(self):
+        _check_choice("source_type", self.source_type, SUPPORTED_SOURCES)
+        if not isinstance(self.source, FileSourceConfig):
+            _fail("source_config", f"must be a FileSourceConfig, got {type(self.source).__name__}")
+        if self.image is not None and not isinstance(self.image, ImageConfig):
+            _fail("image_config", f"must be an ImageConfig or None, got {type(self.image).__name__}")
+        if not isinstance(self.loader, LoaderConfig):
+            _fail("loader", f"must be a LoaderConfig, got {type(self.loader).__name__}")
+        if self.loader.batch_size is not None and not self.crop_and_resize:
+            _fail("batch_size", "batches need image_config.crop_and_resize = true "
+                  "(images of one batch must share a bucket)")
+
+    @property
+    def crop_and_resize(self) -> bool:
+        return self.image is not None and self.image.crop_and_resize
+
+    @property
+    def buckets(self) -> Optional[list]:
+        return self.image.buckets if self.crop_and_resize else None
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_json(cls, text: str) -> "DatagoConfig":
+        """Parse a JSON string (the reference datago's config format)."""
+        try:
+            d = json.loads(text)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DatagoConfig":
+        """Build from the reference JSON schema plus datago's top-level keys."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"config must be a JSON object / dict, got {type(d).__name__}")
+        loader_keys = [f.name for f in fields(LoaderConfig)]
+        top = ["source_type", "source_config", "image_config"] + loader_keys
+        _check_keys("", d, top)
+        source_type = d.get("source_type", "file")
+        if source_type in LATER_SOURCES:
+            _fail("source_type", f"{source_type!r} is not supported yet "
+                  f"(supported: {', '.join(map(repr, SUPPORTED_SOURCES))})")
+        _check_choice("source_type", source_type, SUPPORTED_SOURCES)
+        if "source_config" not in d:
+            _fail("source_config", "missing (it holds root_path)")
+        src = _section_dict("source_config", d["source_config"])
+        valid = [f.name for f in fields(FileSourceConfig)]
+        _check_keys("source_config", src, valid)
+        if "root_path" not in src:
+            _fail("source_config.root_path", "missing")
+        source = FileSourceConfig(**{k: v for k, v in src.items() if k in valid})
+        image: Optional[ImageConfig]
+        if d.get("image_config") is None:
+            image = None
+        else:
+            img = _section_dict("image_config", d["image_config"])
+            valid = [f.name for f in fields(ImageConfig)]
+            _check_keys("image_config", img, valid)
+            image = ImageConfig(**{k: v for k, v in img.items() if k in valid})
+        loader = LoaderConfig(**{k: d[k] for k in loader_keys if k in d})
+        return cls(source=source, image=image, loader=loader, source_type=source_type)
+
+    def to_dict(self) -> dict:
+        """The JSON-schema form (round-trips through ``from_dict``)."""
+        out: dict = {"source_type": self.source_type,
+                     "source_config": {f.name: getattr(self.source, f.name)
+                                       for f in fields(FileSourceConfig)}}
+        out["source_config"]["root_path"] = str(self.source.root_path)
+        out["image_config"] = None if self.image is None else {
+            f.name: getattr(self.image, f.name) for f in fields(ImageConfig)}
+        out.update({f.name: getattr(self.loader, f.name) for f in fields(LoaderConfig)})
+        return out
+
+
+def _section_dict(path: str, value: Any) -> dict:
+    if not isinstance(value, Mapping):
+        _fail(path, f"must be an object, got {type(value).__name__}")
+    return dict(value)
+
+
+def _check_keys(path: str, d: Mapping[str, Any], valid) -> None:
+    prefix = f"{path}." if path else ""
+    for key in list(d):
+        if key in valid:
+            continue
+        if key in LEGACY_IGNORED:
+            warnings.warn(f"{prefix}{key} is ignored (as by the reference datago)",
+                          DeprecationWarning, stacklevel=4)
+            continue
+        close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+        _fail(f"{prefix}{key}", f"unknown key{hint}")
+
