@@ -6,6 +6,7 @@ libspng and crops/resizes into aspect-ratio buckets with the GIL released;
 """
 
 from datago.buckets import make_buckets, nearest_bucket
+from datago.client import DatagoClient, ImagePayload, Sample
 from datago.config import DatagoConfig, FileSourceConfig, ImageConfig, LoaderConfig
 from datago.dataset import DatagoDataset
 from datago.errors import ConfigError, DatagoError, DecodeError, ImageTooLargeError
@@ -19,6 +20,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "BucketResult",
     "ConfigError",
+    "DatagoClient",
     "DatagoConfig",
     "DatagoDataset",
     "DatagoError",
@@ -26,8 +28,10 @@ __all__ = [
     "FileSourceConfig",
     "ImageConfig",
     "ImageInfo",
+    "ImagePayload",
     "ImageTooLargeError",
     "LoaderConfig",
+    "Sample",
     "ShardDetector",
     "ShardInfo",
     "decode",

@@ -26,7 +26,7 @@ import time
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -40,6 +40,13 @@ from datago.sources.filesystem import SampleRef
 REASONS = ("read_error", "decode_error", "too_large", "bad_attributes")
 COUNTERS = ("samples", "batches", "bytes", "dropped", "t_read", "t_decode", "t_wait") + \
     tuple(f"skipped_{r}" for r in REASONS)
+
+
+class BucketShape(NamedTuple):
+    """(height, width) of a batch's bucket; a named tuple survives DataLoader's
+    conversions (a plain tuple comes out as a list)."""
+    height: int
+    width: int
 
 
 class SampleError(DatagoError):
@@ -331,7 +338,7 @@ class Engine:
             "id": [s.ref.id for s in samples],
             "original_size": torch.tensor([m[0] for m in meta], dtype=torch.int64),
             "crop_coords": torch.tensor([m[1] for m in meta], dtype=torch.int64),
-            "bucket": (h, w),
+            "bucket": BucketShape(h, w),
             "attributes": [s.attributes for s in samples],
             "masks": {k: t[:n].permute(0, 3, 1, 2) for k, t in batch.masks.items()},
             "additional_images": {k: t[:n].permute(0, 3, 1, 2) for k, t in batch.images.items()},
@@ -386,7 +393,7 @@ class Engine:
             h, w = img.shape[:2]
             out = {"image": img.permute(2, 0, 1), "id": ref.id,
                    "original_size": torch.tensor([h, w]), "crop_coords": torch.tensor([0, 0]),
-                   "bucket": (h, w), "attributes": loaded.attributes, "masks": {},
+                   "bucket": BucketShape(h, w), "attributes": loaded.attributes, "masks": {},
                    "additional_images": {}}
         else:
             bucket = nearest_bucket(*loaded.info.display_size, self.buckets)
@@ -399,7 +406,7 @@ class Engine:
                 "id": ref.id,
                 "original_size": torch.tensor(batch.meta[0][0]),
                 "crop_coords": torch.tensor(batch.meta[0][1]),
-                "bucket": (bucket[1], bucket[0]),
+                "bucket": BucketShape(bucket[1], bucket[0]),
                 "attributes": loaded.attributes,
                 "masks": {k: t[0].permute(2, 0, 1) for k, t in batch.masks.items()},
                 "additional_images": {k: t[0].permute(2, 0, 1) for k, t in batch.images.items()},

@@ -1,9 +1,14 @@
-"""Command line: ``datago`` (sample corpus) and ``datago core ROOT``.
+"""Command line.
 
-``datago core [ROOT]`` measures decode-to-bucket throughput on the images under
-ROOT (default: a generated sample corpus) and prints a table comparing datago,
-with one thread and with N threads, against a Pillow baseline written the usual
-way (open, EXIF transpose, RGB, LANCZOS cover-resize, centre crop).
+``datago bench [ROOT]`` runs the data loader (DatagoDataset in a DataLoader) over
+the images under ROOT with a progress bar and prints a summary: images/s, MB/s,
+samples skipped by reason, and the bucket histogram.
+
+``datago core [ROOT]`` measures decode-to-bucket throughput and prints a table
+comparing datago, with one thread and with N threads, against a Pillow baseline
+written the usual way (open, EXIF transpose, RGB, LANCZOS cover-resize, crop).
+
+``datago`` alone runs both on a generated sample corpus (cached in ~/.cache/datago).
 """
 
 from __future__ import annotations
@@ -24,6 +29,14 @@ from datago.errors import DecodeError
 from datago.image import decode_to_bucket, read_header
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+def _sample_images() -> int:
+    """Size of the generated sample corpus ($DATAGO_SAMPLE_IMAGES, default 200)."""
+    try:
+        return max(1, int(os.environ.get("DATAGO_SAMPLE_IMAGES", "200")))
+    except ValueError:
+        return 200
 
 
 def _cpu_count() -> int:
@@ -61,11 +74,12 @@ def _timed(fn: Callable[[], int], min_seconds: float) -> tuple:
 
 
 def run_core(root: Optional[str], size: int, ratio: int, threads: int, limit: Optional[int],
-             filter: str, seconds: float, out=sys.stdout) -> int:
+             filter: str, seconds: float, out=None) -> int:
+    out = out or sys.stdout
     if root is None:
         from datago.sample import make_sample_corpus
         print("generating the sample corpus (first run only) ...", file=out, flush=True)
-        root_path = make_sample_corpus()
+        root_path = make_sample_corpus(n=_sample_images())
     else:
         root_path = Path(root)
         if not root_path.is_dir():
@@ -135,10 +149,105 @@ def run_core(root: Optional[str], size: int, ratio: int, threads: int, limit: Op
     return 0
 
 
+class _Progress:
+    """A one-line progress bar on stderr (redrawn in place on a terminal)."""
+
+    def __init__(self, total: Optional[int], unit: str = "img"):
+        self.total, self.unit = total, unit
+        self.n, self.t0, self.last = 0, time.perf_counter(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, k: int) -> None:
+        self.n += k
+        now = time.perf_counter()
+        if now - self.last >= (0.2 if self.tty else 5.0):
+            self.last = now
+            self._draw(now)
+
+    def _draw(self, now: float, end: str = "") -> None:
+        rate = self.n / max(now - self.t0, 1e-9)
+        if self.total:
+            frac = min(1.0, self.n / self.total)
+            bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+            text = f"[{bar}] {self.n}/{self.total} {self.unit} {rate:6.1f} {self.unit}/s"
+        else:
+            text = f"{self.n} {self.unit} {rate:6.1f} {self.unit}/s"
+        sys.stderr.write(("\r" if self.tty else "") + text + (end or ("" if self.tty else "\n")))
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        self._draw(time.perf_counter(), end="\n")
+
+
+def run_bench(root: Optional[str], size: int, ratio: int, batch: int, threads: Optional[int],
+              workers: int, limit: Optional[int], out=None) -> int:
+    out = out or sys.stdout
+    from torch.utils.data import DataLoader
+    from datago.config import DatagoConfig
+    from datago.dataset import DatagoDataset
+    from datago.errors import ConfigError
+    if root is None:
+        from datago.sample import make_sample_corpus
+        print("generating the sample corpus (first run only) ...", file=out, flush=True)
+        root = str(make_sample_corpus(n=_sample_images()))
+    try:
+        cfg = DatagoConfig.from_dict({
+            "source_type": "file", "source_config": {"root_path": root},
+            "image_config": {"crop_and_resize": True, "default_image_size": size,
+                             "downsampling_ratio": ratio, "min_aspect_ratio": 0.5,
+                             "max_aspect_ratio": 2.0},
+            "batch_size": batch, "num_threads": threads, "limit": limit})
+    except ConfigError as e:
+        print(f"datago: {e}", file=sys.stderr)
+        return 2
+    t_list = time.perf_counter()
+    ds = DatagoDataset(cfg)
+    t_list = time.perf_counter() - t_list
+    n = min(len(ds.listing), limit) if limit else len(ds.listing)
+    print(f"{root}: {len(ds.listing)} samples listed in {t_list:.2f} s; buckets {size}/{ratio} "
+          f"({len(ds.buckets)}), batch {batch}, {workers} DataLoader workers x "
+          f"{threads or 'auto'} threads", file=out, flush=True)
+    loader = DataLoader(ds, batch_size=None, num_workers=workers)
+    hist: dict = {}
+    bar = _Progress(n)
+    t0 = time.perf_counter()
+    for b in loader:
+        k = len(b["id"])
+        hist[b["bucket"]] = hist.get(b["bucket"], 0) + k
+        bar.update(k)
+    secs = time.perf_counter() - t0
+    bar.close()
+    st = ds.stats()
+    done = st["samples"]
+    print(f"\n{done} images in {secs:.2f} s: {done / secs:.1f} img/s, "
+          f"{st['bytes_read'] / secs / 1e6:.1f} MB/s read, {st['batches']} batches", file=out)
+    skipped = st["skipped"]
+    print("skipped: " + (", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none")
+          + (f"; dropped by drop_last: {st['dropped_last']}" if st["dropped_last"] else ""),
+          file=out)
+    if st["listing"]["skipped"]:
+        print("not listed: " + ", ".join(f"{k} {v}" for k, v in sorted(st["listing"]["skipped"].items())),
+              file=out)
+    print("\nbucket (H x W)   images", file=out)
+    top = max(hist.values()) if hist else 1
+    for (h, w), c in sorted(hist.items(), key=lambda kv: kv[0][1] / kv[0][0]):
+        print(f"  {h:4d} x {w:<4d}  {c:6d}  {'#' * max(1, round(40 * c / top))}", file=out)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="datago", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
+    bench = sub.add_parser("bench", help="run the data loader over a folder, with a summary")
+    bench.add_argument("root", nargs="?", help="folder of images (default: generated sample corpus)")
+    bench.add_argument("--size", type=int, default=512, help="default_image_size (512)")
+    bench.add_argument("--ratio", type=int, default=16, help="downsampling_ratio (16)")
+    bench.add_argument("--batch", type=int, default=32, help="batch size (32)")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="decode threads per worker (default: CPUs / workers)")
+    bench.add_argument("--workers", type=int, default=0, help="DataLoader workers (0)")
+    bench.add_argument("--limit", type=int, default=None, help="stop after N images")
     core = sub.add_parser("core", help="decode-to-bucket throughput vs Pillow")
     core.add_argument("root", nargs="?", help="folder of images (default: generated sample corpus)")
     core.add_argument("--size", type=int, default=512, help="default_image_size (512)")
@@ -149,9 +258,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     core.add_argument("--seconds", type=float, default=3.0, help="minimum time per row (3)")
     args = parser.parse_args(argv)
     if args.command is None:
-        args = parser.parse_args(["core"])
-    if args.threads < 1:
+        rc = run_bench(None, 512, 16, 32, None, 0, None)
+        if rc == 0:
+            print("\n--- decode-to-bucket, datago vs Pillow ---", flush=True)
+            rc = run_core(None, 512, 16, _cpu_count(), None, "triangle", 3.0)
+        return rc
+    if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.command == "bench":
+        if args.workers < 0:
+            parser.error("--workers must be >= 0")
+        return run_bench(args.root, args.size, args.ratio, args.batch, args.threads,
+                         args.workers, args.limit)
     return run_core(args.root, args.size, args.ratio, args.threads, args.limit, args.filter,
                     args.seconds)
 

@@ -1,0 +1,98 @@
+"""Lightning DataModule over DatagoDataset (optional: needs ``lightning``).
+
+    dm = DatagoDataModule(train_cfg, val_cfg, num_workers=4)
+    trainer.fit(model, datamodule=dm)
+
+Each epoch's shuffle follows ``trainer.current_epoch`` (the loaders call
+``set_epoch`` when an epoch starts, persistent workers included), so resuming at
+epoch k reproduces epoch k's order.  Batches come from the dataset (one bucket per
+batch); the DataLoaders use ``batch_size=None``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+from torch.utils.data import DataLoader
+
+from datago.config import DatagoConfig
+from datago.dataset import DatagoDataset
+
+try:
+    from lightning.pytorch import LightningDataModule
+except ImportError:                                         # pragma: no cover - optional
+    try:
+        from pytorch_lightning import LightningDataModule
+    except ImportError:
+        raise ImportError(
+            "datago.lightning needs Lightning: pip install lightning "
+            "(or pytorch-lightning); the rest of datago works without it") from None
+
+__all__ = ["DatagoDataModule", "EpochDataLoader"]
+
+Config = Union[DatagoConfig, dict, str]
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader that calls ``dataset.set_epoch(epoch_fn())`` each time an epoch
+    starts (``iter(loader)``), before the workers read the epoch."""
+
+    def __init__(self, dataset: DatagoDataset, epoch_fn: Callable[[], int], **kwargs: Any):
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._epoch_fn = epoch_fn
+
+    def __iter__(self):
+        self.dataset.set_epoch(int(self._epoch_fn()))
+        return super().__iter__()
+
+
+class DatagoDataModule(LightningDataModule):
+    """Train (and optional validation) DatagoDatasets as a LightningDataModule."""
+
+    def __init__(self, train_config: Config, val_config: Optional[Config] = None, *,
+                 num_workers: int = 2, pin_memory: bool = True,
+                 persistent_workers: Optional[bool] = None, prefetch_factor: Optional[int] = None):
+        super().__init__()
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.train_config = train_config
+        self.val_config = val_config
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
+        self.prefetch_factor = prefetch_factor
+        self.train_dataset: Optional[DatagoDataset] = None
+        self.val_dataset: Optional[DatagoDataset] = None
+        self._epoch = 0
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_dataset is None and stage in (None, "fit"):
+            self.train_dataset = DatagoDataset(self.train_config)
+        if self.val_dataset is None and self.val_config is not None and stage in (None, "fit", "validate"):
+            self.val_dataset = DatagoDataset(self.val_config)
+
+    def _current_epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.current_epoch
+        self._epoch += 1                 # used without a Trainer: one epoch per iteration
+        return self._epoch - 1
+
+    def _loader(self, ds: DatagoDataset, epoch_fn: Callable[[], int]) -> EpochDataLoader:
+        kw: dict = dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
+                        persistent_workers=self.persistent_workers and self.num_workers > 0)
+        if self.prefetch_factor is not None and self.num_workers > 0:
+            kw["prefetch_factor"] = self.prefetch_factor
+        return EpochDataLoader(ds, epoch_fn, **kw)
+
+    def train_dataloader(self) -> EpochDataLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        return self._loader(self.train_dataset, self._current_epoch)
+
+    def val_dataloader(self):
+        if self.val_config is None:
+            return []
+        if self.val_dataset is None:
+            self.setup("validate")
+        return self._loader(self.val_dataset, lambda: 0)     # same order every time
