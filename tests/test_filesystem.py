@@ -217,6 +217,15 @@ def test_sidecar_extensions_any_case(tmp_path):
     assert r.images == ()
 
 
+def test_mask_names_any_case(tmp_path):
+    """Masks are recognised in any case; the docstring keys them "mask" / "seg"."""
+    make(tmp_path, "k.jpg", "k.MASK.png", "k.Seg.png")
+    t = str(tmp_path)
+    r = FileListing(tmp_path).ref(0)
+    assert sorted(r.masks) == [("mask", f"{t}/k.MASK.png"), ("seg", f"{t}/k.Seg.png")]
+    assert r.images == ()
+
+
 def test_two_main_candidates(tmp_path):
     make(tmp_path, "k.jpg", "k.png", "m.PNG", "m.JPEG", "m.jpg", "g.gif", "g.webp", "g.bmp")
     listing = FileListing(tmp_path)

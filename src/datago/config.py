@@ -67,8 +67,13 @@ def _check_int(path: str, value: Any, *, minimum: Optional[int] = None,
 
 
 def _check_number(path: str, value: Any, *, positive: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(path, f"must be a number, got {value!r}")
+    try:
+        finite = math.isfinite(value)
+    except (TypeError, OverflowError):
+        finite = False
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not finite:
+        shown = repr(value) if len(repr(value)) < 40 else repr(value)[:37] + "..."
+        _fail(path, f"must be a number, got {shown}")
     if positive and value <= 0:
         _fail(path, f"must be > 0, got {value}")
 
@@ -99,6 +104,7 @@ class FileSourceConfig:
             _fail(f"{p}.root_path", f"must be a folder path, got {self.root_path!r}")
         if not os.path.isdir(self.root_path):
             _fail(f"{p}.root_path", f"{str(self.root_path)!r} is not an existing folder")
+        object.__setattr__(self, "root_path", os.fspath(self.root_path))
         _check_bool(f"{p}.random_sampling", self.random_sampling)
         _check_int(f"{p}.rank", self.rank, minimum=0, optional=True)
         _check_int(f"{p}.world_size", self.world_size, minimum=0, optional=True)
@@ -206,6 +212,9 @@ class DatagoConfig:
     source_type: str = "file"
 
     def __post_init__(self):
+        if self.source_type in LATER_SOURCES:
+            _fail("source_type", f"{self.source_type!r} is not supported yet "
+                  f"(supported: {', '.join(map(repr, SUPPORTED_SOURCES))})")
         _check_choice("source_type", self.source_type, SUPPORTED_SOURCES)
         if not isinstance(self.source, FileSourceConfig):
             _fail("source_config", f"must be a FileSourceConfig, got {type(self.source).__name__}")

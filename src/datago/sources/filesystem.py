@@ -11,7 +11,8 @@ name: ``a/b/cat01.jpg``, ``a/b/cat01.mask.png`` and ``a/b/cat01.txt`` share the 
   ``cat01.png``), the first in that order is the main one and the others become
   additional images named by their extension;
 * ``<key>.mask.<img>`` and ``<key>.seg.<img>`` are masks, keyed ``"mask"``/``"seg"``;
-* ``<key>.<name>.<img>`` is an additional image keyed ``name``;
+* ``<key>.<name>.<img>`` is an additional image keyed ``name`` (mask names are
+  matched in any case and keyed in lower case);
 * ``<key>.json`` is parsed and, when it is an object, merged into the sample's
   attributes; ``<key>.txt`` becomes ``attributes["txt"]``; ``<key>.<name>.txt`` /
   ``<key>.<name>.json`` become ``attributes[name]``;
@@ -24,13 +25,15 @@ The sample id is the main image's path relative to the root, ``/``-separated.
 
 Order, scale, robustness
 ------------------------
-Folders and files are visited in sorted name order (byte order of the names), so
-every rank on every node lists the same sequence.  The walk streams the tree with
+Folders and files are visited in sorted name order (byte order of the names; a
+sample sorts by the name of its main image, a folder's contents at the folder's
+name), depth first, so every rank on every node lists the same sequence.  The walk streams the tree with
 ``os.scandir`` and keeps only a byte blob of keys, offsets and a small per-sample
 pattern index (~60 bytes per sample): a million files list in seconds and tens of
 MB.  Symlinked files and folders are followed; a folder reached twice (a symlink
 loop, or two links to one folder) is walked once.  Hidden files (leading dot),
-unreadable folders and files with other extensions are skipped and counted.
+unreadable folders and files with other extensions (even next to an image) are
+skipped and counted.
 """
 
 from __future__ import annotations
@@ -62,45 +65,37 @@ class SampleRef:
     texts: Tuple[Tuple[str, str], ...] = ()      # (attribute name or "" to merge, path)
 
 
-def _split(name: str) -> Tuple[str, str]:
-    key, _, rest = name.partition(".")
-    return key, rest
-
-
-def _pattern(files: List[str]) -> Optional[Pattern]:
-    """Pattern of one key's files (their suffixes after the key), or None if no image."""
-    mains, sidecars = [], []
-    images = []
+def _pattern(files: Tuple[str, ...]) -> Tuple[Optional[Pattern], int]:
+    """Pattern of one key's files (their suffixes after the key) and the number of files
+    it ignores (other extensions); the pattern is None when there is no image."""
+    mains, images, texts = [], [], []
+    ignored = 0
     for rest in files:
         ext = rest.rsplit(".", 1)[-1].lower()
         if ext in IMAGE_EXTENSIONS:
-            if "." not in rest:
-                mains.append(rest)
-            else:
-                images.append(rest)
+            (images if "." in rest else mains).append(rest)
+        elif ext in TEXT_EXTENSIONS:
+            texts.append(rest)
         else:
-            sidecars.append(rest)
+            ignored += 1
     if not mains:
         candidates = [r for r in images if r.rsplit(".", 1)[0].lower() not in MASK_NAMES]
         if not candidates:
-            return None
+            return None, ignored
         mains = [candidates[0]]
         images.remove(candidates[0])
     mains.sort(key=lambda r: IMAGE_EXTENSIONS.index(r.lower()) if r.lower() in IMAGE_EXTENSIONS else 99)
-    main = mains[0]
-    parts = []
-    for rest in mains[1:]:
-        parts.append(("image", rest.lower(), rest))
+    parts = [("image", rest.lower(), rest) for rest in mains[1:]]
     for rest in images:
         middle = rest.rsplit(".", 1)[0]
-        parts.append(("mask" if middle.lower() in MASK_NAMES else "image", middle, rest))
-    for rest in sidecars:
-        middle, _, ext = rest.rpartition(".")
-        if middle:
-            parts.append(("text", middle, rest))
+        if middle.lower() in MASK_NAMES:
+            parts.append(("mask", middle.lower(), rest))
         else:
-            parts.append(("text", "txt" if ext.lower() == "txt" else "", rest))
-    return main, tuple(parts)
+            parts.append(("image", middle, rest))
+    for rest in texts:
+        middle, _, ext = rest.rpartition(".")
+        parts.append(("text", middle if middle else ("txt" if ext.lower() == "txt" else ""), rest))
+    return (mains[0], tuple(parts)), ignored
 
 
 class FileListing:
@@ -126,6 +121,8 @@ class FileListing:
             st = os.stat(self.root)
         except OSError as e:
             raise FileNotFoundError(f"cannot read {self.root}: {e}") from None
+        if not os.path.isdir(self.root):
+            raise NotADirectoryError(f"{self.root} is not a folder")
         walk = _Walk(self, {(st.st_dev, st.st_ino)})
         walk.run(self.root)
 
@@ -133,11 +130,19 @@ class FileListing:
     def __len__(self) -> int:
         return len(self._pattern_idx)
 
+    def _index(self, i: int) -> int:
+        n = len(self._pattern_idx)
+        if not -n <= i < n:
+            raise IndexError(f"sample index {i} out of range for {n} samples")
+        return i + n if i < 0 else i
+
     def key(self, i: int) -> str:
+        i = self._index(i)
         o = self._offsets
         return self._blob_bytes[o[i]:o[i + 1]].decode("utf-8", "surrogateescape")
 
     def sample_id(self, i: int) -> str:
+        i = self._index(i)
         return f"{self.key(i)}.{self._patterns[self._pattern_idx[i]][0]}"
 
     def ids(self):
@@ -146,6 +151,7 @@ class FileListing:
             yield self.sample_id(i)
 
     def ref(self, i: int) -> SampleRef:
+        i = self._index(i)
         key = self.key(i)
         main, parts = self._patterns[self._pattern_idx[i]]
         base = os.path.join(self.root, key)
@@ -162,89 +168,91 @@ class FileListing:
 
 
 class _Walk:
-    """Iterative depth-first walk appending samples to a FileListing in name order.
+    """Iterative depth-first walk appending samples to a FileListing.
 
-    A frame is one folder: its files (grouped by key) and subfolders, merged in
-    name order; a subfolder is walked completely before the next item of its
-    parent, so the order is the sorted order of path components.
+    A frame is one folder: its samples and subfolders merged in byte order of their
+    names (a sample sorts by its main image's file name), a subfolder walked
+    completely before the next item of its parent.
     """
 
     def __init__(self, listing: FileListing, seen_dirs: set):
         self.l = listing
         self.seen_dirs = seen_dirs
         self.pattern_ids: Dict[Pattern, int] = {}
+        self.cache: Dict[Tuple[str, ...], Tuple[Optional[Pattern], int]] = {}
 
     def run(self, root: str) -> None:
         frames = [self._frame(root, "")]
+        blob, offsets, pidx = self.l._blob, self.l._offsets, self.l._pattern_idx
         while frames:
-            items, rel, groups = frames[-1]
+            items, rel = frames[-1]
             try:
-                name, d = next(items)
+                _, key, pid, d = next(items)
             except StopIteration:
                 frames.pop()
                 continue
             if d is None:
-                _add_group(self.l, rel, name, groups[name], self.pattern_ids)
+                blob += f"{rel}{key}".encode("utf-8", "surrogateescape")
+                offsets.append(len(blob))
+                pidx.append(pid)
             else:
                 frames.append(self._frame(d.path, f"{rel}{d.name}/"))
 
     def _frame(self, path: str, rel: str):
+        l = self.l
         try:
             with os.scandir(path) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                entries = list(it)
         except OSError:
-            self.l._count("unreadable_folder")
-            return iter(()), rel, {}
-        groups, subdirs = _classify(self.l, entries, self.seen_dirs)
-        items = [(k, None) for k in groups] + [(d.name, d) for d in subdirs]
-        items.sort(key=lambda kv: kv[0])
-        return iter(items), rel, groups
-
-
-def _classify(l: FileListing, entries, seen_dirs):
-    groups: Dict[str, List[str]] = {}
-    subdirs = []
-    for e in entries:
-        if e.name.startswith("."):
-            l._count("hidden")
-            continue
-        try:
-            if e.is_dir():
-                s = e.stat()
-                ident = (s.st_dev, s.st_ino)
-                if ident in seen_dirs:
-                    l._count("folder_seen_twice")
+            l._count("unreadable_folder")
+            return iter(()), rel
+        groups: Dict[str, List[str]] = {}
+        items = []
+        for e in entries:
+            name = e.name
+            if name.startswith("."):
+                l._count("hidden")
+                continue
+            try:
+                if e.is_dir():
+                    st = e.stat()
+                    ident = (st.st_dev, st.st_ino)
+                    if ident in self.seen_dirs:
+                        l._count("folder_seen_twice")
+                        continue
+                    self.seen_dirs.add(ident)
+                    items.append((os.fsencode(name), name, -1, e))
                     continue
-                seen_dirs.add(ident)
-                subdirs.append(e)
+                if not e.is_file():
+                    l._count("not_a_file")          # broken symlink, socket, ...
+                    continue
+            except OSError:
+                l._count("unreadable_entry")
                 continue
-            if not e.is_file():
-                l._count("not_a_file")
+            key, _, rest = name.partition(".")
+            if not rest:
+                l._count("no_extension")
                 continue
-        except OSError:
-            l._count("unreadable_entry")
-            continue
-        key, rest = _split(e.name)
-        if not rest:
-            l._count("no_extension")
-            continue
-        groups.setdefault(key, []).append(rest)
-    return groups, subdirs
-
-
-def _add_group(l: FileListing, rel: str, name: str, files: List[str], pattern_ids) -> None:
-    pat = _pattern(files)
-    if pat is None:
-        l._count("orphan_sidecars", len(files))
-        return
-    pid = pattern_ids.get(pat)
-    if pid is None:
-        pid = pattern_ids[pat] = len(l._patterns)
-        l._patterns.append(pat)
-    n_ignored = sum(1 for r in files
-                    if r.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS + TEXT_EXTENSIONS)
-    if n_ignored:
-        l._count("other_extension", n_ignored)
-    l._blob += f"{rel}{name}".encode("utf-8", "surrogateescape")
-    l._offsets.append(len(l._blob))
-    l._pattern_idx.append(pid)
+            g = groups.get(key)
+            if g is None:
+                groups[key] = [rest]
+            else:
+                g.append(rest)
+        for key, files in groups.items():
+            files_t = tuple(sorted(files))
+            hit = self.cache.get(files_t)
+            if hit is None:
+                hit = self.cache[files_t] = _pattern(files_t)
+            pat, ignored = hit
+            if ignored:
+                l._count("other_extension", ignored)
+            if pat is None:
+                l._count("orphan_sidecars", len(files) - ignored)
+                continue
+            pid = self.pattern_ids.get(pat)
+            if pid is None:
+                pid = self.pattern_ids[pat] = len(l._patterns)
+                l._patterns.append(pat)
+            items.append((os.fsencode(f"{key}.{pat[0]}"), key, pid, None))
+        items.sort(key=lambda t: t[0])
+        return iter(items), rel
