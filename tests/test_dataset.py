@@ -439,3 +439,25 @@ def test_config_forms_and_repr(tree):
         DatagoDataset({**c, "batch_sise": 3})
     with pytest.raises(ValueError, match="epoch"):
         ds.set_epoch(-1)
+
+
+def test_sidecars_under_many_threads(tmp_path):
+    """Masks and additional images of concurrently decoded samples all land in place."""
+    for i in range(32):
+        arr = photo(96 + i, 80, seed=100 + i)
+        (tmp_path / f"t{i:02d}.jpg").write_bytes(encode(arr, "JPEG"))
+        (tmp_path / f"t{i:02d}.mask.png").write_bytes(encode(((arr[:, :, 0] > 128) * 5).astype(np.uint8), "PNG"))
+        (tmp_path / f"t{i:02d}.depth.png").write_bytes(encode(arr[:, :, 1], "PNG"))
+    ds = DatagoDataset(config(tmp_path, batch_size=8, num_threads=8, samples_buffer_size=32))
+    for _ in range(3):
+        for b in ds:
+            h, w = b["bucket"]
+            assert b["present"]["mask/mask"].all() and b["present"]["image/depth"].all()
+            for j, sid in enumerate(b["id"]):
+                key = sid[:-4]
+                m = datago.decode_to_bucket((tmp_path / f"{key}.mask.png").read_bytes(),
+                                            bucket=(w, h), mask=True).image
+                d = datago.decode_to_bucket((tmp_path / f"{key}.depth.png").read_bytes(),
+                                            bucket=(w, h)).image
+                assert np.array_equal(b["masks"]["mask"][j, 0].numpy(), m[:, :, 0])
+                assert np.array_equal(b["additional_images"]["depth"][j].permute(1, 2, 0).numpy(), d)

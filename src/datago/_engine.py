@@ -157,13 +157,19 @@ class Batch:
     def full(self) -> bool:
         return len(self.samples) == self.capacity
 
-    def extra(self, kind: str, name: str, channels: int) -> np.ndarray:
-        table = self.masks if kind == "mask" else self.images
-        if name not in table:
-            w, h = self.bucket
-            table[name] = torch.zeros((self.capacity, h, w, channels), dtype=torch.uint8)
-            self.present[(kind, name)] = np.zeros(self.capacity, dtype=bool)
-        return table[name].numpy()
+    def assign(self, loaded: "_Loaded") -> int:
+        """Give ``loaded`` the next slot; allocate the tensors of its masks and additional
+        images.  Consumer thread only: decode threads never change the tables."""
+        w, h = self.bucket
+        for kind, table, items, channels in (("mask", self.masks, loaded.masks, 1),
+                                             ("image", self.images, loaded.images, 3)):
+            for name, _ in items:
+                if name not in table:
+                    table[name] = torch.zeros((self.capacity, h, w, channels), dtype=torch.uint8)
+                    self.present[(kind, name)] = np.zeros(self.capacity, dtype=bool)
+        self.samples.append(loaded)
+        self.meta.append(None)
+        return len(self.samples) - 1
 
 
 def _decode_into(loaded: _Loaded, batch: Batch, slot: int, cfg, stats: Stats) -> None:
@@ -173,14 +179,12 @@ def _decode_into(loaded: _Loaded, batch: Batch, slot: int, cfg, stats: Stats) ->
         res = decode_to_bucket(loaded.data, bucket=batch.bucket, out=batch._image_np[slot],
                                filter=cfg.filter, max_pixels=cfg.max_pixels)
         for name, data in loaded.masks:
-            arr = batch.extra("mask", name, 1)
-            decode_to_bucket(data, bucket=batch.bucket, out=arr[slot], mask=True,
-                             max_pixels=cfg.max_pixels)
+            decode_to_bucket(data, bucket=batch.bucket, out=batch.masks[name].numpy()[slot],
+                             mask=True, max_pixels=cfg.max_pixels)
             batch.present[("mask", name)][slot] = True
         for name, data in loaded.images:
-            arr = batch.extra("image", name, 3)
-            decode_to_bucket(data, bucket=batch.bucket, out=arr[slot], filter=cfg.filter,
-                             max_pixels=cfg.max_pixels)
+            decode_to_bucket(data, bucket=batch.bucket, out=batch.images[name].numpy()[slot],
+                             filter=cfg.filter, max_pixels=cfg.max_pixels)
             batch.present[("image", name)][slot] = True
     except ImageTooLargeError as e:
         raise SampleError(loaded.ref.id, "too_large", e) from None
@@ -262,9 +266,7 @@ class Engine:
                     if batch is None:
                         batch = open_batches[bucket] = Batch(bucket, self.batch_size)
                         order.append(bucket)
-                    slot = len(batch.samples)
-                    batch.samples.append(loaded)
-                    batch.meta.append(None)
+                    slot = batch.assign(loaded)
                     with self._cond:
                         self._pending += 1
                     f = pool.submit(_decode_into, loaded, batch, slot, self.cfg, self.stats)
@@ -398,8 +400,7 @@ class Engine:
         else:
             bucket = nearest_bucket(*loaded.info.display_size, self.buckets)
             batch = Batch(bucket, 1)
-            batch.samples.append(loaded)
-            batch.meta.append(None)
+            batch.assign(loaded)
             _decode_into(loaded, batch, 0, self.cfg, self.stats)
             out = {
                 "image": batch.image[0].permute(2, 0, 1),
