@@ -33,7 +33,7 @@ import torch
 
 from datago.buckets import nearest_bucket
 from datago.errors import DatagoError, DecodeError, ImageTooLargeError
-from datago.image import decode, decode_to_bucket, read_header
+from datago.image import DEFAULT_MAX_PIXELS, decode, decode_to_bucket, read_header
 from datago.sources.filesystem import SampleRef
 
 # skip reasons, in the order of the stats counters
@@ -384,8 +384,8 @@ class Engine:
         if self.buckets is None:                    # no crop_and_resize: the image as it is
             t0 = time.perf_counter()
             try:
-                img = torch.from_numpy(decode(loaded.data, max_pixels=self.cfg.max_pixels
-                                              if self.cfg else 178_956_970))
+                max_pixels = self.cfg.max_pixels if self.cfg else DEFAULT_MAX_PIXELS
+                img = torch.from_numpy(decode(loaded.data, max_pixels=max_pixels))
             except ImageTooLargeError as e:
                 raise SampleError(ref.id, "too_large", e) from None
             except DecodeError as e:

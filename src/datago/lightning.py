@@ -51,7 +51,8 @@ class DatagoDataModule(LightningDataModule):
 
     def __init__(self, train_config: Config, val_config: Optional[Config] = None, *,
                  num_workers: int = 2, pin_memory: bool = True,
-                 persistent_workers: Optional[bool] = None, prefetch_factor: Optional[int] = None):
+                 persistent_workers: Optional[bool] = None, prefetch_factor: Optional[int] = None,
+                 loader_kwargs: Optional[dict] = None):
         super().__init__()
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
@@ -61,6 +62,7 @@ class DatagoDataModule(LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
         self.prefetch_factor = prefetch_factor
+        self.loader_kwargs = dict(loader_kwargs or {})   # e.g. {"in_order": False}
         self.train_dataset: Optional[DatagoDataset] = None
         self.val_dataset: Optional[DatagoDataset] = None
         self._epoch = 0
@@ -83,6 +85,7 @@ class DatagoDataModule(LightningDataModule):
                         persistent_workers=self.persistent_workers and self.num_workers > 0)
         if self.prefetch_factor is not None and self.num_workers > 0:
             kw["prefetch_factor"] = self.prefetch_factor
+        kw.update(self.loader_kwargs)
         return EpochDataLoader(ds, epoch_fn, **kw)
 
     def train_dataloader(self) -> EpochDataLoader:

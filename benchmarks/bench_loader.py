@@ -1,0 +1,957 @@
+#!/usr/bin/env python
+"""End-to-end loader throughput: DatagoDataset + DataLoader against a Pillow
+DataLoader and the reference (Rust) datago from PyPI.
+
+    python benchmarks/bench_loader.py CORPUS_DIR [--limit N] [--rounds R]
+                                      [--sizes 512,1024] [--ref-venv /tmp/datago_ref]
+                                      [--out FILE.md]
+
+The images are the .jpg/.jpeg/.png files under CORPUS_DIR (recursive, sorted,
+hidden files skipped; ``--limit`` keeps the first N, for every variant).  Files
+are read from disk by every variant (the page cache is warmed once, untimed).
+For each bucket size (``make_buckets(512, 16, 0.5, 2.0)``,
+``make_buckets(1024, 32, 0.5, 2.0)``), batches of 32 images of one bucket:
+
+(a) Pillow, written the way a user would (bucket size 512 only, see --pil-sizes):
+    a map-style Dataset over the sorted file list (Image.open, exif_transpose,
+    convert("RGB"), LANCZOS cover resize, centre crop, CHW uint8 tensor), a
+    bucket-aware batch sampler (every image's size read once up front with
+    datago.read_header, untimed; batches of 32 per bucket, partial last batches
+    kept), DataLoader(num_workers=2) with the default collate;
+(b) the reference Rust datago from PyPI, in its own venv (--ref-venv, created with
+    ``python -m venv`` + ``pip install datago numpy`` when missing), run as a
+    subprocess: DatagoClient over the file source with the same buckets,
+    ``limit`` = N, every sample converted with ``s.image.to_numpy_array()``; the
+    subprocess times itself from the first get_sample() to the N-th sample
+    consumed (interpreter start, import, client construction and start() are
+    excluded and reported separately);
+(c) DatagoDataset, DataLoader(batch_size=None, num_workers=0): threads only;
+(d) DatagoDataset, DataLoader(batch_size=None, num_workers=2,
+    persistent_workers=False, in_order=False): worker start-up is inside the
+    timed pass (also reported on its own, with the time to the first batch);
+    in_order=False (torch >= 2.6) lets the loader take whichever worker's batch is
+    ready: with bucketed batches the workers deliver unevenly, and strict
+    round-robin stalls the faster one.
+
+The machine this runs on is usually shared and noisy, so the variants are
+interleaved: R rounds, each running every variant once over the whole list in an
+order that rotates between rounds.  Reported: median img/s per variant, and each
+ratio computed per round, then its median (min..max across rounds), against its
+target.  Every pass is checked: number of samples delivered, no duplicates, the
+expected files, each batch's shape against the bucket of its files, and
+``ds.stats()`` (samples, skipped == 0); anything off is listed under "Problems".
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import functools
+import gc
+import inspect
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import numpy as np
+import PIL
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+EXTENSIONS = {".jpg", ".jpeg", ".png"}
+DOWNSAMPLING = {512: 16, 1024: 32}        # bucket size -> VAE factor / patch size
+MIN_AR, MAX_AR = 0.5, 2.0
+BATCH = 32
+BUFFER = 64                               # samples_buffer_size, datago and the reference
+PIL_WORKERS = 2
+D_WORKERS = 2
+# DataLoader(in_order=False) exists from torch 2.6
+IN_ORDER_SUPPORTED = "in_order" in inspect.signature(DataLoader.__init__).parameters
+WARMUP_IMAGES = 32
+SANITY_SPREAD = 12                        # + up to 4 rotated, 4 PNG, 2 RGBA/LA/P, 2 grey
+DISTURBED_OTHERS = 0.30                   # cores used by others during a pass
+DISTURBED_STEAL = 0.10                    # cores stolen by the hypervisor during a pass
+REF_DRAIN_S = 10.0                        # after N samples, count the reference's extras
+HANG_DUMP_S = 900                         # dump all stacks if one pass runs this long
+
+# name, description; per bucket size (a) runs only where --pil-sizes says
+VARIANTS = [
+    ("a", f"Pillow Dataset + bucket batch sampler, DataLoader(num_workers={PIL_WORKERS})"),
+    ("b", "reference datago (Rust, PyPI), DatagoClient, subprocess"),
+    ("c", "DatagoDataset, DataLoader(num_workers=0)"),
+    ("d", f"DatagoDataset, DataLoader(num_workers={D_WORKERS}, in_order=False)"),
+]
+# (label, numerators (max of), denominator, target or None, bucket sizes it applies to)
+RATIOS = [
+    ("max(c,d)/a", ("c", "d"), "a", 3.5, (512,)),
+    ("max(c,d)/b", ("c", "d"), "b", 2.0, (512,)),
+    ("max(c,d)/b", ("c", "d"), "b", 1.2, (1024,)),
+    ("c/a", ("c",), "a", None, None),
+    ("d/a", ("d",), "a", None, None),
+    ("c/b", ("c",), "b", None, None),
+    ("d/b", ("d",), "b", None, None),
+    ("d/c", ("d",), "c", None, None),
+]
+
+
+# --------------------------------------------------------------------------- datago import
+
+def _import_datago():
+    """Import datago; src/ may be being rebuilt by someone else: retry twice, 30 s apart."""
+    for attempt in range(3):
+        try:
+            import datago                                       # noqa: F401
+            from datago.dataset import DatagoDataset, default_num_threads
+            return datago, DatagoDataset, default_num_threads
+        except ImportError as exc:
+            if attempt == 2:
+                raise
+            print(f"import datago failed ({type(exc).__name__}: {exc}); retrying in 30 s",
+                  file=sys.stderr, flush=True)
+            for name in [m for m in sys.modules if m == "datago" or m.startswith("datago.")]:
+                del sys.modules[name]
+            time.sleep(30)
+    raise AssertionError("unreachable")
+
+
+datago, DatagoDataset, default_num_threads = _import_datago()
+
+
+# --------------------------------------------------------------------------- (a) Pillow
+
+def cover_size(w: int, h: int, bw: int, bh: int) -> Tuple[int, int]:
+    """Size of the cover resize of a w x h image for a bw x bh bucket."""
+    scale = max(bw / w, bh / h)
+    return max(bw, round(w * scale)), max(bh, round(h * scale))
+
+
+class PILBucketDataset(Dataset):
+    """Map-style dataset: one file -> its bucket's (3, H, W) uint8 tensor, with Pillow."""
+
+    def __init__(self, files: List[str], buckets):
+        self.files = files
+        self.buckets = buckets
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        im = Image.open(self.files[i])
+        im = ImageOps.exif_transpose(im)
+        im = im.convert("RGB")
+        w, h = im.size
+        bw, bh = datago.nearest_bucket(w, h, self.buckets)
+        nw, nh = cover_size(w, h, bw, bh)
+        im = im.resize((nw, nh), Image.Resampling.LANCZOS)
+        left, top = (nw - bw) // 2, (nh - bh) // 2
+        im = im.crop((left, top, left + bw, top + bh))
+        return torch.from_numpy(np.array(im)).permute(2, 0, 1)
+
+
+class BucketBatchSampler(Sampler):
+    """Batches of ``batch_size`` indices of one bucket each (partial last batches kept).
+
+    ``bucket_of[i]`` is the bucket of sample i, from the image headers read up front."""
+
+    def __init__(self, bucket_of: List[Tuple[int, int]], batch_size: int):
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for i, b in enumerate(bucket_of):
+            groups.setdefault(b, []).append(i)
+        self.batches = [idx[j:j + batch_size] for idx in groups.values()
+                        for j in range(0, len(idx), batch_size)]
+
+    def __iter__(self):
+        return iter([list(b) for b in self.batches])
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _mark_worker_start(table: torch.Tensor, worker_id: int) -> None:
+    """worker_init_fn: when this worker got going (perf_counter is system-wide on Linux)."""
+    table[worker_id] = time.perf_counter()
+
+
+# --------------------------------------------------------------------------- CPU accounting
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_counters() -> Tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine, from /proc/stat (0, 0 if absent)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    v += [0] * (8 - len(v))
+    user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
+    return (user + nice + system + irq + softirq) / _TICK, steal / _TICK
+
+
+def _own_cpu() -> float:
+    """CPU seconds of this process and its reaped children (DataLoader workers)."""
+    s = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+class Run(NamedTuple):
+    """One timed pass.  ``ours``/``others``/``steal``: cores used on average by this
+    process and its workers (for (b): by the reference's process), by everything
+    else on the machine, and stolen by the hypervisor -- the noise the interleaving
+    is there to even out.  ``first``: seconds to the first batch/sample; ``startup``:
+    seconds until the last DataLoader worker started (a, d), or the reference
+    client's construction + start() (b, outside ``wall``)."""
+    wall: float
+    n: int
+    mp: float
+    ours: float
+    others: float
+    steal: float
+    first: float
+    startup: Optional[float]
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.wall
+
+    @property
+    def disturbed(self) -> bool:
+        return self.others > DISTURBED_OTHERS or self.steal > DISTURBED_STEAL
+
+
+# --------------------------------------------------------------------------- corpus
+
+class Corpus(NamedTuple):
+    root: Path
+    rel: List[str]                 # every image under root, sorted (relative, "/"-separated)
+    infos: Dict[str, object]       # rel -> datago ImageInfo
+    modes: Dict[str, str]          # rel -> Pillow mode
+    nbytes: int
+
+
+def load_corpus(root: Path) -> Corpus:
+    paths = sorted(p for p in root.rglob("*")
+                   if p.is_file() and p.suffix.lower() in EXTENSIONS
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not paths:
+        sys.exit(f"no .jpg/.jpeg/.png files under {root}")
+    rel, infos, modes, nbytes = [], {}, {}, 0
+    for p in paths:
+        r = p.relative_to(root).as_posix()
+        data = p.read_bytes()                    # also warms the page cache (untimed)
+        nbytes += len(data)
+        try:
+            infos[r] = datago.read_header(data)
+        except Exception as exc:
+            raise RuntimeError(f"datago.read_header failed on {p}: {type(exc).__name__}: {exc}")
+        with Image.open(p) as im:
+            modes[r] = im.mode
+        rel.append(r)
+    return Corpus(root, rel, infos, modes, nbytes)
+
+
+def expected_bucket(info, buckets) -> Tuple[int, int]:
+    """(height, width) of the bucket of an image, from its displayed size."""
+    bw, bh = datago.nearest_bucket(*info.display_size, buckets)
+    return bh, bw
+
+
+def datago_config(root: Path, size: int, ratio: int, limit: Optional[int]) -> dict:
+    cfg = {"source_type": "file", "source_config": {"root_path": str(root)},
+           "image_config": {"crop_and_resize": True, "default_image_size": size,
+                            "downsampling_ratio": ratio, "min_aspect_ratio": MIN_AR,
+                            "max_aspect_ratio": MAX_AR},
+           "batch_size": BATCH, "samples_buffer_size": BUFFER}
+    if limit is not None:
+        cfg["limit"] = limit
+    return cfg
+
+
+def ref_config(root: Path, size: int, ratio: int, limit: int) -> dict:
+    return {"source_type": "file",
+            "source_config": {"root_path": str(root), "random_sampling": False,
+                              "rank": 0, "world_size": 1},
+            "image_config": {"crop_and_resize": True, "default_image_size": size,
+                             "downsampling_ratio": ratio, "min_aspect_ratio": MIN_AR,
+                             "max_aspect_ratio": MAX_AR, "pre_encode_images": False},
+            "limit": limit, "samples_buffer_size": BUFFER}
+
+
+# --------------------------------------------------------------------------- (b) reference
+
+REF_HELPER = r'''
+import json, os, sys, time
+t_proc = time.perf_counter()
+args = json.loads(sys.argv[1])
+from importlib import metadata
+import numpy as np
+import datago
+from datago import DatagoClient
+t_import = time.perf_counter() - t_proc
+
+TICK = os.sysconf("SC_CLK_TCK")
+def counters():
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    v += [0] * (8 - len(v))
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / TICK, v[7] / TICK
+
+cfg, n_want, root = args["config"], args["n"], os.path.realpath(args["root"])
+t0 = time.perf_counter()
+client = DatagoClient(json.dumps(cfg))
+client.start()
+t_start = time.perf_counter() - t0
+busy0, steal0 = counters()
+c0 = time.process_time()
+t1 = time.perf_counter()
+n, first, samples, channels = 0, None, [], {}
+owns = None
+s = None
+while n < n_want:
+    s = client.get_sample()
+    if s is None:
+        break
+    a = s.image.to_numpy_array()
+    if first is None:
+        first = time.perf_counter() - t1
+        owns = bool(a.flags["OWNDATA"])
+    n += 1
+    c = int(a.shape[2]) if a.ndim == 3 else 1
+    channels[c] = channels.get(c, 0) + 1
+    samples.append((str(s.id).strip('"'), int(a.shape[0]), int(a.shape[1]), c))
+wall = time.perf_counter() - t1
+ours = time.process_time() - c0
+busy1, steal1 = counters()
+extra, exhausted = 0, s is None
+if not exhausted:                          # count what it delivers beyond N (untimed)
+    t2 = time.perf_counter()
+    while time.perf_counter() - t2 < args["drain_s"]:
+        s = client.get_sample()
+        if s is None:
+            exhausted = True
+            break
+        extra += 1
+client.stop()
+ids = []
+for sid, h, w, c in samples:
+    p = os.path.realpath(sid)
+    ids.append([os.path.relpath(p, root).replace(os.sep, "/") if p.startswith(root + os.sep)
+                else sid, h, w, c])
+print(json.dumps({
+    "version": metadata.version("datago"), "python": sys.version.split()[0],
+    "numpy": np.__version__, "n": n, "wall": wall, "first": first, "t_import": t_import,
+    "t_start": t_start, "ours": ours / wall if wall else 0.0,
+    "busy": (busy1 - busy0) / wall if wall else 0.0,
+    "steal": (steal1 - steal0) / wall if wall else 0.0,
+    "extra": extra, "exhausted": exhausted, "channels": channels, "owns_data": owns,
+    "samples": ids,
+    "max_tasks": os.environ.get("DATAGO_MAX_TASKS"),
+}))
+'''
+
+
+class Reference:
+    """The reference datago in its own venv, run as a subprocess per pass."""
+
+    def __init__(self, venv: Path, workdir: Path):
+        self.venv = venv
+        self.python = venv / "bin" / "python"
+        self.helper = workdir / "ref_helper.py"
+        self.helper.write_text(REF_HELPER)
+        self.info: Optional[dict] = None        # the last successful run's JSON
+
+    def ensure(self) -> Optional[str]:
+        """Create the venv if missing; None when usable, else why not."""
+        if not self.python.exists():
+            print(f"reference venv {self.venv} missing: creating it "
+                  f"(python -m venv, pip install datago numpy)", flush=True)
+            try:
+                subprocess.run([sys.executable, "-m", "venv", str(self.venv)], check=True,
+                               capture_output=True, text=True, timeout=300)
+                subprocess.run([str(self.venv / "bin" / "pip"), "install", "-q", "datago",
+                                "numpy"], check=True, capture_output=True, text=True,
+                               timeout=900)
+            except subprocess.CalledProcessError as exc:
+                return (f"creating {self.venv} failed: {' '.join(map(str, exc.cmd))} exited "
+                        f"{exc.returncode}: {_tail(exc.stderr or exc.stdout)}")
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                return f"creating {self.venv} failed: {type(exc).__name__}: {exc}"
+        probe = subprocess.run([str(self.python), "-I", "-c",
+                                "from datago import DatagoClient; "
+                                "from importlib import metadata; print(metadata.version('datago'))"],
+                               capture_output=True, text=True, cwd=tempfile.gettempdir())
+        if probe.returncode != 0:
+            return (f"{self.python} cannot import datago.DatagoClient: "
+                    f"{_tail(probe.stderr)}")
+        return None
+
+    def run(self, cfg: dict, n: int, root: Path) -> Tuple[dict, float]:
+        """One pass; returns (the helper's JSON, the subprocess's total wall seconds)."""
+        arg = json.dumps({"config": cfg, "n": n, "root": str(root), "drain_s": REF_DRAIN_S})
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+        t0 = time.perf_counter()
+        proc = subprocess.run([str(self.python), "-I", str(self.helper), arg],
+                              capture_output=True, text=True, env=env,
+                              cwd=tempfile.gettempdir(), timeout=120 + n * 0.5)
+        total = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"reference helper exited {proc.returncode}: "
+                               f"{_tail(proc.stderr or proc.stdout)}")
+        try:
+            out = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise RuntimeError(f"reference helper printed no JSON: stdout {_tail(proc.stdout)!r}, "
+                               f"stderr {_tail(proc.stderr)!r}") from None
+        self.info = out
+        return out, total
+
+
+def _tail(text: Optional[str], n: int = 600) -> str:
+    text = (text or "").strip()
+    return text if len(text) <= n else "..." + text[-n:]
+
+
+# --------------------------------------------------------------------------- passes
+
+class Bench:
+    """State for one bucket size: the file list, the datasets, the checks."""
+
+    def __init__(self, size: int, corpus: Corpus, n: int, limit: Optional[int],
+                 ref: Optional[Reference]):
+        self.size = size
+        self.ratio = DOWNSAMPLING.get(size, max(1, size // 32))
+        self.buckets = datago.make_buckets(size, self.ratio, MIN_AR, MAX_AR)
+        self.corpus = corpus
+        self.n = n
+        self.limit = limit
+        self.ref = ref
+        self.rel = corpus.rel[:n]
+        self.expected = set(self.rel)
+        self.bucket_of = {r: expected_bucket(corpus.infos[r], self.buckets) for r in corpus.rel}
+        self.mp_of = {r: corpus.infos[r].width * corpus.infos[r].height / 1e6 for r in corpus.rel}
+        self.mp = sum(self.mp_of[r] for r in self.rel)
+        self.problems: List[str] = []
+        self.notes: List[str] = []
+        # (a): file list + sampler from the headers (untimed setup)
+        self.pil_ds = PILBucketDataset([str(corpus.root / r) for r in self.rel], self.buckets)
+        self.pil_sampler = BucketBatchSampler([self.bucket_of[r] for r in self.rel], BATCH)
+        self.pil_shapes = [(len(b), 3) + self.bucket_of[self.rel[b[0]]]
+                           for b in self.pil_sampler.batches]
+        # (c), (d): one DatagoDataset, reused across passes (its stats reset per pass)
+        t0 = time.perf_counter()
+        self.ds = DatagoDataset(datago_config(corpus.root, size, self.ratio, limit))
+        self.t_ds = time.perf_counter() - t0
+
+    def problem(self, text: str) -> None:
+        self.problems.append(text)
+        print(f"  PROBLEM [{self.size}] {text}", flush=True)
+
+    # ---------------------------------------------------------------- (a)
+    def pass_a(self, ds=None, sampler=None, shapes=None, n=None) -> dict:
+        ds, sampler = ds or self.pil_ds, sampler or self.pil_sampler
+        shapes, n_want = shapes or self.pil_shapes, n or self.n
+        wstart = torch.zeros(PIL_WORKERS, dtype=torch.float64).share_memory_()
+        t0 = time.perf_counter()
+        loader = DataLoader(ds, batch_sampler=sampler, num_workers=PIL_WORKERS,
+                            worker_init_fn=functools.partial(_mark_worker_start, wstart))
+        got, first, bad = 0, None, []
+        for k, batch in enumerate(loader):
+            if first is None:
+                first = time.perf_counter() - t0
+            if tuple(batch.shape) != shapes[k] or batch.dtype != torch.uint8:
+                bad.append((k, tuple(batch.shape), shapes[k]))
+            got += batch.shape[0]
+        wall = time.perf_counter() - t0
+        if bad:
+            self.problem(f"(a) {len(bad)} batches of an unexpected shape, first: batch "
+                         f"{bad[0][0]} is {bad[0][1]}, want {bad[0][2]}")
+        if got != n_want:
+            self.problem(f"(a) delivered {got} samples, want {n_want}")
+        return dict(wall=wall, n=got, mp=self.mp if n is None else 0.0, first=first or wall,
+                    startup=float(wstart.max()) - t0)
+
+    # ---------------------------------------------------------------- (c), (d)
+    def pass_datago(self, workers: int, ds=None, expected=None, label=None) -> dict:
+        ds = ds or self.ds
+        expected = self.expected if expected is None else expected
+        label = label or ("(c)" if workers == 0 else "(d)")
+        ds.reset_stats()
+        wstart = torch.zeros(max(1, workers), dtype=torch.float64).share_memory_()
+        init = functools.partial(_mark_worker_start, wstart) if workers else None
+        t0 = time.perf_counter()
+        kw = {"in_order": False} if workers and IN_ORDER_SUPPORTED else {}
+        loader = DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False,
+                            worker_init_fn=init, **kw)
+        got, first, ids, bad = 0, None, [], []
+        bucket_of = self.bucket_of
+        for batch in loader:
+            if first is None:
+                first = time.perf_counter() - t0
+            img, bid = batch["image"], batch["id"]
+            h, w = batch["bucket"]
+            if (img.dtype != torch.uint8 or tuple(img.shape) != (len(bid), 3, h, w)
+                    or any(bucket_of.get(i) != (h, w) for i in bid)):
+                bad.append((tuple(img.shape), batch["bucket"], bid[:2]))
+            got += img.shape[0]
+            ids.extend(bid)
+        wall = time.perf_counter() - t0
+        # checks (untimed)
+        st = ds.stats()
+        want = len(expected)
+        if got != want:
+            self.problem(f"{label} delivered {got} samples, want {want}")
+        if len(set(ids)) != len(ids):
+            self.problem(f"{label} delivered {len(ids) - len(set(ids))} duplicate samples")
+        if set(ids) != expected:
+            missing, surplus = expected - set(ids), set(ids) - expected
+            self.problem(f"{label} files differ from the expected list: {len(missing)} missing "
+                         f"(e.g. {sorted(missing)[:3]}), {len(surplus)} unexpected "
+                         f"(e.g. {sorted(surplus)[:3]})")
+        if bad:
+            self.problem(f"{label} {len(bad)} batches whose shape/bucket disagree with the "
+                         f"files' headers, first: {bad[0]}")
+        if st["samples"] != got or st["skipped_total"] != 0:
+            self.problem(f"{label} ds.stats(): samples {st['samples']} (delivered {got}), "
+                         f"skipped {st['skipped']}, dropped_last {st['dropped_last']}")
+        return dict(wall=wall, n=got, mp=self.mp, first=first or wall,
+                    startup=(float(wstart.max()) - t0) if workers else None)
+
+    # ---------------------------------------------------------------- (b)
+    def pass_b(self, n: Optional[int] = None) -> dict:
+        n_want = n or self.n
+        cfg = ref_config(self.corpus.root, self.size, self.ratio, n_want)
+        out, total = self.ref.run(cfg, n_want, self.corpus.root)
+        samples = out["samples"]
+        ids = [s[0] for s in samples]
+        known = [s for s in samples if s[0] in self.bucket_of]
+        off_bucket = [s for s in known if (s[1], s[2]) != self.bucket_of[s[0]]]
+        tag = "(b)" if n is None else "(b) warm-up"
+        if out["n"] != n_want:
+            self.problem(f"{tag} reference delivered {out['n']} samples, want {n_want} "
+                         f"(get_sample() returned None early)")
+        if len(set(ids)) != len(ids):
+            self.problem(f"{tag} reference delivered {len(ids) - len(set(ids))} duplicates")
+        if len(known) != len(samples):
+            self.problem(f"{tag} reference delivered {len(samples) - len(known)} samples that "
+                         f"are not corpus images, e.g. {[s[0] for s in samples if s[0] not in self.bucket_of][:3]}")
+        out["_off_bucket"] = len(off_bucket)
+        out["_off_bucket_eg"] = off_bucket[:2]
+        out["_in_first_n"] = sum(1 for i in ids if i in self.expected)
+        out["_total"] = total
+        self.last_b = out
+        return dict(wall=out["wall"], n=out["n"], mp=sum(self.mp_of.get(i, 0.0) for i in ids),
+                    first=out["first"] or out["wall"], startup=out["t_start"],
+                    ours=out["ours"], others=max(0.0, out["busy"] - out["ours"]),
+                    steal=out["steal"])
+
+    # ---------------------------------------------------------------- timing
+    def timed(self, name: str) -> Optional[Run]:
+        gc.collect()
+        faulthandler.dump_traceback_later(HANG_DUMP_S, exit=False)
+        busy0, steal0 = _cpu_counters()
+        c0 = _own_cpu()
+        try:
+            if name == "a":
+                r = self.pass_a()
+            elif name == "b":
+                r = self.pass_b()
+            elif name == "c":
+                r = self.pass_datago(0)
+            else:
+                r = self.pass_datago(D_WORKERS)
+        except Exception as exc:                                  # noqa: BLE001
+            self.problem(f"({name}) raised {type(exc).__name__}: {exc}\n"
+                         + "".join(traceback.format_exc().splitlines(True)[-8:]))
+            return None
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+        busy1, steal1 = _cpu_counters()
+        if name == "b":
+            return Run(r["wall"], r["n"], r["mp"], r["ours"], r["others"], r["steal"],
+                       r["first"], r["startup"])
+        wall = r["wall"]
+        ours = (_own_cpu() - c0) / wall
+        return Run(wall, r["n"], r["mp"], ours, max(0.0, (busy1 - busy0) / wall - ours),
+                   (steal1 - steal0) / wall, r["first"], r["startup"])
+
+    # ---------------------------------------------------------------- sanity + warm-up
+    def sanity(self, names: List[str], workdir: Path) -> Optional[str]:
+        """(a) and (c) give the same shapes for the same files (a spread of the list plus
+        EXIF-rotated, PNG, alpha and grey images), through a folder of symlinks; the
+        listing of (c)/(d) is the sorted file list; warm-up passes of every variant."""
+        c = self.corpus
+        used = len({self.bucket_of[r] for r in self.rel})
+        self.notes.append(f"buckets: make_buckets({self.size}, {self.ratio}, {MIN_AR}, "
+                          f"{MAX_AR}), {len(self.buckets)} buckets, {used} of them used by "
+                          f"the {self.n} images; batch {BATCH}"
+                          + (f"; (a) sampler: {len(self.pil_sampler)} batches"
+                             if "a" in names else ""))
+        listing = [self.ds.listing.sample_id(i) for i in range(len(self.ds.listing))]
+        if listing[:self.n] != self.rel:
+            diff = next(i for i, (x, y) in enumerate(zip(listing, self.rel)) if x != y) \
+                if len(listing) >= self.n else len(listing)
+            self.problem(f"DatagoDataset's listing differs from the sorted file list at index "
+                         f"{diff} (listing has {len(listing)} samples)")
+        self.notes.append(f"DatagoDataset(cfg) built in {self.t_ds * 1e3:.0f} ms (untimed): "
+                          f"{len(listing)} samples, listing skipped {dict(self.ds.listing.skipped)}; "
+                          f"its first {self.n} = the sorted file list of (a): "
+                          f"{listing[:self.n] == self.rel}")
+        # the sanity subset
+        n = self.n
+        idx = set(np.linspace(0, n - 1, min(n, SANITY_SPREAD)).astype(int).tolist())
+        picks = [
+            [i for i in range(n) if c.infos[self.rel[i]].orientation != 1][:4],
+            [i for i in range(n) if c.infos[self.rel[i]].format == "png"][:4],
+            [i for i in range(n) if c.modes[self.rel[i]] in ("RGBA", "LA", "P")][:2],
+            [i for i in range(n) if c.modes[self.rel[i]] in ("L", "1", "I;16", "I")][:2],
+        ]
+        for p in picks:
+            idx |= set(p)
+        idx = sorted(idx)
+        sdir = workdir / f"sanity_{self.size}"
+        sdir.mkdir()
+        link_of = {}
+        for k, i in enumerate(idx):
+            r = self.rel[i]
+            name = f"s{k:03d}_{r.replace('/', '__')}"
+            os.symlink(c.root / r, sdir / name)
+            link_of[name] = r
+        ds_s = DatagoDataset(datago_config(sdir, self.size, self.ratio, None))
+        got = {}
+        for batch in DataLoader(ds_s, batch_size=None, num_workers=0):
+            for j, sid in enumerate(batch["id"]):
+                got[link_of.get(sid, sid)] = batch["image"][j]
+        st = ds_s.stats()
+        shape_bad, diffs = [], []
+        for i in idx:
+            r = self.rel[i]
+            a = self.pil_ds[i]
+            want = (3,) + self.bucket_of[r]
+            cimg = got.get(r)
+            if cimg is None:
+                shape_bad.append(f"{r}: (c) delivered nothing")
+                continue
+            if tuple(a.shape) != want or tuple(cimg.shape) != want:
+                shape_bad.append(f"{r}: (a) {tuple(a.shape)}, (c) {tuple(cimg.shape)}, "
+                                 f"header bucket {want}")
+                continue
+            diffs.append((float((a.to(torch.int16) - cimg.to(torch.int16)).abs().float().mean()), r))
+        kinds = (f"{len(picks[0])} EXIF-rotated, {len(picks[1])} PNG, {len(picks[2])} with alpha, "
+                 f"{len(picks[3])} grey")
+        if shape_bad or len(got) != len(idx) or st["skipped_total"]:
+            self.problem(f"sanity: (a)/(c) shape check failed on {len(shape_bad)} of {len(idx)} "
+                         f"files: {shape_bad[:4]}; (c) delivered {len(got)}, stats {st}")
+        else:
+            worst = max(diffs)
+            self.notes.append(f"sanity check: {len(idx)} files ({kinds}): (a) and (c) give the "
+                              f"same (3, H, W) uint8 shape = the header's bucket for every file; "
+                              f"mean |pixel diff| (a) vs (c) {np.mean([d for d, _ in diffs]):.2f} "
+                              f"(max {worst[0]:.2f}, {worst[1]}; (a) drops alpha, datago "
+                              f"composites it over grey)")
+        # warm-up: every variant on the first WARMUP_IMAGES files
+        w = min(WARMUP_IMAGES, n)
+        wrel = self.rel[:w]
+        wds = PILBucketDataset([str(c.root / r) for r in wrel], self.buckets)
+        wsampler = BucketBatchSampler([self.bucket_of[r] for r in wrel], BATCH)
+        wshapes = [(len(b), 3) + self.bucket_of[wrel[b[0]]] for b in wsampler.batches]
+        ds_w = DatagoDataset(datago_config(c.root, self.size, self.ratio, w))
+        ref_failed = None
+        for name in names:
+            try:
+                if name == "a":
+                    self.pass_a(wds, wsampler, wshapes, w)
+                elif name == "b":
+                    self.pass_b(w)
+                else:
+                    self.pass_datago(0 if name == "c" else D_WORKERS, ds_w, set(wrel),
+                                     f"({name}) warm-up")
+            except Exception as exc:                              # noqa: BLE001
+                if name == "b":
+                    ref_failed = (f"reference warm-up failed at size {self.size}: "
+                                  f"{type(exc).__name__}: {exc}")
+                self.problem(f"({name}) warm-up raised {type(exc).__name__}: {exc}")
+        return ref_failed
+
+
+# --------------------------------------------------------------------------- reporting
+
+def bench_size(bench: Bench, names: List[str], rounds: int, workdir: Path,
+               ref_why: List[str]) -> List[str]:
+    size = bench.size
+    why = bench.sanity(names, workdir)
+    if why:
+        ref_why.append(why)
+        names = [x for x in names if x != "b"]
+    times: Dict[str, List[Optional[Run]]] = {k: [] for k in names}
+    t_size = time.perf_counter()
+    for r in range(rounds):
+        t_round = time.perf_counter()
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            times[name].append(bench.timed(name))
+        parts, cores = [], []
+        for k in names:
+            run = times[k][-1]
+            if run is None:
+                parts.append(f"{k} FAILED")
+                cores.append(f"{k} -")
+            else:
+                parts.append(f"{k} {run.rate:.1f}{'!' if run.disturbed else ''}")
+                cores.append(f"{k} {run.ours:.2f}/{run.others:.2f}/{run.steal:.2f}")
+        took = time.perf_counter() - t_round
+        print(f"  [{size}] round {r + 1}/{rounds} ({' '.join(order)}) {took:.0f} s: "
+              + "  ".join(parts) + " img/s; cores ours/others/steal: " + "  ".join(cores),
+              flush=True)
+        if r == 0 and rounds > 1:
+            print(f"  [{size}] estimated {took * (rounds - 1):.0f} s more for this size",
+                  flush=True)
+    elapsed = time.perf_counter() - t_size
+
+    n = bench.n
+    desc = dict(VARIANTS)
+    lines = [f"| variant | img/s (median of {rounds}) | source MP/s | img/s min..max "
+             f"| samples | first batch s | start-up s | cores: ours (median) / others, "
+             f"steal (max) | disturbed |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in names:
+        ok = [t for t in times[name] if t is not None]
+        if not ok:
+            lines.append(f"| ({name}) {desc[name]} | FAILED | | | | | | | |")
+            continue
+        rates = [t.rate for t in ok]
+        med = statistics.median(rates)
+        mps = statistics.median(t.mp / t.wall for t in ok)
+        startup = [t.startup for t in ok if t.startup is not None]
+        counts = "/".join(str(c) for c in sorted({t.n for t in ok}))
+        lines.append(
+            f"| ({name}) {desc[name]} | {med:.1f} | {mps:.1f} | "
+            f"{min(rates):.1f}..{max(rates):.1f} | {counts} | "
+            f"{statistics.median(t.first for t in ok):.2f} | "
+            + (f"{statistics.median(startup):.2f} |" if startup else "- |")
+            + f" {statistics.median(t.ours for t in ok):.2f} / "
+                      f"{max(t.others for t in ok):.2f} / {max(t.steal for t in ok):.2f} | "
+                      f"{sum(t.disturbed for t in ok)}/{len(ok)}"
+                      f"{'' if len(ok) == rounds else f' ({rounds - len(ok)} failed)'} |")
+    lines += ["", "| ratio | median | min..max | rounds | target | result |",
+              "|---|---:|---:|---:|---:|---|"]
+    verdicts = []
+    for label, nums, den, target, sizes in RATIOS:
+        if sizes is not None and size not in sizes:
+            continue
+        if den not in names or not any(x in names for x in nums):
+            if target is not None:
+                lines.append(f"| {label} | - | - | 0 | >= {target} | "
+                             f"NOT RUN ({den if den not in names else '/'.join(nums)} missing) |")
+                verdicts.append((label, target, None))
+            continue
+        per_round = []
+        for r in range(rounds):
+            d = times[den][r]
+            ns = [times[x][r] for x in nums if x in names and times[x][r] is not None]
+            if d is None or not ns:
+                continue
+            per_round.append(max(t.rate for t in ns) / d.rate)
+        if not per_round:
+            lines.append(f"| {label} | - | - | 0 | {'>= ' + str(target) if target else '-'} | "
+                         f"{'NOT RUN (passes failed)' if target else 'info'} |")
+            if target is not None:
+                verdicts.append((label, target, None))
+            continue
+        med = statistics.median(per_round)
+        result = "info" if target is None else ("PASS" if med >= target else "FAIL")
+        lines.append(f"| {label} | {med:.2f} | {min(per_round):.2f}..{max(per_round):.2f} | "
+                     f"{len(per_round)} | {'>= ' + str(target) if target else '-'} | {result} |")
+        if target is not None:
+            verdicts.append((label, target, result))
+    # notes on (b)
+    if "b" in names and getattr(bench, "last_b", None):
+        ok = [t for t in times["b"] if t is not None]
+        lb = bench.last_b
+        bench.notes.append(
+            f"(b) last pass: consumed {lb['n']} samples ({lb['_in_first_n']} of them among the "
+            f"first {n} sorted files; the reference walks in its own order and sees only the "
+            f"first 2*limit files of its walk), then {lb['extra']} more delivered after N "
+            f"({'stream exhausted' if lb['exhausted'] else f'still delivering after {REF_DRAIN_S:.0f} s'}); "
+            f"channels of the arrays {lb['channels']} (the reference keeps L/RGBA sources "
+            f"as 1/4 channels, datago converts to RGB); {lb['_off_bucket']} samples in another "
+            f"bucket than datago.nearest_bucket picks"
+            + (f" (e.g. [id, H, W, C]: {lb['_off_bucket_eg']})" if lb['_off_bucket'] else ""))
+        if ok:
+            bench.notes.append(
+                f"(b) outside the timed wall: import {lb['t_import']:.2f} s (last pass), "
+                f"DatagoClient() + start() {statistics.median(t.startup for t in ok):.3f} s; "
+                f"whole subprocess {lb['_total']:.1f} s (last pass)")
+    bench.notes.append(f"timed passes took {elapsed:.0f} s; '!' after a rate marks a disturbed "
+                       f"pass (others > {DISTURBED_OTHERS} or steal > {DISTURBED_STEAL} cores)")
+    bench.verdicts = verdicts
+    return lines
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment(corpus: Corpus, n: int, ref_line: str) -> List[str]:
+    cores = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    rel = corpus.rel[:n]
+    infos = [corpus.infos[r] for r in rel]
+    mps = [i.width * i.height / 1e6 for i in infos]
+    fmts = {f: sum(1 for i in infos if i.format == f) for f in sorted({i.format for i in infos})}
+    modes = {m: sum(1 for r in rel if corpus.modes[r] == m) for m in sorted({corpus.modes[r] for r in rel})}
+    rotated = sum(1 for i in infos if i.orientation != 1)
+    nbytes = sum((corpus.root / r).stat().st_size for r in rel)
+    try:
+        from datago._core import _jpeg, _png, _resample
+        core = (f"libjpeg-turbo {_jpeg.version()}, libspng {_png.version()}, "
+                f"resample SIMD {_resample.simd()}, ")
+    except Exception:                                             # noqa: BLE001
+        core = ""
+    return [
+        f"- CPU: {cpu_model()}, {cores} logical cores ({usable} usable); "
+        f"load average at start {os.getloadavg()[0]:.2f}",
+        f"- Python {platform.python_version()}, torch {torch.__version__} "
+        f"(DataLoader start method {torch.multiprocessing.get_start_method()}), numpy "
+        f"{np.__version__}, Pillow {PIL.__version__}",
+        f"- datago {datago.__version__} ({Path(datago.__file__).parent}): {core}filter "
+        f"{datago.image.DEFAULT_FILTER!r}; num_threads (c) {default_num_threads(1)}, "
+        f"(d) {default_num_threads(D_WORKERS)} per worker x {D_WORKERS} workers; "
+        f"samples_buffer_size {BUFFER}",
+        f"- {ref_line}",
+        f"- corpus: {corpus.root}, {n} images of {len(corpus.rel)} "
+        f"({', '.join(f'{v} {k}' for k, v in fmts.items())}; modes "
+        f"{', '.join(f'{v} {k}' for k, v in modes.items())}; {rotated} with EXIF orientation "
+        f"!= 1), {nbytes / 1e6:.1f} MB, mean {statistics.mean(mps):.3f} MP (median "
+        f"{statistics.median(mps):.3f}, max {max(mps):.2f}); files read from disk by every "
+        f"variant, page cache warmed once before timing",
+        f"- (a): Pillow {PIL.__version__}, LANCZOS, convert('RGB') (alpha dropped, not "
+        f"composited), DataLoader(batch_sampler=BucketBatchSampler, num_workers={PIL_WORKERS}), "
+        f"default collate; worker start-up inside the timed pass",
+        "- cores: average CPUs busy during a timed pass with this process and its DataLoader "
+        "workers (ours; for (b) the reference's process), with other processes (others) and "
+        "stolen by the hypervisor (steal), from /proc/stat; others/steal well above 0 mean "
+        "the pass was disturbed",
+        "- first batch: seconds from creating the DataLoader iterator (for (b): the first "
+        "get_sample()) to the first batch (sample); start-up: (a)/(d) seconds until the last "
+        "DataLoader worker ran worker_init_fn, (b) DatagoClient() + start(), not in its wall",
+    ]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("corpus", type=Path, help="folder searched recursively for .jpg/.jpeg/.png")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="use the first N images (sorted), for every variant")
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per size (default 3)")
+    ap.add_argument("--sizes", default="512,1024", help="bucket sizes (default 512,1024)")
+    ap.add_argument("--pil-sizes", default="512",
+                    help="bucket sizes where the Pillow variant (a) runs (default 512)")
+    ap.add_argument("--ref-venv", type=Path, default=Path("/tmp/datago_ref"),
+                    help="venv of the reference datago (created when missing)")
+    ap.add_argument("--no-ref", action="store_true", help="skip the reference variant (b)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the tables to this .md")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    pil_sizes = {int(s) for s in args.pil_sizes.split(",") if s.strip()}
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        ap.error("--limit must be >= 1")
+
+    t_start = time.perf_counter()
+    root = args.corpus.resolve()
+    corpus = load_corpus(root)
+    n = min(args.limit, len(corpus.rel)) if args.limit else len(corpus.rel)
+    workdir = Path(tempfile.mkdtemp(prefix="bench_loader_"))
+
+    ref, ref_why = None, []
+    if args.no_ref:
+        ref_why.append("--no-ref given")
+    else:
+        ref = Reference(args.ref_venv, workdir)
+        why = ref.ensure()
+        if why:
+            ref_why.append(why)
+            ref = None
+    if ref is not None:
+        ref_line = (f"reference datago: {args.ref_venv} (version printed after its first run); "
+                    f"limit = {n}; samples converted with s.image.to_numpy_array()")
+    else:
+        ref_line = f"reference datago (b): NOT RUN: {ref_why[0]}"
+    md = ["## Environment", ""] + environment(corpus, n, ref_line)
+    md += [f"- command: `python benchmarks/bench_loader.py {' '.join(sys.argv[1:] if argv is None else argv)}`", ""]
+    print("\n".join(md), flush=True)
+
+    all_problems, verdicts = [], []
+    for size in sizes:
+        names = [v for v, _ in VARIANTS
+                 if (v != "a" or size in pil_sizes) and (v != "b" or ref is not None)]
+        bench = Bench(size, corpus, n, args.limit, ref)
+        table = bench_size(bench, names, args.rounds, workdir, ref_why)
+        if ref is not None and any("warm-up failed" in w for w in ref_why):
+            ref = None                      # do not retry a reference that fails
+        section = [f"## Buckets {size} ({n} images, {args.rounds} rounds)", ""]
+        section += [f"- {s}" for s in bench.notes] + [""] + table + [""]
+        print("\n" + "\n".join(section), flush=True)
+        md += section
+        all_problems += [f"[{size}] {p}" for p in bench.problems]
+        verdicts += [(size,) + v for v in getattr(bench, "verdicts", [])]
+
+    info = ref.info if ref is not None else None
+    tail = ["## Summary", ""]
+    if info:
+        tail.append(f"- reference datago {info['version']} (Python {info['python']}, numpy "
+                    f"{info['numpy']}, DATAGO_MAX_TASKS={info['max_tasks']}), from {args.ref_venv}; "
+                    f"samples converted with `s.image.to_numpy_array()` -> (H, W, C) uint8 "
+                    f"ndarray (owns its data: {info['owns_data']})")
+    elif ref_why:
+        tail.append(f"- (b) reference datago not run: {'; '.join(ref_why)}")
+    for size, label, target, result in verdicts:
+        tail.append(f"- [{size}] {label} >= {target}: {result or 'NOT RUN'}")
+    tail.append(f"- problems: {len(all_problems)}" + ("" if not all_problems else ":"))
+    tail += [f"  - {p}" for p in all_problems]
+    tail.append(f"- total runtime: {time.perf_counter() - t_start:.0f} s")
+    print("\n" + "\n".join(tail), flush=True)
+    md += tail
+    shutil.rmtree(workdir, ignore_errors=True)
+    if args.out:
+        args.out.write_text("\n".join(md) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
