@@ -17,6 +17,7 @@ from setuptools import Extension, setup
 LIBRARIES = {
     "libturbojpeg": ("libjpeg-turbo's TurboJPEG API", "libturbojpeg0-dev"),
     "spng": ("libspng", "libspng-dev"),
+    "libdeflate": ("libdeflate", "libdeflate-dev"),
 }
 
 
@@ -75,7 +76,7 @@ def _extensions():
     jpeg = _pkg_config("libturbojpeg")
     jpeg_version = {"define_macros": [("DATAGO_TURBOJPEG_VERSION",
                                        '"%s"' % _modversion("libturbojpeg"))]}
-    png = _pkg_config("spng")
+    png = _merge(_pkg_config("spng"), _pkg_config("libdeflate"))
     mods = {
         "datago._core._resample": _merge(base),
         "datago._core._jpeg": _merge(base, jpeg, jpeg_version),

@@ -13,10 +13,10 @@ command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 if command -v pkg-config >/dev/null 2>&1; then
     pkg-config --exists libturbojpeg || missing+=(libturbojpeg0-dev)
-    pkg-config --exists libjpeg || missing+=(libjpeg62-turbo-dev)
     pkg-config --exists spng || missing+=(libspng-dev)
+    pkg-config --exists libdeflate || missing+=(libdeflate-dev)
 else
-    missing+=(libturbojpeg0-dev libjpeg62-turbo-dev libspng-dev)
+    missing+=(libturbojpeg0-dev libspng-dev libdeflate-dev)
 fi
 if command -v "$PYTHON" >/dev/null 2>&1; then
     "$PYTHON" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \

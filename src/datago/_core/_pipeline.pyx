@@ -15,17 +15,18 @@ import threading
 import numpy as np
 
 from libc.math cimport ceil
-from libc.stdint cimport uint8_t, uint16_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport free, realloc
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy
 
 from datago._core cimport spng
 from datago._core cimport turbojpeg as tj
 from datago._core._jpeg cimport JpegDecoder, JpegInfo
-from datago._core._png cimport PngDecoder
+from datago._core._png cimport (PngDecoder, PngScan, Inflater, png_scan, png_gather,
+                                png_unfilter, png_fast_message, FAST_OK, FAST_FALLBACK)
 from datago._core._kernels cimport FILTER_NEAREST
 from datago._core._resample cimport Resampler
-from datago._core._pixels cimport cmyk_convert, rgba16_to_rgba8, rgba8_convert
+from datago._core._pixels cimport cmyk_convert, luma, rgba16_to_rgba8, rgba8_convert
 
 from datago._core._jpeg import scale_numerator
 from datago.errors import DecodeError, ImageTooLargeError
@@ -41,12 +42,14 @@ cdef size_t KEEP_SCRATCH = 64 * 1024 * 1024
 
 cdef class _State:
     cdef JpegDecoder jpeg
+    cdef Inflater inflater
     cdef Resampler rs
     cdef uint8_t* buf
     cdef size_t cap
 
     def __cinit__(self):
         self.jpeg = JpegDecoder()
+        self.inflater = Inflater()
         self.rs = Resampler()
         self.buf = NULL
         self.cap = 0
@@ -257,25 +260,144 @@ cdef uint8_t* _png_rgba(PngDecoder png, _State st, const uint8_t* bg, uint8_t* d
     return dst
 
 
+cdef bint _png_fast_enabled = True
+
+
+def set_png_fast(bint enabled):
+    """Turn the PNG fast path on or off (for tests and benchmarks; results are identical)."""
+    global _png_fast_enabled
+    _png_fast_enabled = enabled
+
+
+cdef int _fast_scan(const uint8_t[::1] v, PngScan* scan, long long max_pixels) except -2:
+    """Run the fast path's chunk walk: FAST_OK or FAST_FALLBACK, else raise."""
+    cdef int rc
+    if not _png_fast_enabled:
+        return FAST_FALLBACK
+    with nogil:
+        rc = png_scan(&v[0], v.shape[0], scan)
+    if rc < 0:
+        if scan.width > 0 and scan.height > 0:
+            _check_size(scan.width, scan.height, max_pixels, "PNG")
+        raise DecodeError(png_fast_message(rc, scan))
+    if rc == FAST_OK:
+        _check_size(scan.width, scan.height, max_pixels, "PNG")
+    return rc
+
+
+cdef uint8_t* _fast_inflate(const uint8_t[::1] v, _State st, PngScan* scan) except? NULL:
+    """Inflate and unfilter into the scratch: row y's pixels at buf + y*stride + 1.
+
+    Returns NULL when the data is longer than the header says (libspng decides).
+    """
+    cdef size_t need = scan.raw_size + (scan.idat_total if scan.idat_count > 1 else 0)
+    cdef uint8_t* buf
+    cdef const uint8_t* src
+    cdef int rc
+    with nogil:
+        buf = st.reserve(need)
+        if buf != NULL:
+            src = scan.idat0
+            if scan.idat_count > 1:
+                png_gather(&v[0], v.shape[0], buf + scan.raw_size)
+                src = buf + scan.raw_size
+            rc = st.inflater.inflate(src, scan.idat_total, buf, scan.raw_size)
+            if rc == FAST_OK:
+                rc = png_unfilter(buf, scan.width, scan.height, scan.channels)
+    if buf == NULL:
+        raise MemoryError("PNG: no memory for the decode buffer")
+    if rc == FAST_FALLBACK:
+        return NULL
+    if rc != FAST_OK:
+        raise DecodeError(png_fast_message(rc, scan))
+    return buf
+
+
+cdef void _fast_rows(uint8_t* buf, PngScan* scan, uint8_t* dst, Py_ssize_t d_stride, int dC,
+                     const uint8_t* bg) noexcept nogil:
+    """Convert unfiltered rows (grey, RGB or RGBA) into dst rows with dC channels.
+
+    dC: 1 (L), 3 (RGB), 4 (RGBA) or -4 (RGB composited, 4th byte 255).  In place
+    (dst = buf + 1, d_stride = the PNG row stride) when the pixels do not grow.
+    """
+    cdef size_t stride = 1 + <size_t>scan.width * scan.channels
+    cdef uint32_t y, x
+    cdef int ch = scan.channels, k
+    cdef const uint8_t* s
+    cdef uint8_t* d
+    for y in range(scan.height):
+        s = buf + y * stride + 1
+        d = dst + y * d_stride
+        if ch == 4:
+            rgba8_convert(s, d, scan.width, dC, bg)
+        elif ch == 3:
+            if dC == 1:
+                for x in range(scan.width):
+                    d[x] = luma(s[3 * x], s[3 * x + 1], s[3 * x + 2])
+            elif dC == 3:
+                if d != s:
+                    memcpy(d, s, 3 * <size_t>scan.width)
+            else:
+                for x in range(scan.width):
+                    d[4 * x] = s[3 * x]; d[4 * x + 1] = s[3 * x + 1]; d[4 * x + 2] = s[3 * x + 2]
+                    d[4 * x + 3] = 255
+        else:
+            if dC == 1:
+                if d != s:
+                    memcpy(d, s, scan.width)
+            else:
+                k = 4 if dC == 4 or dC == -4 else 3
+                for x in range(scan.width):
+                    d[k * x] = s[x]; d[k * x + 1] = s[x]; d[k * x + 2] = s[x]
+                    if k == 4:
+                        d[k * x + 3] = 255
+
+
 cdef tuple _decode_png(const uint8_t[::1] v, int C, long long max_pixels, bytes background,
                        bint indices):
     """Full decode of a PNG; ``indices`` returns palette indices for palette images."""
     cdef _State st = _state()
+    cdef PngScan scan
+    cdef uint8_t* buf
+    cdef uint8_t[:, :, ::1] fo
+    cdef const uint8_t* fbg = background
+    if _fast_scan(v, &scan, max_pixels) == FAST_OK:
+        buf = _fast_inflate(v, st, &scan)
+        if buf != NULL:
+            out = np.empty((scan.height, scan.width, C), dtype=np.uint8)
+            fo = out
+            with nogil:
+                _fast_rows(buf, &scan, &fo[0, 0, 0], <Py_ssize_t>scan.width * C, C, fbg)
+                st.trim()
+            return out, scan.orientation
+    return _decode_png_spng(v, C, max_pixels, background, indices)
+
+
+cdef PngDecoder _png_open(const uint8_t[::1] v, long long max_pixels):
+    """A libspng decoder with the header read and the size checked."""
     cdef PngDecoder png = PngDecoder()
+    cdef int rc
+    with nogil:
+        rc = png.open(&v[0], v.shape[0])
+    _check_header(rc, png.pre_width, png.pre_height, max_pixels, "PNG")
+    png.check(rc, "reading the header")
+    _check_size(png.ihdr.width, png.ihdr.height, max_pixels, "PNG")
+    return png
+
+
+cdef tuple _decode_png_spng(const uint8_t[::1] v, int C, long long max_pixels, bytes background,
+                            bint indices):
+    cdef _State st = _state()
+    cdef PngDecoder png = _png_open(v, max_pixels)
     cdef size_t n = v.shape[0]
     cdef size_t size = 0
     cdef int rc, orient, fmt, w, h
     cdef bint gray, alpha, palette
     cdef uint8_t[:, :, ::1] o
     cdef const uint8_t* bg = background
-    with nogil:
-        rc = png.open(&v[0], n)
-    _check_header(rc, png.pre_width, png.pre_height, max_pixels, "PNG")
-    png.check(rc, "reading the header")
     orient = png.orient
     w = png.ihdr.width
     h = png.ihdr.height
-    _check_size(w, h, max_pixels, "PNG")
     gray = png.ihdr.color_type == spng.SPNG_COLOR_TYPE_GRAYSCALE
     palette = png.ihdr.color_type == spng.SPNG_COLOR_TYPE_INDEXED
     alpha = png.has_alpha()
@@ -415,6 +537,48 @@ cdef uint8_t* _oriented_dst(int o, uint8_t* base, int th, int tw, Py_ssize_t row
     return base
 
 
+cdef uint8_t* _png_spng_source(const uint8_t[::1] v, PngDecoder png, _State st,
+                               long long max_pixels, int C, bint mask, const uint8_t* bg,
+                               int* srcC, Py_ssize_t* s_row, list keep) except NULL:
+    """Decode a PNG with libspng into the scratch (or an array kept alive in ``keep``),
+    ready for the resampler: returns the first pixel, sets channels and row stride."""
+    cdef size_t size = 0
+    cdef int rc = 0, pf
+    cdef uint8_t* buf = NULL
+    cdef int sw, sh
+    cdef bint gray, palette, alpha
+    if png is None:
+        png = _png_open(v, max_pixels)
+    sw, sh = png.ihdr.width, png.ihdr.height
+    gray = png.ihdr.color_type == spng.SPNG_COLOR_TYPE_GRAYSCALE
+    palette = png.ihdr.color_type == spng.SPNG_COLOR_TYPE_INDEXED
+    alpha = png.has_alpha()
+    if mask and palette:
+        # _png_indices decodes packed rows into the scratch: unpack into an array
+        idx = np.empty((sh, sw), dtype=np.uint8)
+        keep.append(idx)
+        buf = _data(idx)
+        _png_indices(png, st, buf)
+        srcC[0] = 1
+    elif png.ihdr.bit_depth <= 8 and not alpha and (C == 1 and gray or C == 3):
+        pf = spng.SPNG_FMT_G8 if gray else spng.SPNG_FMT_RGB8
+        srcC[0] = 1 if gray else 3
+        with nogil:
+            rc = spng.spng_decoded_image_size(png.ctx, pf, &size)
+            if rc == 0:
+                buf = st.reserve(size)
+                if buf != NULL:
+                    rc = png.decode(buf, size, pf, 0)
+        png.check(rc, "decoding")
+        if buf == NULL:
+            raise MemoryError("PNG: no memory for the decode buffer")
+    else:
+        srcC[0] = 1 if C == 1 else 4
+        buf = _png_rgba(png, st, bg, NULL, -4 if srcC[0] == 4 else 1)
+    s_row[0] = <Py_ssize_t>sw * srcC[0]
+    return buf
+
+
 def decode_to_bucket(data, pick, out, str mode, bint mask, int filt, long long max_pixels,
                      bytes background, bint resample=True):
     """The fused path (JPEG/PNG).  Returns None for other formats.
@@ -442,8 +606,10 @@ def decode_to_bucket(data, pick, out, str mode, bint mask, int filt, long long m
     cdef uint8_t* buf = NULL
     cdef uint8_t* dst
     cdef uint8_t[:, :, :] o
-    cdef Py_ssize_t d_row, d_px, d_ch
-    cdef bint gray, alpha, palette
+    cdef Py_ssize_t d_row, d_px, d_ch, s_row
+    cdef bint fast = False
+    cdef PngScan scan
+    cdef list keep = []
     cdef const uint8_t* bg = background
     if C == 4:
         raise ValueError("decode_to_bucket supports mode 'RGB' or 'L' (alpha is composited)")
@@ -462,13 +628,12 @@ def decode_to_bucket(data, pick, out, str mode, bint mask, int filt, long long m
         sw, sh, orient = info.width, info.height, info.orientation
         _check_size(sw, sh, max_pixels, "JPEG")
     else:
-        png = PngDecoder()
-        with nogil:
-            rc = png.open(&v[0], n)
-        _check_header(rc, png.pre_width, png.pre_height, max_pixels, "PNG")
-        png.check(rc, "reading the header")
-        sw, sh, orient = png.ihdr.width, png.ihdr.height, png.orient
-        _check_size(sw, sh, max_pixels, "PNG")
+        fast = _fast_scan(v, &scan, max_pixels) == FAST_OK
+        if fast:
+            sw, sh, orient = scan.width, scan.height, scan.orientation
+        else:
+            png = _png_open(v, max_pixels)
+            sw, sh, orient = png.ihdr.width, png.ihdr.height, png.orient
     dw, dh = (sh, sw) if orient >= 5 else (sw, sh)
     # 2. bucket and cover crop, in display coordinates, mapped to stored coordinates
     tw, th = pick(dw, dh)
@@ -521,31 +686,26 @@ def decode_to_bucket(data, pick, out, str mode, bint mask, int filt, long long m
         box[2] = min(box[2], scaled_w)
         box[3] = min(box[3], scaled_h)
         sw, sh = scaled_w, scaled_h
+        s_row = <Py_ssize_t>sw * srcC
     else:
-        gray = png.ihdr.color_type == spng.SPNG_COLOR_TYPE_GRAYSCALE
-        palette = png.ihdr.color_type == spng.SPNG_COLOR_TYPE_INDEXED
-        alpha = png.has_alpha()
-        if mask and palette:
-            # _png_indices decodes packed rows into the scratch: unpack into an array
-            idx = np.empty((sh, sw), dtype=np.uint8)
-            buf = _data(idx)
-            _png_indices(png, st, buf)
-            srcC = 1
-        elif png.ihdr.bit_depth <= 8 and not alpha and (C == 1 and gray or C == 3):
-            pf = spng.SPNG_FMT_G8 if gray else spng.SPNG_FMT_RGB8
-            srcC = 1 if gray else 3
-            with nogil:
-                rc = spng.spng_decoded_image_size(png.ctx, pf, &size)
-                if rc == 0:
-                    buf = st.reserve(size)
-                    if buf != NULL:
-                        rc = png.decode(buf, size, pf, 0)
-            png.check(rc, "decoding")
-            if buf == NULL:
-                raise MemoryError("PNG: no memory for the decode buffer")
+        if fast:
+            buf = _fast_inflate(v, st, &scan)
+            fast = buf != NULL
+        if fast:
+            # unfiltered rows in the scratch, converted in place (pixels never grow)
+            if C == 1 or scan.channels == 1:
+                srcC, dstC = 1, 1
+            elif scan.channels == 3:
+                srcC, dstC = 3, 3
+            else:
+                srcC, dstC = 4, -4
+            s_row = 1 + <Py_ssize_t>sw * scan.channels
+            if dstC != scan.channels:
+                with nogil:
+                    _fast_rows(buf, &scan, buf + 1, s_row, dstC, bg)
+            buf = buf + 1
         else:
-            srcC = 1 if C == 1 else 4
-            buf = _png_rgba(png, st, bg, NULL, -4 if srcC == 4 else 1)
+            buf = _png_spng_source(v, png, st, max_pixels, C, mask, bg, &srcC, &s_row, keep)
     if not resample:
         st.trim()
         return (sw, sh)
@@ -554,7 +714,7 @@ def decode_to_bucket(data, pick, out, str mode, bint mask, int filt, long long m
         rc = st.rs.plan(sw, sh, box[0], box[1], box[2], box[3], ow, oh,
                         FILTER_NEAREST if mask else filt)
         if rc == 0:
-            rc = st.rs.run(buf, <Py_ssize_t>sw * srcC, srcC, dst, d_row, d_px, d_ch, C)
+            rc = st.rs.run(buf, s_row, srcC, dst, d_row, d_px, d_ch, C)
         st.trim()
     if rc == -2:
         raise ValueError(f"downscale {sw}x{sh} -> {ow}x{oh} needs too many filter taps")

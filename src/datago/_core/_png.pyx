@@ -1,13 +1,24 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""PNG through libspng.
+"""PNG: a fast path for the common files, libspng for everything else.
 
-Ownership: a ``PngDecoder`` owns one ``spng_ctx`` (``__cinit__``/``__dealloc__``);
-the pipeline makes one per image.  Every libspng return code goes through
-``PngDecoder.check``, the one place that turns it into ``DecodeError``.
+Fast path (8-bit grey, RGB or RGBA, not interlaced, no tRNS -- the bulk of
+photo and mask datasets): our own chunk walk (every chunk's CRC checked),
+libdeflate's whole-buffer zlib inflate (2.4x faster than zlib's streaming inflate
+on the benchmark corpus; Adler-32 checked) and our own unfiltering, in place.
+Anything else, and anything the walk finds unusual (odd chunk order, unknown
+critical chunks, invalid headers, more data than the header announces), is
+handed to libspng, which also produces the error messages for malformed files.
+
+Ownership: a ``PngDecoder`` owns one ``spng_ctx`` (``__cinit__``/``__dealloc__``),
+made per image; an ``Inflater`` owns one libdeflate decompressor, kept per thread.
+libspng codes go through ``PngDecoder.check``, fast-path codes through
+``png_fast_message``: the two places that turn them into ``DecodeError``.
 """
 
-from libc.stdint cimport uint8_t
+from libc.stdint cimport uint8_t, uint32_t
+from libc.string cimport memcpy, memcmp
 from datago._core cimport spng
+from datago._core cimport libdeflate as ld
 from datago._core._exif cimport tiff_orientation
 
 from datago.errors import DecodeError
@@ -87,6 +98,212 @@ cdef class PngDecoder:
         else:
             msg = (<bytes>spng.spng_strerror(rc)).decode("utf-8", "replace")
         raise DecodeError(f"PNG: {what} failed: {msg}")
+
+
+# ----------------------------------------------------------------------------- fast path
+
+cdef inline uint32_t _be32(const uint8_t* p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef int png_scan(const uint8_t* d, size_t n, PngScan* p) noexcept nogil:
+    """Walk the chunks of a PNG (signature already checked); FAST_OK fills ``p``.
+
+    Returns FAST_FALLBACK for anything the fast path does not handle, and a
+    negative code for a truncated file or a critical chunk whose CRC does not
+    match (an ancillary chunk with a bad CRC is ignored, as libspng does).
+    """
+    cdef size_t pos = 8
+    cdef size_t length
+    cdef const uint8_t* t
+    cdef int bd, ct, prev_idat = 0, seen_idat = 0
+    p.orientation = 1
+    p.idat_total = 0
+    p.idat_count = 0
+    p.idat0 = NULL
+    p.bad_chunk[0] = 0
+    if n < 8 + 25:
+        return FAST_FALLBACK                     # let libspng describe it
+    if _be32(d + 8) != 13 or memcmp(d + 12, b"IHDR", 4) != 0:
+        return FAST_FALLBACK
+    p.width = _be32(d + 16)
+    p.height = _be32(d + 20)
+    bd, ct = d[24], d[25]
+    if (p.width == 0 or p.height == 0 or p.width > 0x7FFFFFFF or p.height > 0x7FFFFFFF
+            or bd != 8 or (ct != 0 and ct != 2 and ct != 6) or d[26] != 0 or d[27] != 0
+            or d[28] != 0):
+        return FAST_FALLBACK
+    p.channels = 1 if ct == 0 else (3 if ct == 2 else 4)
+    while True:
+        if pos + 12 > n:
+            return FAST_TRUNCATED
+        length = _be32(d + pos)
+        if length > 0x7FFFFFFF:
+            return FAST_FALLBACK
+        if pos + 12 + length > n:
+            return FAST_TRUNCATED
+        t = d + pos + 4
+        if ld.libdeflate_crc32(0, t, length + 4) != _be32(t + 4 + length):
+            if t[0] & 0x20:                          # ancillary: ignored, as libspng does
+                pos += 12 + length
+                prev_idat = 0
+                continue
+            memcpy(p.bad_chunk, t, 4)
+            p.bad_chunk[4] = 0
+            return FAST_CRC
+        if memcmp(t, b"IDAT", 4) == 0:
+            if seen_idat and not prev_idat:
+                return FAST_FALLBACK             # IDATs must be consecutive
+            if p.idat_count == 0:
+                p.idat0 = t + 4
+            p.idat_count += 1
+            p.idat_total += length
+            seen_idat = prev_idat = 1
+        else:
+            prev_idat = 0
+            if memcmp(t, b"IEND", 4) == 0:
+                break
+            if memcmp(t, b"tRNS", 4) == 0:
+                return FAST_FALLBACK
+            if memcmp(t, b"eXIf", 4) == 0:
+                if not seen_idat and p.orientation == 1:
+                    p.orientation = tiff_orientation(t + 4, length)
+            elif 0x41 <= t[0] <= 0x5A and pos > 8:      # critical chunk
+                if memcmp(t, b"PLTE", 4) != 0 or ct == 0:
+                    return FAST_FALLBACK     # unknown critical chunk, or PLTE in grey
+        pos += 12 + length
+    if not seen_idat:
+        return FAST_FALLBACK
+    p.raw_size = (1 + <size_t>p.width * p.channels) * p.height
+    return FAST_OK
+
+
+cdef void png_gather(const uint8_t* d, size_t n, uint8_t* dst) noexcept nogil:
+    """Concatenate the IDAT data of a PNG that png_scan accepted."""
+    cdef size_t pos = 8
+    cdef size_t length
+    while pos + 12 <= n:
+        length = _be32(d + pos)
+        if memcmp(d + pos + 4, b"IDAT", 4) == 0:
+            memcpy(dst, d + pos + 8, length)
+            dst += length
+        elif memcmp(d + pos + 4, b"IEND", 4) == 0:
+            return
+        pos += 12 + length
+
+
+cdef inline uint8_t _paeth(int a, int b, int c) noexcept nogil:
+    cdef int pa = b - c
+    cdef int pb = a - c
+    cdef int pc = pa + pb
+    pa = -pa if pa < 0 else pa
+    pb = -pb if pb < 0 else pb
+    pc = -pc if pc < 0 else pc
+    if pa <= pb and pa <= pc:
+        return <uint8_t>a
+    return <uint8_t>(b if pb <= pc else c)
+
+
+cdef int png_unfilter(uint8_t* buf, uint32_t w, uint32_t h, int bpp) noexcept nogil:
+    """Undo the per-row filters in place; row y's pixels start at buf[y*stride + 1]."""
+    cdef size_t rowlen = <size_t>w * bpp
+    cdef size_t stride = rowlen + 1
+    cdef size_t i
+    cdef uint32_t y
+    cdef uint8_t* row
+    cdef uint8_t* prev = NULL
+    cdef uint8_t f
+    for y in range(h):
+        row = buf + y * stride + 1
+        f = row[-1]
+        if f == 0:
+            pass
+        elif f == 1:                                 # Sub
+            for i in range(bpp, rowlen):
+                row[i] = <uint8_t>(row[i] + row[i - bpp])
+        elif f == 2:                                 # Up
+            if prev != NULL:
+                for i in range(rowlen):
+                    row[i] = <uint8_t>(row[i] + prev[i])
+        elif f == 3:                                 # Average
+            if prev == NULL:
+                for i in range(bpp, rowlen):
+                    row[i] = <uint8_t>(row[i] + (row[i - bpp] >> 1))
+            else:
+                for i in range(bpp):
+                    row[i] = <uint8_t>(row[i] + (prev[i] >> 1))
+                for i in range(bpp, rowlen):
+                    row[i] = <uint8_t>(row[i] + ((<int>row[i - bpp] + prev[i]) >> 1))
+        elif f == 4:                                 # Paeth
+            if prev == NULL:                         # = Sub on the first row
+                for i in range(bpp, rowlen):
+                    row[i] = <uint8_t>(row[i] + row[i - bpp])
+            else:
+                for i in range(bpp):
+                    row[i] = <uint8_t>(row[i] + prev[i])
+                if bpp == 4:                         # four independent chains per pixel
+                    i = 4
+                    while i < rowlen:
+                        row[i] = <uint8_t>(row[i] + _paeth(row[i - 4], prev[i], prev[i - 4]))
+                        row[i + 1] = <uint8_t>(row[i + 1] + _paeth(row[i - 3], prev[i + 1], prev[i - 3]))
+                        row[i + 2] = <uint8_t>(row[i + 2] + _paeth(row[i - 2], prev[i + 2], prev[i - 2]))
+                        row[i + 3] = <uint8_t>(row[i + 3] + _paeth(row[i - 1], prev[i + 3], prev[i - 1]))
+                        i += 4
+                elif bpp == 3:
+                    i = 3
+                    while i < rowlen:
+                        row[i] = <uint8_t>(row[i] + _paeth(row[i - 3], prev[i], prev[i - 3]))
+                        row[i + 1] = <uint8_t>(row[i + 1] + _paeth(row[i - 2], prev[i + 1], prev[i - 2]))
+                        row[i + 2] = <uint8_t>(row[i + 2] + _paeth(row[i - 1], prev[i + 2], prev[i - 1]))
+                        i += 3
+                else:
+                    for i in range(bpp, rowlen):
+                        row[i] = <uint8_t>(row[i] + _paeth(row[i - bpp], prev[i], prev[i - bpp]))
+        else:
+            return FAST_FILTER
+        prev = row
+    return FAST_OK
+
+
+cdef str png_fast_message(int code, PngScan* p):
+    if code == FAST_TRUNCATED:
+        return "PNG: truncated file (a chunk extends past the end of the data)"
+    if code == FAST_CRC:
+        return f"PNG: CRC mismatch in chunk {(<bytes>p.bad_chunk).decode('latin-1')!r} (corrupt file)"
+    if code == FAST_INFLATE:
+        return "PNG: decoding failed: corrupt compressed image data (zlib stream or Adler-32 checksum)"
+    if code == FAST_SHORT:
+        return "PNG: decoding failed: the image data ends before the last row (truncated file?)"
+    if code == FAST_FILTER:
+        return "PNG: decoding failed: invalid filter type in the image data"
+    if code == FAST_NOMEM:
+        return "PNG: out of memory"
+    return f"PNG: decoding failed (code {code})"
+
+
+cdef class Inflater:
+
+    def __cinit__(self):
+        self.d = ld.libdeflate_alloc_decompressor()
+        if self.d == NULL:
+            raise MemoryError("libdeflate_alloc_decompressor failed")
+
+    def __dealloc__(self):
+        if self.d != NULL:
+            ld.libdeflate_free_decompressor(self.d)
+            self.d = NULL
+
+    cdef int inflate(self, const uint8_t* src, size_t n, uint8_t* dst, size_t size) noexcept nogil:
+        """Exactly ``size`` bytes of zlib data: FAST_OK, FAST_SHORT, FAST_INFLATE, or
+        FAST_FALLBACK when there is more data than that (libspng decides)."""
+        cdef ld.libdeflate_result r = ld.libdeflate_zlib_decompress(self.d, src, n, dst, size, NULL)
+        if r == ld.LIBDEFLATE_SUCCESS:
+            return FAST_OK
+        if r == ld.LIBDEFLATE_SHORT_OUTPUT:
+            return FAST_SHORT
+        if r == ld.LIBDEFLATE_INSUFFICIENT_SPACE:
+            return FAST_FALLBACK
+        return FAST_INFLATE
 
 
 def version():

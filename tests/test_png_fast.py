@@ -1,0 +1,197 @@
+"""The PNG fast path (libdeflate + our unfilter) against libspng and exact pixels."""
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+import datago
+from datago._core import _pipeline
+
+
+def chunk(typ: bytes, body: bytes, crc_ok: bool = True) -> bytes:
+    crc = zlib.crc32(typ + body) & 0xFFFFFFFF
+    return struct.pack(">I", len(body)) + typ + body + struct.pack(">I", crc if crc_ok else crc ^ 1)
+
+
+def _paeth(a, b, c):
+    p = a + b - c
+    pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
+    return np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+
+
+def filter_rows(img: np.ndarray, filters) -> bytes:
+    """Filter each row with the given PNG filter types (cycled)."""
+    h, w, c = img.shape
+    raw = img.reshape(h, w * c).astype(np.int32)
+    out = bytearray()
+    prev = np.zeros(w * c, np.int32)
+    for y in range(h):
+        f = filters[y % len(filters)]
+        row = raw[y]
+        left = np.concatenate([np.zeros(c, np.int32), row[:-c]])
+        upleft = np.concatenate([np.zeros(c, np.int32), prev[:-c]])
+        pred = {0: 0, 1: left, 2: prev, 3: (left + prev) // 2, 4: _paeth(left, prev, upleft)}[f]
+        out += bytes([f]) + ((row - pred) % 256).astype(np.uint8).tobytes()
+        prev = row
+    return bytes(out)
+
+
+def encode(img, colour_type, filters=(0, 1, 2, 3, 4), idat_parts=1, extra_before=b"",
+           extra_after=b"", level=6):
+    h, w = img.shape[:2]
+    data = zlib.compress(filter_rows(img, filters), level)
+    cuts = np.linspace(0, len(data), idat_parts + 1).astype(int)
+    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0))
+    out += extra_before
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        out += chunk(b"IDAT", data[a:b])
+    out += extra_after + chunk(b"IEND", b"")
+    return out
+
+
+def both_paths(fn):
+    try:
+        _pipeline.set_png_fast(True)
+        fast = fn()
+        _pipeline.set_png_fast(False)
+        slow = fn()
+    finally:
+        _pipeline.set_png_fast(True)
+    return fast, slow
+
+
+IMG = np.random.default_rng(0).integers(0, 256, (29, 41, 4), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("ct, channels", [(0, 1), (2, 3), (6, 4)])
+@pytest.mark.parametrize("filters", [(0,), (1,), (2,), (3,), (4,), (4, 3, 2, 1, 0)],
+                         ids=lambda f: "f" + "".join(map(str, f)))
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+def test_filters_and_modes_match_libspng(ct, channels, filters, mode):
+    img = IMG[:, :, :channels].copy()
+    data = encode(img, ct, filters, idat_parts=3)
+    fast, slow = both_paths(lambda: datago.decode(data, mode=mode))
+    assert np.array_equal(fast, slow)
+    if mode == "RGBA" and ct == 6:
+        assert np.array_equal(fast, img)
+    if mode == "RGB" and ct == 2:
+        assert np.array_equal(fast, img)
+    if mode == "L" and ct == 0:
+        assert np.array_equal(fast, img)
+
+
+@pytest.mark.parametrize("ct, channels", [(0, 1), (2, 3), (6, 4)])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_decode_to_bucket_matches_libspng(ct, channels, mode):
+    rng = np.random.default_rng(ct)
+    img = rng.integers(0, 256, (150, 230, channels), dtype=np.uint8)
+    data = encode(img, ct, (4, 1, 3), idat_parts=5)
+    for bucket in [(64, 48), (300, 200), (16, 128)]:
+        fast, slow = both_paths(lambda: datago.decode_to_bucket(data, bucket=bucket, mode=mode))
+        assert np.array_equal(fast.image, slow.image)
+        assert fast.crop_box == slow.crop_box
+    fm, sm = both_paths(lambda: datago.decode_to_bucket(data, bucket=(60, 40), mask=True))
+    assert np.array_equal(fm.image, sm.image)
+
+
+def test_ancillary_chunks_exif_and_plte_hint():
+    img = IMG[:, :, :3].copy()
+    exif = b"MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00"
+    data = encode(img, 2, extra_before=chunk(b"tEXt", b"Comment\x00hi") + chunk(b"eXIf", exif)
+                  + chunk(b"PLTE", bytes(range(48))), extra_after=chunk(b"tIME", b"\x07\xe9\x01\x01\x00\x00\x00"))
+    fast, slow = both_paths(lambda: datago.decode(data))
+    assert np.array_equal(fast, slow)
+    assert np.array_equal(fast, np.rot90(img, -1))          # orientation 6 applied
+    assert datago.read_header(data).orientation == 6
+
+
+@pytest.mark.parametrize("ct", [3, 4])
+def test_other_types_take_libspng(ct):
+    rng = np.random.default_rng(1)
+    if ct == 3:
+        idx = rng.integers(0, 4, (20, 30, 1), dtype=np.uint8)
+        pal = chunk(b"PLTE", bytes([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255]))
+        data = encode(idx, 3, extra_before=pal)
+    else:
+        data = encode(rng.integers(0, 256, (20, 30, 2), dtype=np.uint8), 4)
+    fast, slow = both_paths(lambda: datago.decode(data))
+    assert np.array_equal(fast, slow)
+
+
+def test_trns_takes_libspng_and_is_applied():
+    img = np.zeros((10, 12, 3), np.uint8)
+    img[:, 6:] = (10, 20, 30)
+    data = encode(img, 2, extra_before=chunk(b"tRNS", struct.pack(">HHH", 10, 20, 30)))
+    out = datago.decode(data, background=(200, 100, 0))
+    assert (out[:, 6:] == (200, 100, 0)).all() and (out[:, :6] == 0).all()
+
+
+@pytest.mark.parametrize("case", ["bad_filter", "crc_idat", "truncated_idat",
+                                  "corrupt_zlib", "short_data"])
+def test_errors(case):
+    img = IMG[:, :, :3].copy()
+    if case == "bad_filter":
+        raw = bytearray(filter_rows(img, (0,)))
+        raw[(1 + img.shape[1] * 3) * 5] = 7
+        data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 41, 29, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(bytes(raw))) + chunk(b"IEND", b""))
+        match = "filter"
+    elif case == "crc_idat":
+        data = bytearray(encode(img, 2, idat_parts=2))
+        i = data.index(b"IEND") - 8
+        data[i] ^= 0xFF                                   # last byte of the last IDAT's CRC
+        data = bytes(data)
+        match = "CRC|checksum"
+    elif case == "truncated_idat":
+        full = encode(img, 2)
+        data = full[: full.index(b"IDAT") + 40]
+        match = "truncated"
+    elif case == "corrupt_zlib":
+        raw = zlib.compress(filter_rows(img, (0,)))
+        bad = raw[:10] + bytes(b ^ 0x5A for b in raw[10:40]) + raw[40:]
+        data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 41, 29, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", bad) + chunk(b"IEND", b""))
+        match = "PNG"
+    else:                                                 # fewer rows than the header says
+        raw = filter_rows(img[:20], (0,))
+        data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 41, 29, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+        match = "PNG"
+    for fast in (True, False):
+        _pipeline.set_png_fast(fast)
+        try:
+            with pytest.raises(datago.DecodeError, match=match):
+                datago.decode(data)
+            with pytest.raises(datago.DecodeError, match=match):
+                datago.decode_to_bucket(data, bucket=(16, 16))
+        finally:
+            _pipeline.set_png_fast(True)
+
+
+def test_ancillary_chunk_with_bad_crc_is_ignored_by_both_paths():
+    img = IMG[:, :, :3].copy()
+    exif = b"MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00"
+    data = encode(img, 2, extra_before=chunk(b"tEXt", b"a\x00b", crc_ok=False)
+                  + chunk(b"eXIf", exif, crc_ok=False))
+    fast, slow = both_paths(lambda: datago.decode(data))
+    assert np.array_equal(fast, img) and np.array_equal(slow, img)   # eXIf ignored too
+
+
+def test_more_data_than_the_header_hands_over_to_libspng():
+    img = IMG[:, :, :3].copy()
+    raw = filter_rows(np.concatenate([img, img]), (0,))    # twice the rows
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 41, 29, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    fast, slow = both_paths(lambda: _try(lambda: datago.decode(data)))
+    assert type(fast) is type(slow)
+    if isinstance(fast, np.ndarray):
+        assert np.array_equal(fast, slow)
+
+
+def _try(fn):
+    try:
+        return fn()
+    except datago.DecodeError as e:
+        return e
