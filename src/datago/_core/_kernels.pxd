@@ -10,9 +10,10 @@ cdef enum Filter:
     FILTER_BICUBIC = 4
 
 cdef enum:
-    LANES = 64          # int16/float lanes per strip column (R * channels of T)
-    R_COLOR = 16        # strip height for 3/4-channel images (T has 4 channels)
-    R_GREY = 64         # strip height for 1-channel images
+    LANES = 48          # int16/float lanes per strip column (R * channels of T)
+    R_COLOR = 16        # strip height for colour to RGB (T keeps 3 channels)
+    R_RGBA = 12         # strip height for 4-channel output (T keeps 4 channels)
+    R_GREY = 48         # strip height for 1-channel images
     MAX_TAPS = 4096
 
 cdef struct AxisPlan:

@@ -113,11 +113,20 @@ cdef inline void _hcol(const acc_t* t0, const acc_t* w, int nt, acc_t bias, int 
             u[j] = <uint8_t>v
 
 
+cdef inline int _strip_channels(int C, int dC) noexcept nogil:
+    """Channels kept in the transposed strip: 1 (grey), 4 (RGBA kept) or 3."""
+    return 1 if C == 1 else (4 if C == 4 and dC == 4 else 3)
+
+
+cdef inline int _strip_rows(int CT) noexcept nogil:
+    return R_GREY if CT == 1 else (R_RGBA if CT == 4 else R_COLOR)
+
+
 cdef size_t _work_bytes(const AxisPlan* px, const AxisPlan* py, int C, size_t item) noexcept nogil:
     cdef size_t cw = px.span1 - px.span0
     cdef size_t n = cw * C
-    cdef int R = R_GREY if C == 1 else R_COLOR
-    return ((<size_t>(py.ntaps + 1) + R) * n + cw * LANES) * item + 64
+    cdef int R = R_GREY     # the largest strip
+    return ((<size_t>(py.ntaps + 1) + R) * n + cw * LANES + 8) * item + 64
 
 
 cdef void _strips(acc_t* work, const AxisPlan* px, const AxisPlan* py, int filt,
@@ -130,14 +139,14 @@ cdef void _strips(acc_t* work, const AxisPlan* px, const AxisPlan* py, int filt,
     cdef int oh = py.out_size
     cdef int nty = py.ntaps
     cdef int ntx = px.ntaps
-    cdef int CT = 1 if C == 1 else 4            # channels in the transposed strip
-    cdef int R = R_GREY if C == 1 else R_COLOR
+    cdef int CT = _strip_channels(C, dC)       # channels in the transposed strip
+    cdef int R = _strip_rows(CT)
     cdef Py_ssize_t n = <Py_ssize_t>cw * C       # samples per row of the needed columns
     cdef int ring = nty + 1
     cdef acc_t* ring_buf = work
     cdef acc_t* rows = ring_buf + <size_t>ring * n
     cdef acc_t* T = rows + <size_t>R * n
-    cdef uint8_t u[LANES]
+    cdef uint8_t u[LANES + 4]
     cdef const acc_t* rp[MAX_TAPS]
     cdef const acc_t* wy
     cdef const acc_t* wx
@@ -149,7 +158,7 @@ cdef void _strips(acc_t* work, const AxisPlan* px, const AxisPlan* py, int filt,
     cdef acc_t vbias, hbias
     # Q7 source x Q(b) weights >> 16, twice: the result has 2b - 25 fraction bits
     cdef int shift = 2 * wbits(filt) - 25
-    cdef bint packed3 = dC == 3 and d_ch == 1 and d_px == 3 and CT == 4
+    cdef bint packed3 = dC == 3 and d_ch == 1 and d_px == 3 and CT == 3
     nxt = py.lo[0]
     y0 = 0
     while y0 < oh:
@@ -172,28 +181,33 @@ cdef void _strips(acc_t* work, const AxisPlan* px, const AxisPlan* py, int filt,
                 wy = py.w + y * nty
                 vbias = <int16_t>(py.nz[y] // 2)   # each tap truncates by 1/2 unit on average
             _vtaps(rows + rr * n, rp, wy, nty, n, vbias)
-        # transpose the strip: T[x][rr][c]
-        if C == 4:      # constant trip counts: fully unrolled moves
+        # transpose the strip: T[x][rr][c], 3 colour channels (an RGBX source's X is
+        # dropped: the 4-element moves overlap, each one's 4th element is overwritten
+        # by the next; T has padding for the very last one)
+        if CT == 4:
+            for x in range(cw):
+                tp = T + x * LANES
+                rowp = rows + x * 4
+                for rr in range(R_RGBA):
+                    memcpy(tp + rr * 4, rowp + rr * n, 4 * sizeof(acc_t))
+        elif C == 4:    # constant trip counts: fully unrolled moves
             for x in range(cw):
                 tp = T + x * LANES
                 rowp = rows + x * 4
                 for rr in range(R_COLOR):
-                    memcpy(tp + rr * 4, rowp + rr * n, 4 * sizeof(acc_t))
+                    memcpy(tp + rr * 3, rowp + rr * n, 4 * sizeof(acc_t))
         elif C == 3:
             for x in range(cw):
                 tp = T + x * LANES
-                for rr in range(R):
-                    rowp = rows + rr * n + x * 3
-                    tp[rr * 4 + 0] = rowp[0]
-                    tp[rr * 4 + 1] = rowp[1]
-                    tp[rr * 4 + 2] = rowp[2]
-                    tp[rr * 4 + 3] = 0
+                rowp = rows + x * 3
+                for rr in range(R_COLOR):
+                    memcpy(tp + rr * 3, rowp + rr * n, 3 * sizeof(acc_t))
         else:
             for x in range(cw):
                 tp = T + x * LANES
                 for rr in range(R):
                     tp[rr] = rows[rr * n + x]
-        # pass 2: one output column at a time over 64 lanes, then round and store
+        # pass 2: one output column at a time over 48 lanes, then round and store
         r = oh - y0 if oh - y0 < R else R
         d0 = dst + y0 * d_row
         for x in range(ow):
@@ -207,10 +221,10 @@ cdef void _strips(acc_t* work, const AxisPlan* px, const AxisPlan* py, int filt,
             dp = d0 + x * d_px
             if packed3 and x < ow - 1 and r == R_COLOR:
                 for rr in range(R_COLOR):
-                    memcpy(dp + rr * d_row, u + rr * 4, 4)   # byte 4 is rewritten by x + 1
+                    memcpy(dp + rr * d_row, u + rr * 3, 4)   # byte 4 is rewritten by x + 1
             elif packed3 and x < ow - 1:
                 for rr in range(r):
-                    memcpy(dp + rr * d_row, u + rr * 4, 4)
+                    memcpy(dp + rr * d_row, u + rr * 3, 4)
             else:
                 for rr in range(r):
                     for c in range(dC):

@@ -18,12 +18,13 @@ pass leaves Q6 and the horizontal pass Q5.  The truncation of every tap is
 compensated by a rounding bias before the final shift; the result stays within
 1 LSB of an exact float64 computation (tests check this).
 
-Layout: the output is produced in strips of R rows (R*4 = 64 lanes for colour,
-R = 64 for grey).  Each source row the strip needs is converted to Q7 once into
+Layout: the output is produced in strips of R rows (R*3 = 48 lanes for colour,
+R = 48 for grey).  Each source row the strip needs is converted to Q7 once into
 a small ring.  Pass 1 (vertical) combines ring rows into R rows of the needed
 source columns (contiguous loops).  The strip is transposed to
 ``T[x][row][channel]``, so pass 2 (horizontal) is again a contiguous loop of
-fixed length 64 per output column; its result is rounded and stored.  No inner
+fixed length 48 per output column (an RGBX source's X channel is dropped in the
+transpose); its result is rounded and stored.  No inner
 loop has a branch, a gather, or a trip count unknown to the compiler.
 """
 
@@ -35,7 +36,7 @@ from libc.string cimport memcpy, memset
 import numpy as np
 
 from datago._core._kernels cimport (
-    AxisPlan, KernelTable, LANES, MAX_TAPS, R_COLOR, R_GREY, wbits,
+    AxisPlan, KernelTable, LANES, MAX_TAPS, R_COLOR, R_GREY, R_RGBA, wbits,
     FILTER_BICUBIC, FILTER_BOX, FILTER_LANCZOS3, FILTER_NEAREST, FILTER_TRIANGLE)
 
 include "_kernels.pxi"

@@ -8,7 +8,7 @@ from libc.stdint cimport int16_t, int32_t, uint8_t
 from libc.string cimport memcpy
 from cpython.pycapsule cimport PyCapsule_New
 
-from datago._core._kernels cimport (AxisPlan, KernelTable, LANES, MAX_TAPS, R_COLOR,
+from datago._core._kernels cimport (AxisPlan, KernelTable, LANES, MAX_TAPS, R_COLOR, R_RGBA,
                                     R_GREY, wbits)
 
 include "_kernels.pxi"
