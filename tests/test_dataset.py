@@ -347,11 +347,30 @@ def test_bad_files_are_counted_not_fatal(bad_tree):
     assert st["samples"] == len(ids)
 
 
+def test_drop_last_with_bad_files_accounts_for_every_file(bad_tree):
+    root, ids = bad_tree
+    ds = DatagoDataset(config(root, batch_size=5, drop_last=True))
+    with pytest.warns(RuntimeWarning, match="skipping"):
+        got = ids_of(ds)
+    st = ds.stats()
+    n_files = len(ids) + 4  # the good ones plus bad_truncated/bad_empty/bad_text/bad_json
+    assert len(got) == st["samples"]
+    assert st["samples"] + st["dropped_last"] + sum(st["skipped"].values()) == n_files
+    assert st["skipped"] == {"decode_error": 3, "bad_attributes": 1}
+
+
 def test_on_error_raise_names_the_sample(bad_tree):
     root, _ = bad_tree
     ds = DatagoDataset(config(root, batch_size=4, on_error="raise"))
     with pytest.raises(datago.DatagoError, match=r"bad_\w+\.(jpg|png)"):
         list(ds)
+
+
+def test_on_error_raise_crosses_dataloader_workers(bad_tree):
+    root, _ = bad_tree
+    ds = DatagoDataset(config(root, batch_size=4, on_error="raise"))
+    with pytest.raises(datago.DatagoError, match=r"bad_\w+\.(jpg|png)"):
+        list(DataLoader(ds, batch_size=None, num_workers=1))
 
 
 def test_file_gone_after_listing_is_a_read_error(tmp_path):

@@ -50,11 +50,16 @@ class BucketShape(NamedTuple):
 
 
 class SampleError(DatagoError):
-    """A sample could not be loaded; ``reason`` is one of REASONS."""
+    """A sample could not be loaded; ``reason`` is one of REASONS.
 
-    def __init__(self, sample_id: str, reason: str, cause: BaseException):
-        super().__init__(f"sample {sample_id!r}: {reason}: {cause}")
-        self.sample_id = sample_id
+    Also constructible from its message alone, which is how DataLoader re-raises a
+    worker's exception in the main process (so it stays a DatagoError there).
+    """
+
+    def __init__(self, sample_id: str, reason: Optional[str] = None,
+                 cause: Optional[BaseException] = None):
+        super().__init__(sample_id if reason is None else f"sample {sample_id!r}: {reason}: {cause}")
+        self.sample_id = sample_id if reason is not None else None
         self.reason = reason
         self.cause = cause
 
@@ -318,8 +323,13 @@ class Engine:
                         b = open_batches[bucket]
                         if self.drop_last:
                             for fut in b.futures:
-                                fut.exception()
-                            self.stats.add("dropped", sum(f.exception() is None for f in b.futures))
+                                exc = fut.exception()
+                                if exc is None:
+                                    self.stats.add("dropped")
+                                elif isinstance(exc, SampleError):
+                                    self._skip(exc)
+                                else:
+                                    raise exc
                         else:
                             closed.append(b)
                     open_batches.clear()
