@@ -74,10 +74,10 @@ cdef inline void _vtaps(acc_t* acc, const acc_t** rows, const acc_t* w, int nt,
 
 cdef inline void _hcol(const acc_t* t0, const acc_t* w, int nt, acc_t bias, int shift,
                        uint8_t* u) noexcept nogil:
-    """u[0:64] = clamp(round(bias + sum_k t0[k*64 + j] * w[k])).
+    """u[0:LANES] = clamp(round(bias + sum_k t0[k*LANES + j] * w[k])).
 
     The accumulator is a local array (it cannot alias anything), and every loop has
-    the fixed trip count 64: the compiler emits straight vector code, no alias checks.
+    the fixed trip count LANES (48): the compiler emits straight vector code, no alias checks.
     ``shift`` is the number of fraction bits of the int16 result (5 or 3).
     """
     cdef acc_t acc[LANES]
