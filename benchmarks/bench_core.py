@@ -35,7 +35,6 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from importlib import metadata
 from io import BytesIO
 from pathlib import Path
 from typing import NamedTuple
@@ -47,6 +46,7 @@ from PIL import Image, ImageOps
 from turbojpeg import TJPF_RGB, TurboJPEG
 
 import datago
+from _common import cover_size, cpu_model, version
 from datago._core import _jpeg, _pipeline, _png, _resample
 
 EXTENSIONS = {".jpg", ".jpeg", ".png"}
@@ -77,12 +77,6 @@ _TJ_FACTORS = sorted(tj.scaling_factors, key=lambda f: f[0] / f[1])
 
 
 # --------------------------------------------------------------------------- helpers
-
-def cover_size(w: int, h: int, bw: int, bh: int) -> tuple[int, int]:
-    """Size of the cover resize of a w x h image for a bw x bh bucket."""
-    scale = max(bw / w, bh / h)
-    return max(bw, round(w * scale)), max(bh, round(h * scale))
-
 
 def centre_crop(arr: np.ndarray, bw: int, bh: int) -> np.ndarray:
     h, w = arr.shape[:2]
@@ -342,24 +336,6 @@ def load_corpus(root: Path, limit: int | None):
         except Exception as exc:
             raise FileError(f"read_header failed on {p}: {type(exc).__name__}: {exc}") from exc
     return [str(p.relative_to(root)) for p in paths], datas, infos
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def environment(paths, datas, infos) -> list[str]:

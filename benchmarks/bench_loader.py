@@ -60,7 +60,6 @@ import sys
 import tempfile
 import time
 import traceback
-from importlib import metadata
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -69,6 +68,8 @@ import PIL
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from _common import cover_size, cpu_model
 
 EXTENSIONS = {".jpg", ".jpeg", ".png"}
 DOWNSAMPLING = {512: 16, 1024: 32}        # bucket size -> VAE factor / patch size
@@ -130,12 +131,6 @@ datago, DatagoDataset, default_num_threads = _import_datago()
 
 
 # --------------------------------------------------------------------------- (a) Pillow
-
-def cover_size(w: int, h: int, bw: int, bh: int) -> Tuple[int, int]:
-    """Size of the cover resize of a w x h image for a bw x bh bucket."""
-    scale = max(bw / w, bh / h)
-    return max(bw, round(w * scale)), max(bh, round(h * scale))
-
 
 class PILBucketDataset(Dataset):
     """Map-style dataset: one file -> its bucket's (3, H, W) uint8 tensor, with Pillow."""
@@ -803,24 +798,6 @@ def bench_size(bench: Bench, names: List[str], rounds: int, workdir: Path,
                        f"pass (others > {DISTURBED_OTHERS} or steal > {DISTURBED_STEAL} cores)")
     bench.verdicts = verdicts
     return lines
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def environment(corpus: Corpus, n: int, ref_line: str) -> List[str]:

@@ -250,6 +250,17 @@ class Engine:
             warnings.warn(f"datago: skipping {err} (further '{err.reason}' skips are "
                           "counted in stats() without a warning)", RuntimeWarning, stacklevel=3)
 
+    def _wait(self, fut):
+        """The future's result, or None when its sample failed (counted by _skip)."""
+        t0 = time.perf_counter()
+        try:
+            return fut.result()
+        except SampleError as e:
+            self._skip(e)
+            return None
+        finally:
+            self.stats.add("t_wait", time.perf_counter() - t0)
+
     def _done(self, _fut) -> None:
         with self._cond:
             self._pending -= 1
@@ -279,15 +290,9 @@ class Engine:
                     if out is not None:
                         yield out
                 if loads:
-                    fut = loads.popleft()
-                    t0 = time.perf_counter()
-                    try:
-                        loaded = fut.result()
-                    except SampleError as e:
-                        self._skip(e)
+                    loaded = self._wait(loads.popleft())
+                    if loaded is None:
                         continue
-                    finally:
-                        self.stats.add("t_wait", time.perf_counter() - t0)
                     bucket = nearest_bucket(*loaded.info.display_size, self.buckets)
                     batch = open_batches.get(bucket)
                     if batch is None:
@@ -396,15 +401,9 @@ class Engine:
                     work.append(pool.submit(self._one, ref))
                 if not work:
                     break
-                fut = work.popleft()
-                t0 = time.perf_counter()
-                try:
-                    out = fut.result()
-                except SampleError as e:
-                    self._skip(e)
+                out = self._wait(work.popleft())
+                if out is None:
                     continue
-                finally:
-                    self.stats.add("t_wait", time.perf_counter() - t0)
                 yield out
         finally:
             for f in work:

@@ -25,6 +25,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from datago.buckets import make_buckets, nearest_bucket
+from datago.dataset import available_cpus
 from datago.errors import DecodeError
 from datago.image import decode_to_bucket, read_header
 
@@ -37,13 +38,6 @@ def _sample_images() -> int:
         return max(1, int(os.environ.get("DATAGO_SAMPLE_IMAGES", "200")))
     except ValueError:
         return 200
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:          # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def _list_images(root: Path, limit: Optional[int]) -> List[Path]:
@@ -108,7 +102,7 @@ def run_core(root: Optional[str], size: int, ratio: int, threads: int, limit: Op
           f"{pixels / len(datas) / 1e6:.2f} MP mean"
           + (f", skipped {sum(skipped.values())} unreadable" if skipped else ""), file=out)
     print(f"buckets: {len(buckets)} ({size}/{ratio}, AR 0.5-2.0), filter={filter}, "
-          f"{_cpu_count()} CPUs available", file=out, flush=True)
+          f"{available_cpus()} CPUs available", file=out, flush=True)
 
     def ours_one() -> int:
         for d in datas:
@@ -252,7 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     core.add_argument("root", nargs="?", help="folder of images (default: generated sample corpus)")
     core.add_argument("--size", type=int, default=512, help="default_image_size (512)")
     core.add_argument("--ratio", type=int, default=16, help="downsampling_ratio (16)")
-    core.add_argument("--threads", type=int, default=_cpu_count(), help="threads for the parallel row")
+    core.add_argument("--threads", type=int, default=available_cpus(), help="threads for the parallel row")
     core.add_argument("--limit", type=int, default=None, help="use the first N images")
     core.add_argument("--filter", default="triangle", help="resampling filter (triangle)")
     core.add_argument("--seconds", type=float, default=3.0, help="minimum time per row (3)")
@@ -261,7 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rc = run_bench(None, 512, 16, 32, None, 0, None)
         if rc == 0:
             print("\n--- decode-to-bucket, datago vs Pillow ---", flush=True)
-            rc = run_core(None, 512, 16, _cpu_count(), None, "triangle", 3.0)
+            rc = run_core(None, 512, 16, available_cpus(), None, "triangle", 3.0)
         return rc
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
