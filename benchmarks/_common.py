@@ -3,6 +3,7 @@ this folder is on ``sys.path``)."""
 
 from __future__ import annotations
 
+import os
 import platform
 from importlib import metadata
 
@@ -29,3 +30,21 @@ def version(dist: str) -> str:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_counters() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine, from /proc/stat (0, 0 if absent).
+
+    (bench_loader's reference-datago helper has its own copy: it runs in the
+    reference's venv, where this module is not importable.)"""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    v += [0] * (8 - len(v))
+    user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
+    return (user + nice + system + irq + softirq) / _TICK, steal / _TICK

@@ -46,7 +46,7 @@ from PIL import Image, ImageOps
 from turbojpeg import TJPF_RGB, TurboJPEG
 
 import datago
-from _common import cover_size, cpu_model, version
+from _common import cover_size, cpu_counters, cpu_model, version
 from datago._core import _jpeg, _pipeline, _png, _resample
 
 EXTENSIONS = {".jpg", ".jpeg", ".png"}
@@ -195,20 +195,6 @@ def run_threaded(ex: ThreadPoolExecutor, datas, paths, buckets) -> None:
         pass
 
 
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _cpu_counters() -> tuple[float, float]:
-    """(busy, steal) CPU seconds of the whole machine, from /proc/stat (0, 0 if absent)."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0.0, 0.0
-    v += [0] * (8 - len(v))
-    user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
-    return (user + nice + system + irq + softirq) / _TICK, steal / _TICK
-
 
 class Run(NamedTuple):
     """One timed pass: wall seconds and the cores used, on average, by this process
@@ -222,13 +208,13 @@ class Run(NamedTuple):
 
 def timed(run) -> Run:
     gc.collect()
-    busy0, steal0 = _cpu_counters()
+    busy0, steal0 = cpu_counters()
     c0 = time.process_time()
     t0 = time.perf_counter()
     run()
     wall = time.perf_counter() - t0
     ours = time.process_time() - c0
-    busy1, steal1 = _cpu_counters()
+    busy1, steal1 = cpu_counters()
     return Run(wall, ours / wall, max(0.0, busy1 - busy0 - ours) / wall, (steal1 - steal0) / wall)
 
 

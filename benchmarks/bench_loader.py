@@ -69,7 +69,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from _common import cover_size, cpu_model
+from _common import cover_size, cpu_counters, cpu_model
 
 EXTENSIONS = {".jpg", ".jpeg", ".png"}
 DOWNSAMPLING = {512: 16, 1024: 32}        # bucket size -> VAE factor / patch size
@@ -180,20 +180,6 @@ def _mark_worker_start(table: torch.Tensor, worker_id: int) -> None:
 
 
 # --------------------------------------------------------------------------- CPU accounting
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _cpu_counters() -> Tuple[float, float]:
-    """(busy, steal) CPU seconds of the whole machine, from /proc/stat (0, 0 if absent)."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0.0, 0.0
-    v += [0] * (8 - len(v))
-    user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
-    return (user + nice + system + irq + softirq) / _TICK, steal / _TICK
 
 
 def _own_cpu() -> float:
@@ -561,7 +547,7 @@ class Bench:
     def timed(self, name: str) -> Optional[Run]:
         gc.collect()
         faulthandler.dump_traceback_later(HANG_DUMP_S, exit=False)
-        busy0, steal0 = _cpu_counters()
+        busy0, steal0 = cpu_counters()
         c0 = _own_cpu()
         try:
             if name == "a":
@@ -578,7 +564,7 @@ class Bench:
             return None
         finally:
             faulthandler.cancel_dump_traceback_later()
-        busy1, steal1 = _cpu_counters()
+        busy1, steal1 = cpu_counters()
         if name == "b":
             return Run(r["wall"], r["n"], r["mp"], r["ours"], r["others"], r["steal"],
                        r["first"], r["startup"])
