@@ -6,6 +6,77 @@
 # Python objects, no allocation.  Needs: int16_t, int32_t, uint8_t, memcpy and the
 # _kernels.pxd declarations cimported by the including module.
 
+cdef extern from *:
+    """
+    /* Pass 2 of the int16 strip for packed RGB output, columns [0, x1), in AVX2
+       intrinsics: the 48 lanes of a column (16 rows x 3 channels) stay in three
+       registers through the taps, the rounding and the packing, and each row's 3
+       bytes are stored with one 4-byte store whose 4th byte the next column
+       rewrites (so x1 must be at most ow - 1).  Same arithmetic, bit for bit, as
+       _hcol + the generic store: each tap is pmulhw (a * w >> 16), wrap-around
+       int16 sums, then (acc + half) >> shift and an unsigned saturating pack.
+       Without AVX2 (the baseline build) DATAGO_HPASS is 0 and this is never
+       called. */
+    #if defined(__AVX2__)
+    #include <immintrin.h>
+    #define DATAGO_HPASS 1
+    static void datago_hpass_rgb16(const int16_t* T, int span0, const int* lo, const int* nz,
+                                   const int16_t* w, int ntx, int shift, int x1,
+                                   uint8_t* d0, Py_ssize_t d_row) {
+        const __m128i m = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+        const __m128i sh = _mm_cvtsi32_si128(shift);
+        const __m256i half = _mm256_set1_epi16((short)(1 << (shift - 1)));
+        int x, k;
+        for (x = 0; x < x1; x++) {
+            const int16_t* t = T + (Py_ssize_t)(lo[x] - span0) * 48;
+            const int16_t* wx = w + (Py_ssize_t)x * ntx;
+            __m256i a0 = _mm256_set1_epi16((short)(nz[x] / 2));
+            __m256i a1 = a0, a2 = a0, p01;
+            __m128i b0, b1, b2, g;
+            uint8_t* d = d0 + 3 * (Py_ssize_t)x;
+            int v;
+            for (k = 0; k < ntx; k++) {
+                const __m256i wk = _mm256_set1_epi16(wx[k]);
+                const int16_t* tk = t + k * 48;
+                a0 = _mm256_add_epi16(a0, _mm256_mulhi_epi16(_mm256_loadu_si256((const __m256i*)tk), wk));
+                a1 = _mm256_add_epi16(a1, _mm256_mulhi_epi16(_mm256_loadu_si256((const __m256i*)(tk + 16)), wk));
+                a2 = _mm256_add_epi16(a2, _mm256_mulhi_epi16(_mm256_loadu_si256((const __m256i*)(tk + 32)), wk));
+            }
+            a0 = _mm256_sra_epi16(_mm256_add_epi16(a0, half), sh);
+            a1 = _mm256_sra_epi16(_mm256_add_epi16(a1, half), sh);
+            a2 = _mm256_sra_epi16(_mm256_add_epi16(a2, half), sh);
+            p01 = _mm256_permute4x64_epi64(_mm256_packus_epi16(a0, a1), 0xD8);
+            b0 = _mm256_castsi256_si128(p01);
+            b1 = _mm256_extracti128_si256(p01, 1);
+            b2 = _mm_packus_epi16(_mm256_castsi256_si128(a2), _mm256_extracti128_si256(a2, 1));
+    #define DATAGO_STORE4(G, R0)                                              \
+            v = _mm_cvtsi128_si32(G);      memcpy(d + (R0) * d_row, &v, 4);       \
+            v = _mm_extract_epi32(G, 1);   memcpy(d + ((R0) + 1) * d_row, &v, 4); \
+            v = _mm_extract_epi32(G, 2);   memcpy(d + ((R0) + 2) * d_row, &v, 4); \
+            v = _mm_extract_epi32(G, 3);   memcpy(d + ((R0) + 3) * d_row, &v, 4);
+            g = _mm_shuffle_epi8(b0, m);                          DATAGO_STORE4(g, 0)
+            g = _mm_shuffle_epi8(_mm_alignr_epi8(b1, b0, 12), m); DATAGO_STORE4(g, 4)
+            g = _mm_shuffle_epi8(_mm_alignr_epi8(b2, b1, 8), m);  DATAGO_STORE4(g, 8)
+            g = _mm_shuffle_epi8(_mm_srli_si128(b2, 4), m);       DATAGO_STORE4(g, 12)
+    #undef DATAGO_STORE4
+        }
+    }
+    #else
+    #define DATAGO_HPASS 0
+    static void datago_hpass_rgb16(const int16_t* T, int span0, const int* lo, const int* nz,
+                                   const int16_t* w, int ntx, int shift, int x1,
+                                   uint8_t* d0, Py_ssize_t d_row) {
+        (void)T; (void)span0; (void)lo; (void)nz; (void)w; (void)ntx; (void)shift; (void)x1;
+        (void)d0; (void)d_row;
+    }
+    #endif
+    """
+    bint DATAGO_HPASS
+    void datago_hpass_rgb16(const int16_t* T, int span0, const int* lo, const int* nz,
+                            const int16_t* w, int ntx, int shift, int x1,
+                            uint8_t* d0, Py_ssize_t d_row) noexcept nogil
+
+
 # --- kernels, generic over the accumulator type ------------------------------------
 # int16_t: Q7 samples, fixed-point weights, each tap (a * w) >> 16 (pmulhw).
 # float:   plain samples and weights; used when there are too many taps for int16.
@@ -150,7 +221,7 @@ cdef void _strips(acc_t* work, const AxisPlan* px, const AxisPlan* py, int filt,
     cdef const acc_t* rp[MAX_TAPS]
     cdef const acc_t* wy
     cdef const acc_t* wx
-    cdef int y0, rr, y, lo, k, nxt, x, c, sc, r
+    cdef int y0, rr, y, lo, k, nxt, x, xs, c, sc, r
     cdef acc_t* tp
     cdef const acc_t* rowp
     cdef uint8_t* d0
@@ -210,7 +281,12 @@ cdef void _strips(acc_t* work, const AxisPlan* px, const AxisPlan* py, int filt,
         # pass 2: one output column at a time over 48 lanes, then round and store
         r = oh - y0 if oh - y0 < R else R
         d0 = dst + y0 * d_row
-        for x in range(ow):
+        xs = 0
+        if acc_t is int16_t:
+            if DATAGO_HPASS and packed3 and r == R_COLOR:
+                datago_hpass_rgb16(T, px.span0, px.lo, px.nz, px.w, ntx, shift, ow - 1, d0, d_row)
+                xs = ow - 1
+        for x in range(xs, ow):
             if acc_t is float:
                 wx = px.wf + x * ntx
                 hbias = 0
@@ -219,10 +295,7 @@ cdef void _strips(acc_t* work, const AxisPlan* px, const AxisPlan* py, int filt,
                 hbias = <int16_t>(px.nz[x] // 2)
             _hcol(T + (px.lo[x] - px.span0) * LANES, wx, ntx, hbias, shift, u)
             dp = d0 + x * d_px
-            if packed3 and x < ow - 1 and r == R_COLOR:
-                for rr in range(R_COLOR):
-                    memcpy(dp + rr * d_row, u + rr * 3, 4)   # byte 4 is rewritten by x + 1
-            elif packed3 and x < ow - 1:
+            if packed3 and x < ow - 1:       # byte 4 of each row is rewritten by x + 1
                 for rr in range(r):
                     memcpy(dp + rr * d_row, u + rr * 3, 4)
             else:
