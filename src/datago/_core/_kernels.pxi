@@ -8,32 +8,48 @@
 
 cdef extern from *:
     """
-    /* Pass 2 of the int16 strip for packed RGB output, columns [0, x1), in AVX2
-       intrinsics: the 48 lanes of a column (16 rows x 3 channels) stay in three
-       registers through the taps, the rounding and the packing, and each row's 3
-       bytes are stored with one 4-byte store whose 4th byte the next column
-       rewrites (so x1 must be at most ow - 1).  Same arithmetic, bit for bit, as
-       _hcol + the generic store: each tap is pmulhw (a * w >> 16), wrap-around
-       int16 sums, then (acc + half) >> shift and an unsigned saturating pack.
+    /* Pass 2 of the int16 strip for 3-channel output with contiguous channels, in
+       AVX2 intrinsics: the 48 lanes of a column (16 rows x 3 channels) stay in
+       three registers through the taps, the rounding and the packing.  Same
+       arithmetic, bit for bit, as _hcol + the generic store: each tap is pmulhw
+       (a * w >> 16), wrap-around int16 sums, then (acc + half) >> shift and an
+       unsigned saturating pack.  Columns x0, x0 + xstep, ... (cnt of them).
+       The stores depend on the output strides (EXIF orientation):
+       - d_row = +-3 (transposed: the 16 rows are adjacent pixels): 48 contiguous
+         bytes, in reverse pixel order when d_row = -3;
+       - otherwise d_px = +-3: each row's 3 bytes go out in one 4-byte store whose
+         4th byte belongs to the neighbouring column, which the caller makes the
+         next one written (xstep = sign of d_px) and never stores past the row.
        Without AVX2 (the baseline build) DATAGO_HPASS is 0 and this is never
        called. */
     #if defined(__AVX2__)
     #include <immintrin.h>
     #define DATAGO_HPASS 1
+    #define DATAGO_M(...) _mm_setr_epi8(__VA_ARGS__)
     static void datago_hpass_rgb16(const int16_t* T, int span0, const int* lo, const int* nz,
-                                   const int16_t* w, int ntx, int shift, int x1,
-                                   uint8_t* d0, Py_ssize_t d_row) {
-        const __m128i m = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+                                   const int16_t* w, int ntx, int shift,
+                                   int x0, int xstep, int cnt,
+                                   uint8_t* d0, Py_ssize_t d_row, Py_ssize_t d_px) {
+        const __m128i m = DATAGO_M(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
         const __m128i sh = _mm_cvtsi32_si128(shift);
         const __m256i half = _mm256_set1_epi16((short)(1 << (shift - 1)));
-        int x, k;
-        for (x = 0; x < x1; x++) {
+        /* reversed store: byte j of the 48 = byte 3 * (15 - j / 3) + j % 3 of the
+           column; R<k><i> picks the part of output chunk k held in input chunk i */
+        const __m128i R01 = DATAGO_M(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 14);
+        const __m128i R02 = DATAGO_M(13, 14, 15, 10, 11, 12, 7, 8, 9, 4, 5, 6, 1, 2, 3, -1);
+        const __m128i R10 = DATAGO_M(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 15, -1);
+        const __m128i R11 = DATAGO_M(15, -1, 11, 12, 13, 8, 9, 10, 5, 6, 7, 2, 3, 4, -1, 0);
+        const __m128i R12 = DATAGO_M(-1, 0, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+        const __m128i R20 = DATAGO_M(-1, 12, 13, 14, 9, 10, 11, 6, 7, 8, 3, 4, 5, 0, 1, 2);
+        const __m128i R21 = DATAGO_M(1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+        int i, k, x;
+        for (i = 0, x = x0; i < cnt; i++, x += xstep) {
             const int16_t* t = T + (Py_ssize_t)(lo[x] - span0) * 48;
             const int16_t* wx = w + (Py_ssize_t)x * ntx;
             __m256i a0 = _mm256_set1_epi16((short)(nz[x] / 2));
             __m256i a1 = a0, a2 = a0, p01;
             __m128i b0, b1, b2, g;
-            uint8_t* d = d0 + 3 * (Py_ssize_t)x;
+            uint8_t* d = d0 + x * d_px;
             int v;
             for (k = 0; k < ntx; k++) {
                 const __m256i wk = _mm256_set1_epi16(wx[k]);
@@ -49,6 +65,20 @@ cdef extern from *:
             b0 = _mm256_castsi256_si128(p01);
             b1 = _mm256_extracti128_si256(p01, 1);
             b2 = _mm_packus_epi16(_mm256_castsi256_si128(a2), _mm256_extracti128_si256(a2, 1));
+            if (d_row == 3) {
+                _mm_storeu_si128((__m128i*)d, b0);
+                _mm_storeu_si128((__m128i*)(d + 16), b1);
+                _mm_storeu_si128((__m128i*)(d + 32), b2);
+                continue;
+            }
+            if (d_row == -3) {
+                d -= 45;
+                _mm_storeu_si128((__m128i*)d, _mm_or_si128(_mm_shuffle_epi8(b1, R01), _mm_shuffle_epi8(b2, R02)));
+                _mm_storeu_si128((__m128i*)(d + 16), _mm_or_si128(_mm_or_si128(
+                    _mm_shuffle_epi8(b0, R10), _mm_shuffle_epi8(b1, R11)), _mm_shuffle_epi8(b2, R12)));
+                _mm_storeu_si128((__m128i*)(d + 32), _mm_or_si128(_mm_shuffle_epi8(b0, R20), _mm_shuffle_epi8(b1, R21)));
+                continue;
+            }
     #define DATAGO_STORE4(G, R0)                                              \
             v = _mm_cvtsi128_si32(G);      memcpy(d + (R0) * d_row, &v, 4);       \
             v = _mm_extract_epi32(G, 1);   memcpy(d + ((R0) + 1) * d_row, &v, 4); \
@@ -61,20 +91,23 @@ cdef extern from *:
     #undef DATAGO_STORE4
         }
     }
+    #undef DATAGO_M
     #else
     #define DATAGO_HPASS 0
     static void datago_hpass_rgb16(const int16_t* T, int span0, const int* lo, const int* nz,
-                                   const int16_t* w, int ntx, int shift, int x1,
-                                   uint8_t* d0, Py_ssize_t d_row) {
-        (void)T; (void)span0; (void)lo; (void)nz; (void)w; (void)ntx; (void)shift; (void)x1;
-        (void)d0; (void)d_row;
+                                   const int16_t* w, int ntx, int shift,
+                                   int x0, int xstep, int cnt,
+                                   uint8_t* d0, Py_ssize_t d_row, Py_ssize_t d_px) {
+        (void)T; (void)span0; (void)lo; (void)nz; (void)w; (void)ntx; (void)shift;
+        (void)x0; (void)xstep; (void)cnt; (void)d0; (void)d_row; (void)d_px;
     }
     #endif
     """
     bint DATAGO_HPASS
     void datago_hpass_rgb16(const int16_t* T, int span0, const int* lo, const int* nz,
-                            const int16_t* w, int ntx, int shift, int x1,
-                            uint8_t* d0, Py_ssize_t d_row) noexcept nogil
+                            const int16_t* w, int ntx, int shift,
+                            int x0, int xstep, int cnt,
+                            uint8_t* d0, Py_ssize_t d_row, Py_ssize_t d_px) noexcept nogil
 
 
 # --- kernels, generic over the accumulator type ------------------------------------
@@ -221,7 +254,7 @@ cdef void _strips(acc_t* work, const AxisPlan* px, const AxisPlan* py, int filt,
     cdef const acc_t* rp[MAX_TAPS]
     cdef const acc_t* wy
     cdef const acc_t* wx
-    cdef int y0, rr, y, lo, k, nxt, x, xs, c, sc, r
+    cdef int y0, rr, y, lo, k, nxt, x, xs, xe, c, sc, r
     cdef acc_t* tp
     cdef const acc_t* rowp
     cdef uint8_t* d0
@@ -229,7 +262,8 @@ cdef void _strips(acc_t* work, const AxisPlan* px, const AxisPlan* py, int filt,
     cdef acc_t vbias, hbias
     # Q7 source x Q(b) weights >> 16, twice: the result has 2b - 25 fraction bits
     cdef int shift = 2 * wbits(filt) - 25
-    cdef bint packed3 = dC == 3 and d_ch == 1 and d_px == 3 and CT == 3
+    cdef bint rgb3 = dC == 3 and d_ch == 1 and CT == 3     # 3 contiguous bytes per pixel
+    cdef bint packed3 = rgb3 and d_px == 3
     nxt = py.lo[0]
     y0 = 0
     while y0 < oh:
@@ -281,12 +315,22 @@ cdef void _strips(acc_t* work, const AxisPlan* px, const AxisPlan* py, int filt,
         # pass 2: one output column at a time over 48 lanes, then round and store
         r = oh - y0 if oh - y0 < R else R
         d0 = dst + y0 * d_row
-        xs = 0
+        xs, xe = 0, ow
         if acc_t is int16_t:
-            if DATAGO_HPASS and packed3 and r == R_COLOR:
-                datago_hpass_rgb16(T, px.span0, px.lo, px.nz, px.w, ntx, shift, ow - 1, d0, d_row)
-                xs = ow - 1
-        for x in range(xs, ow):
+            if DATAGO_HPASS and rgb3 and r == R_COLOR:
+                if d_row == 3 or d_row == -3:       # transposed: no column left over
+                    datago_hpass_rgb16(T, px.span0, px.lo, px.nz, px.w, ntx, shift,
+                                       0, 1, ow, d0, d_row, d_px)
+                    xs = ow
+                elif d_px == 3:                     # left to right, the last column below
+                    datago_hpass_rgb16(T, px.span0, px.lo, px.nz, px.w, ntx, shift,
+                                       0, 1, ow - 1, d0, d_row, d_px)
+                    xs = ow - 1
+                elif d_px == -3:                    # mirrored: right to left, column 0 below
+                    datago_hpass_rgb16(T, px.span0, px.lo, px.nz, px.w, ntx, shift,
+                                       ow - 1, -1, ow - 1, d0, d_row, d_px)
+                    xe = 1
+        for x in range(xs, xe):
             if acc_t is float:
                 wx = px.wf + x * ntx
                 hbias = 0
@@ -298,6 +342,9 @@ cdef void _strips(acc_t* work, const AxisPlan* px, const AxisPlan* py, int filt,
             if packed3 and x < ow - 1:       # byte 4 of each row is rewritten by x + 1
                 for rr in range(r):
                     memcpy(dp + rr * d_row, u + rr * 3, 4)
+            elif rgb3:
+                for rr in range(r):
+                    memcpy(dp + rr * d_row, u + rr * 3, 3)
             else:
                 for rr in range(r):
                     for c in range(dC):
