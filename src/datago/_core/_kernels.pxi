@@ -301,12 +301,12 @@ cdef void _strips(acc_t* work, const AxisPlan* px, const AxisPlan* py, int filt,
                 rowp = rows + x * 4
                 for rr in range(R_COLOR):
                     memcpy(tp + rr * 3, rowp + rr * n, 4 * sizeof(acc_t))
-        elif C == 3:
+        elif C == 3:    # the same overlapping 4-element moves (the 4th is the next pixel's)
             for x in range(cw):
                 tp = T + x * LANES
                 rowp = rows + x * 3
                 for rr in range(R_COLOR):
-                    memcpy(tp + rr * 3, rowp + rr * n, 3 * sizeof(acc_t))
+                    memcpy(tp + rr * 3, rowp + rr * n, 4 * sizeof(acc_t))
         else:
             for x in range(cw):
                 tp = T + x * LANES

@@ -668,7 +668,7 @@ def decode_to_bucket(data, pick, out, str mode, bint mask, int filt, long long m
         elif C == 1 or info.colorspace == tj.TJCS_GRAY:
             pf, srcC = tj.TJPF_GRAY, 1
         else:
-            pf, srcC = tj.TJPF_RGBX, 4
+            pf, srcC = tj.TJPF_RGB, 3
         with nogil:
             buf = st.reserve(<size_t>scaled_w * scaled_h * srcC)
             if buf != NULL:
