@@ -51,13 +51,21 @@ cdef extern from *:
             __m128i b0, b1, b2, g;
             uint8_t* d = d0 + x * d_px;
             int v;
-            for (k = 0; k < ntx; k++) {
-                const __m256i wk = _mm256_set1_epi16(wx[k]);
-                const int16_t* tk = t + k * 48;
-                a0 = _mm256_add_epi16(a0, _mm256_mulhi_epi16(_mm256_loadu_si256((const __m256i*)tk), wk));
-                a1 = _mm256_add_epi16(a1, _mm256_mulhi_epi16(_mm256_loadu_si256((const __m256i*)(tk + 16)), wk));
-                a2 = _mm256_add_epi16(a2, _mm256_mulhi_epi16(_mm256_loadu_si256((const __m256i*)(tk + 32)), wk));
+    #define DATAGO_TAP(K) {                                                                      \
+                const __m256i wk = _mm256_set1_epi16(wx[K]);                                         \
+                const int16_t* tk = t + (K) * 48;                                                    \
+                a0 = _mm256_add_epi16(a0, _mm256_mulhi_epi16(_mm256_loadu_si256((const __m256i*)tk), wk)); \
+                a1 = _mm256_add_epi16(a1, _mm256_mulhi_epi16(_mm256_loadu_si256((const __m256i*)(tk + 16)), wk)); \
+                a2 = _mm256_add_epi16(a2, _mm256_mulhi_epi16(_mm256_loadu_si256((const __m256i*)(tk + 32)), wk)); }
+            if (ntx == 2) {             /* upscaling with the triangle filter */
+                DATAGO_TAP(0) DATAGO_TAP(1)
+            } else if (ntx == 3) {      /* mild downscaling with the triangle filter */
+                DATAGO_TAP(0) DATAGO_TAP(1) DATAGO_TAP(2)
+            } else {
+                for (k = 0; k < ntx; k++)
+                    DATAGO_TAP(k)
             }
+    #undef DATAGO_TAP
             a0 = _mm256_sra_epi16(_mm256_add_epi16(a0, half), sh);
             a1 = _mm256_sra_epi16(_mm256_add_epi16(a1, half), sh);
             a2 = _mm256_sra_epi16(_mm256_add_epi16(a2, half), sh);
