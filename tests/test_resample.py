@@ -85,14 +85,17 @@ def test_simd_builds_are_identical():
 
 @pytest.mark.skipif(_resample.simd() != "avx2", reason="no AVX2 build on this machine")
 @pytest.mark.parametrize("flip", [False, True])
-def test_simd_builds_are_identical_rgbx_to_rgb(flip):
-    """The decode_to_bucket shape: RGBX source, packed RGB output (the AVX2 build has a
-    hand-written pass for it), also through a flipped view (EXIF orientation)."""
-    rng = np.random.default_rng(17 + flip)
+@pytest.mark.parametrize("channels", [4, 3, 1], ids=["rgbx", "rgb", "grey"])
+def test_simd_builds_are_identical_to_rgb(flip, channels):
+    """The decode_to_bucket shapes: RGBX, RGB or grey source, packed RGB output (the
+    AVX2 build has a hand-written pass for colour; grey has its own store path), also
+    through a flipped view (EXIF orientation)."""
+    rng = np.random.default_rng(17 + flip + 2 * channels)
     try:
         for sw, sh, ow, oh in [(1100, 70, 1024, 40), (40, 33, 700, 90), (300, 200, 301, 17),
-                               (2, 2, 5, 16), (97, 31, 96, 33), (520, 64, 260, 32)]:
-            img = rng.integers(0, 256, (sh, sw, 4), dtype=np.uint8)
+                               (2, 2, 5, 16), (97, 31, 96, 33), (520, 64, 260, 32),
+                               (30, 120, 20, 100)]:
+            img = rng.integers(0, 256, (sh, sw, channels), dtype=np.uint8)
             for name in FILTERS:
                 outs = []
                 for simd in ("avx2", "generic"):
@@ -102,8 +105,10 @@ def test_simd_builds_are_identical_rgbx_to_rgb(flip):
                     datago.resize(img, (ow, oh), filter=name, out=view)
                     outs.append(out)
                 assert np.array_equal(outs[0], outs[1]), (sw, sh, ow, oh, name)
-                # the X channel is dropped, not blended in
+                # the X channel is dropped, not blended in; grey fills all three
                 ref = datago.resize(np.ascontiguousarray(img[:, :, :3]), (ow, oh), filter=name)
+                if channels == 1:
+                    ref = np.repeat(ref.reshape(oh, ow, 1), 3, axis=2)
                 assert np.array_equal(outs[1][::-1, ::-1] if flip else outs[1], ref)
     finally:
         _resample.set_simd("auto")

@@ -272,6 +272,8 @@ cdef void _strips(acc_t* work, const AxisPlan* px, const AxisPlan* py, int filt,
     cdef int shift = 2 * wbits(filt) - 25
     cdef bint rgb3 = dC == 3 and d_ch == 1 and CT == 3     # 3 contiguous bytes per pixel
     cdef bint packed3 = rgb3 and d_px == 3
+    cdef bint grey3 = dC == 3 and d_ch == 1 and CT == 1 and d_px == 3
+    cdef uint8_t q[4]
     nxt = py.lo[0]
     y0 = 0
     while y0 < oh:
@@ -353,6 +355,10 @@ cdef void _strips(acc_t* work, const AxisPlan* px, const AxisPlan* py, int filt,
             elif rgb3:
                 for rr in range(r):
                     memcpy(dp + rr * d_row, u + rr * 3, 3)
+            elif grey3 and x < ow - 1:      # grey to packed RGB: one 4-byte store per pixel
+                for rr in range(r):
+                    q[0] = u[rr]; q[1] = u[rr]; q[2] = u[rr]
+                    memcpy(dp + rr * d_row, q, 4)   # byte 4 is rewritten by x + 1
             else:
                 for rr in range(r):
                     for c in range(dC):
