@@ -19,8 +19,10 @@ from datago import (ConfigError, DatagoConfig, FileSourceConfig, ImageConfig,
                     LoaderConfig, make_buckets)
 
 TOP_KEYS = ["source_type", "source_config", "image_config", "batch_size", "num_threads",
-            "samples_buffer_size", "limit", "seed", "drop_last", "on_error"]
-SOURCE_KEYS = ["root_path", "random_sampling", "rank", "world_size"]
+            "samples_buffer_size", "limit", "seed", "drop_last", "on_error", "sync_buckets",
+            "remainder", "prefetch_batches", "max_open_batches"]
+SOURCE_KEYS = ["root_path", "random_sampling", "rank", "world_size", "scan_sizes", "cache_dir",
+               "sizes_cache"]
 IMAGE_KEYS = ["crop_and_resize", "default_image_size", "downsampling_ratio",
               "min_aspect_ratio", "max_aspect_ratio", "pre_encode_images", "image_to_rgb8",
               "encode_format", "jpeg_quality", "filter", "max_pixels"]
@@ -39,7 +41,8 @@ def full_config(root: str) -> dict:
     return {
         "source_type": "file",
         "source_config": {"root_path": root, "random_sampling": True, "rank": 1,
-                          "world_size": 4},
+                          "world_size": 4, "scan_sizes": False, "cache_dir": root + "/cache",
+                          "sizes_cache": False},
         "image_config": {"crop_and_resize": True, "default_image_size": 1024,
                          "downsampling_ratio": 32, "min_aspect_ratio": 0.25,
                          "max_aspect_ratio": 4.0, "pre_encode_images": True,
@@ -52,6 +55,10 @@ def full_config(root: str) -> dict:
         "seed": 7,
         "drop_last": True,
         "on_error": "raise",
+        "sync_buckets": False,
+        "remainder": "drop",
+        "prefetch_batches": 3,
+        "max_open_batches": 4,
     }
 
 
@@ -85,13 +92,15 @@ def raises_at(path: str, fragment: str = ""):
 def test_full_config_parses_to_expected_dataclasses(root):
     cfg = DatagoConfig.from_dict(full_config(root))
     assert cfg == DatagoConfig(
-        source=FileSourceConfig(root_path=root, random_sampling=True, rank=1, world_size=4),
+        source=FileSourceConfig(root_path=root, random_sampling=True, rank=1, world_size=4,
+                                scan_sizes=False, cache_dir=root + "/cache", sizes_cache=False),
         image=ImageConfig(crop_and_resize=True, default_image_size=1024, downsampling_ratio=32,
                           min_aspect_ratio=0.25, max_aspect_ratio=4.0, pre_encode_images=True,
                           image_to_rgb8=True, encode_format="jpeg", jpeg_quality=80,
                           filter="lanczos", max_pixels=100_000_000),
         loader=LoaderConfig(batch_size=8, num_threads=3, samples_buffer_size=32, limit=1000,
-                            seed=7, drop_last=True, on_error="raise"),
+                            seed=7, drop_last=True, on_error="raise", sync_buckets=False,
+                            remainder="drop", prefetch_batches=3, max_open_batches=4),
         source_type="file")
     # field by field, so a wrong equality cannot hide a mismatch
     assert (cfg.source.root_path, cfg.source.random_sampling, cfg.source.rank,
@@ -144,9 +153,10 @@ def test_dataclass_defaults_match_the_documented_ones(root):
     img = ImageConfig()
     assert dataclasses.astuple(img) == (True, 512, 16, 0.5, 2.0, False, False, "png", 92,
                                         "triangle", datago.DEFAULT_MAX_PIXELS)
-    assert dataclasses.astuple(LoaderConfig()) == (None, None, 64, None, 0, False, "skip")
+    assert dataclasses.astuple(LoaderConfig()) == (None, None, 64, None, 0, False, "skip",
+                                                   True, "pad", 2, 8)
     src = FileSourceConfig(root)
-    assert dataclasses.astuple(src) == (root, False, None, None)
+    assert dataclasses.astuple(src) == (root, False, None, None, True, None, True)
     cfg = DatagoConfig(src)
     assert cfg.image == ImageConfig() and cfg.loader == LoaderConfig()
     assert cfg.source_type == "file"
@@ -195,10 +205,13 @@ def test_to_dict_round_trips_without_image_config(root):
     out = cfg.to_dict()
     assert out == {"source_type": "file",
                    "source_config": {"root_path": root, "random_sampling": False,
-                                     "rank": None, "world_size": None},
+                                     "rank": None, "world_size": None, "scan_sizes": True,
+                                     "cache_dir": None, "sizes_cache": True},
                    "image_config": None,
                    "batch_size": None, "num_threads": None, "samples_buffer_size": 64,
-                   "limit": None, "seed": 0, "drop_last": False, "on_error": "skip"}
+                   "limit": None, "seed": 0, "drop_last": False, "on_error": "skip",
+                   "sync_buckets": True, "remainder": "pad", "prefetch_batches": 2,
+                   "max_open_batches": 8}
     assert DatagoConfig.from_json(json.dumps(out)) == cfg
 
 
@@ -276,13 +289,15 @@ def test_legacy_keys_warn_and_are_ignored(root, path):
 
 # --------------------------------------------------------------------- wrong types
 BOOL_KEYS = ["source_config.random_sampling", "image_config.crop_and_resize",
-             "image_config.pre_encode_images", "image_config.image_to_rgb8", "drop_last"]
+             "image_config.pre_encode_images", "image_config.image_to_rgb8", "drop_last",
+             "sync_buckets", "source_config.scan_sizes", "source_config.sizes_cache"]
 INT_KEYS = ["source_config.rank", "source_config.world_size",
             "image_config.default_image_size", "image_config.downsampling_ratio",
             "image_config.jpeg_quality", "image_config.max_pixels",
-            "batch_size", "num_threads", "samples_buffer_size", "limit", "seed"]
+            "batch_size", "num_threads", "samples_buffer_size", "limit", "seed",
+            "prefetch_batches", "max_open_batches"]
 FLOAT_KEYS = ["image_config.min_aspect_ratio", "image_config.max_aspect_ratio"]
-CHOICE_KEYS = ["image_config.encode_format", "image_config.filter", "on_error"]
+CHOICE_KEYS = ["image_config.encode_format", "image_config.filter", "on_error", "remainder"]
 
 
 @pytest.mark.parametrize("path", BOOL_KEYS)

@@ -26,7 +26,7 @@ import time
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -38,7 +38,8 @@ from datago.sources.filesystem import SampleRef
 
 # skip reasons, in the order of the stats counters
 REASONS = ("read_error", "decode_error", "too_large", "bad_attributes")
-COUNTERS = ("samples", "batches", "bytes", "dropped", "t_read", "t_decode", "t_wait") + \
+COUNTERS = ("samples", "batches", "bytes", "dropped", "t_read", "t_decode", "t_wait",
+            "padded", "dropped_remainder", "early_flushed") + \
     tuple(f"skipped_{r}" for r in REASONS)
 
 
@@ -88,6 +89,9 @@ def summarize(table: torch.Tensor) -> dict:
         "skipped": {r: int(v[f"skipped_{r}"]) for r in REASONS if v[f"skipped_{r}"]},
         "skipped_total": int(sum(v[f"skipped_{r}"] for r in REASONS)),
         "dropped_last": int(v["dropped"]),
+        "padded": int(v["padded"]),
+        "dropped_remainder": int(v["dropped_remainder"]),
+        "early_flushed": int(v["early_flushed"]),
         "seconds": {"read": v["t_read"], "decode": v["t_decode"], "wait": v["t_wait"]},
     }
 
@@ -164,7 +168,8 @@ def _alloc(shape, shared: bool) -> torch.Tensor:
 class Batch:
     """Preallocated tensors of one bucket and the samples assigned to their slots."""
 
-    def __init__(self, bucket: Tuple[int, int], capacity: int, shared: bool = False):
+    def __init__(self, bucket: Tuple[int, int], capacity: int, shared: bool = False,
+                 mask_names: Iterable[str] = (), image_names: Iterable[str] = ()):
         self.bucket = bucket                      # (width, height)
         self.capacity = capacity
         self.shared = shared
@@ -178,6 +183,16 @@ class Batch:
         self.samples: List[Optional[_Loaded]] = []
         self.meta: List[Optional[tuple]] = []
         self.futures: List[Future] = []
+        for name in mask_names:
+            self._table("mask", self.masks, name, 1)
+        for name in image_names:
+            self._table("image", self.images, name, 3)
+
+    def _table(self, kind: str, table: Dict[str, torch.Tensor], name: str, channels: int) -> None:
+        if name not in table:
+            w, h = self.bucket
+            table[name] = _alloc((self.capacity, h, w, channels), self.shared)
+            self.present[(kind, name)] = np.zeros(self.capacity, dtype=bool)
 
     @property
     def full(self) -> bool:
@@ -186,13 +201,10 @@ class Batch:
     def assign(self, loaded: "_Loaded") -> int:
         """Give ``loaded`` the next slot; allocate the tensors of its masks and additional
         images.  Consumer thread only: decode threads never change the tables."""
-        w, h = self.bucket
         for kind, table, items, channels in (("mask", self.masks, loaded.masks, 1),
                                              ("image", self.images, loaded.images, 3)):
             for name, _ in items:
-                if name not in table:
-                    table[name] = _alloc((self.capacity, h, w, channels), self.shared)
-                    self.present[(kind, name)] = np.zeros(self.capacity, dtype=bool)
+                self._table(kind, table, name, channels)
         self.samples.append(loaded)
         self.meta.append(None)
         return len(self.samples) - 1
@@ -221,26 +233,54 @@ def _decode_into(loaded: _Loaded, batch: Batch, slot: int, cfg, stats: Stats) ->
     batch.meta[slot] = (res.original_size, res.crop_coords)
 
 
-class Engine:
-    """Iterates batches (or samples) of one worker's sample references."""
+def _output(batch: Batch, good: List[int], stats: Stats, step: Optional[int] = None) -> Optional[dict]:
+    """The output dict of a batch whose decodes are done; ``good``: the slots that
+    succeeded (failed ones are closed up, so the batch is that much shorter)."""
+    n = len(good)
+    if n == 0 and step is None:
+        return None                 # streaming mode: nothing to yield
+    # planned batches are yielded even when every sample failed (an empty batch):
+    # every rank must take part in every step
+    if good != list(range(n)):                  # move the survivors to the front
+        for dst, src in enumerate(good):
+            if dst != src:
+                batch.image[dst] = batch.image[src]
+                for t in list(batch.masks.values()) + list(batch.images.values()):
+                    t[dst] = t[src]
+                for p in batch.present.values():
+                    p[dst] = p[src]
+    samples = [batch.samples[s] for s in good]
+    meta = [batch.meta[s] for s in good]
+    w, h = batch.bucket
+    stats.add("samples", n)
+    stats.add("batches", 1)
+    stats.add("bytes", sum(s.nbytes for s in samples))
+    out = {
+        "image": batch.image[:n].permute(0, 3, 1, 2),
+        "id": [s.ref.id for s in samples],
+        "original_size": torch.tensor([m[0] for m in meta], dtype=torch.int64).reshape(n, 2),
+        "crop_coords": torch.tensor([m[1] for m in meta], dtype=torch.int64).reshape(n, 2),
+        "bucket": BucketShape(h, w),
+        "attributes": [s.attributes for s in samples],
+        "masks": {k: t[:n].permute(0, 3, 1, 2) for k, t in batch.masks.items()},
+        "additional_images": {k: t[:n].permute(0, 3, 1, 2) for k, t in batch.images.items()},
+    }
+    if step is not None:
+        out["step"] = step
+    if batch.present:
+        out["present"] = {f"{kind}/{name}": torch.from_numpy(p[:n].copy())
+                          for (kind, name), p in batch.present.items()}
+    return out
 
-    def __init__(self, refs: Iterable[SampleRef], *, image_cfg, buckets, batch_size, drop_last,
-                 num_threads: int, buffer: int, on_error: str, stats: Stats):
-        self.refs = iter(refs)
-        self.cfg = image_cfg
-        self.buckets = buckets
-        self.batch_size = batch_size
-        self.drop_last = drop_last
-        self.num_threads = num_threads
-        self.buffer = buffer
+
+class _ErrorPolicy:
+    """Counts failed samples by reason; skips them (one warning per reason) or raises."""
+
+    def __init__(self, on_error: str, stats: Stats):
         self.on_error = on_error
         self.stats = stats
         self._warned = set()
-        self._pending = 0
-        self._cond = threading.Condition()
-        self._shared = _in_worker()
 
-    # ------------------------------------------------------------------ errors
     def _skip(self, err: SampleError) -> None:
         self.stats.add(f"skipped_{err.reason}")
         if self.on_error == "raise":
@@ -249,6 +289,39 @@ class Engine:
             self._warned.add(err.reason)
             warnings.warn(f"datago: skipping {err} (further '{err.reason}' skips are "
                           "counted in stats() without a warning)", RuntimeWarning, stacklevel=3)
+
+
+class Engine(_ErrorPolicy):
+    """Streaming mode: iterates batches (or samples) of sample references whose sizes
+    are not known in advance, filling one open batch per bucket.
+
+    Memory is bounded: at most ``buffer`` samples are being loaded or decoded, at
+    most ``max_open`` batches are open (when a sample needs a bucket that has no
+    open batch and ``max_open`` are open, the fullest one is closed early and
+    counted as ``early_flushed``), and no new sample is loaded while
+    ``prefetch`` closed batches wait to be yielded.
+
+    In per-sample mode (``batch_size=None``), ``refs`` may hold ``(step, ref)``
+    pairs (with ``steps=True``); each sample dict then carries ``"step"``.
+    """
+
+    def __init__(self, refs: Iterable[SampleRef], *, image_cfg, buckets, batch_size, drop_last,
+                 num_threads: int, buffer: int, on_error: str, stats: Stats,
+                 max_open: Optional[int] = None, prefetch: int = 2, steps: bool = False):
+        self.max_open = max_open
+        self.prefetch = max(1, prefetch)
+        self.with_steps = steps
+        super().__init__(on_error, stats)
+        self.refs = iter(refs)
+        self.cfg = image_cfg
+        self.buckets = buckets
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.num_threads = num_threads
+        self.buffer = buffer
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._shared = _in_worker()
 
     def _wait(self, fut):
         """The future's result, or None when its sample failed (counted by _skip)."""
@@ -279,7 +352,8 @@ class Engine:
         exhausted = False
         try:
             while True:
-                while not exhausted and len(loads) + self._pending < self.buffer:
+                while (not exhausted and len(loads) + self._pending < self.buffer
+                       and len(closed) < self.prefetch):
                     ref = next(self.refs, None)
                     if ref is None:
                         exhausted = True
@@ -296,6 +370,11 @@ class Engine:
                     bucket = nearest_bucket(*loaded.info.display_size, self.buckets)
                     batch = open_batches.get(bucket)
                     if batch is None:
+                        if self.max_open is not None and len(open_batches) >= self.max_open:
+                            fullest = max(order, key=lambda b: len(open_batches[b].samples))
+                            closed.append(open_batches.pop(fullest))
+                            order.remove(fullest)
+                            self.stats.add("early_flushed")
                         batch = open_batches[bucket] = Batch(bucket, self.batch_size, self._shared)
                         order.append(bucket)
                     slot = batch.assign(loaded)
@@ -355,37 +434,7 @@ class Engine:
                 self._skip(exc)
             else:
                 raise exc
-        n = len(good)
-        if n == 0:
-            return None
-        if good != list(range(n)):                  # move the survivors to the front
-            for dst, src in enumerate(good):
-                if dst != src:
-                    batch.image[dst] = batch.image[src]
-                    for t in list(batch.masks.values()) + list(batch.images.values()):
-                        t[dst] = t[src]
-                    for p in batch.present.values():
-                        p[dst] = p[src]
-        samples = [batch.samples[s] for s in good]
-        meta = [batch.meta[s] for s in good]
-        w, h = batch.bucket
-        self.stats.add("samples", n)
-        self.stats.add("batches", 1)
-        self.stats.add("bytes", sum(s.nbytes for s in samples))
-        out = {
-            "image": batch.image[:n].permute(0, 3, 1, 2),
-            "id": [s.ref.id for s in samples],
-            "original_size": torch.tensor([m[0] for m in meta], dtype=torch.int64),
-            "crop_coords": torch.tensor([m[1] for m in meta], dtype=torch.int64),
-            "bucket": BucketShape(h, w),
-            "attributes": [s.attributes for s in samples],
-            "masks": {k: t[:n].permute(0, 3, 1, 2) for k, t in batch.masks.items()},
-            "additional_images": {k: t[:n].permute(0, 3, 1, 2) for k, t in batch.images.items()},
-        }
-        if batch.present:
-            out["present"] = {f"{kind}/{name}": torch.from_numpy(p[:n].copy())
-                              for (kind, name), p in batch.present.items()}
-        return out
+        return _output(batch, good, self.stats)
 
     # ------------------------------------------------------------------ per sample
     def _samples(self) -> Iterator[dict]:
@@ -398,7 +447,11 @@ class Engine:
                     ref = next(self.refs, None)
                     if ref is None:
                         break
-                    work.append(pool.submit(self._one, ref))
+                    if self.with_steps:
+                        step, ref = ref
+                        work.append(pool.submit(self._one, ref, step))
+                    else:
+                        work.append(pool.submit(self._one, ref))
                 if not work:
                     break
                 out = self._wait(work.popleft())
@@ -410,7 +463,7 @@ class Engine:
                 f.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _one(self, ref: SampleRef) -> dict:
+    def _one(self, ref: SampleRef, step: Optional[int] = None) -> dict:
         loaded = load(ref, self.stats)
         if self.buckets is None:                    # no crop_and_resize: the image as it is
             t0 = time.perf_counter()
@@ -443,6 +496,95 @@ class Engine:
                 "masks": {k: t[0].permute(2, 0, 1) for k, t in batch.masks.items()},
                 "additional_images": {k: t[0].permute(2, 0, 1) for k, t in batch.images.items()},
             }
+        if step is not None:
+            out["step"] = step
         self.stats.add("samples", 1)
         self.stats.add("bytes", loaded.nbytes)
         return out
+
+
+# ---------------------------------------------------------------------------- planned batches
+
+class Job(NamedTuple):
+    """One batch of the epoch plan: its global step, bucket, samples and which of
+    them repeat a sample (remainder padding)."""
+    step: int
+    bucket: Tuple[int, int]                 # (width, height)
+    refs: Sequence[SampleRef]
+    padded: Sequence[bool]
+
+
+def _load_decode(ref: SampleRef, batch: Batch, slot: int, cfg, stats: Stats) -> None:
+    """Pool thread: read one sample and decode it into its slot; keep only its metadata."""
+    loaded = load(ref, stats)
+    _decode_into(loaded, batch, slot, cfg, stats)
+    loaded.data = loaded.masks = loaded.images = None          # the bytes are done with
+    batch.samples[slot] = loaded
+
+
+class PlanEngine(_ErrorPolicy):
+    """Executes a worker's share of the epoch plan, batch by batch.
+
+    Each batch's samples are known before any is read (the plan chose them by
+    their sizes), so its tensors are allocated once and every sample is read and
+    decoded straight into its slot by one pool task.  At most
+    ``prefetch_batches`` batches exist at once -- being decoded or finished and
+    waiting -- whatever the number of buckets; the batch being consumed is the
+    caller's.  A sample that fails is counted and its slot closed up (that batch
+    is one shorter; the step count never changes).
+    """
+
+    def __init__(self, jobs: Iterable[Job], *, image_cfg, num_threads: int,
+                 prefetch_batches: int, on_error: str, stats: Stats):
+        super().__init__(on_error, stats)
+        self.jobs = iter(jobs)
+        self.cfg = image_cfg
+        self.num_threads = num_threads
+        self.prefetch = max(1, prefetch_batches)
+        self._shared = _in_worker()
+
+    def _submit(self, pool: ThreadPoolExecutor, job: Job) -> Batch:
+        masks = {n for r in job.refs for n, _ in r.masks}
+        images = {n for r in job.refs for n, _ in r.images}
+        batch = Batch(job.bucket, len(job.refs), self._shared, sorted(masks), sorted(images))
+        batch.samples = [None] * len(job.refs)
+        batch.meta = [None] * len(job.refs)
+        batch.futures = [pool.submit(_load_decode, ref, batch, slot, self.cfg, self.stats)
+                         for slot, ref in enumerate(job.refs)]
+        return batch
+
+    def __iter__(self) -> Iterator[dict]:
+        pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="datago")
+        inflight: deque = deque()
+        try:
+            while True:
+                while len(inflight) < self.prefetch:
+                    job = next(self.jobs, None)
+                    if job is None:
+                        break
+                    inflight.append((job, self._submit(pool, job)))
+                if not inflight:
+                    break
+                job, batch = inflight.popleft()
+                t0 = time.perf_counter()
+                good = []
+                for slot, f in enumerate(batch.futures):
+                    exc = f.exception()
+                    if exc is None:
+                        good.append(slot)
+                    elif isinstance(exc, SampleError):
+                        self._skip(exc)
+                    else:
+                        raise exc
+                self.stats.add("t_wait", time.perf_counter() - t0)
+                padded = sum(1 for s in good if job.padded[s])
+                if padded:
+                    self.stats.add("padded", padded)
+                out = _output(batch, good, self.stats, job.step)
+                del batch
+                yield out
+        finally:
+            for _, b in inflight:
+                for f in b.futures:
+                    f.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -24,6 +24,7 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
+from datago._progress import Progress as _Progress
 from datago.buckets import make_buckets, nearest_bucket
 from datago.dataset import available_cpus
 from datago.errors import DecodeError
@@ -143,36 +144,6 @@ def run_core(root: Optional[str], size: int, ratio: int, threads: int, limit: Op
     return 0
 
 
-class _Progress:
-    """A one-line progress bar on stderr (redrawn in place on a terminal)."""
-
-    def __init__(self, total: Optional[int], unit: str = "img"):
-        self.total, self.unit = total, unit
-        self.n, self.t0, self.last = 0, time.perf_counter(), 0.0
-        self.tty = sys.stderr.isatty()
-
-    def update(self, k: int) -> None:
-        self.n += k
-        now = time.perf_counter()
-        if now - self.last >= (0.2 if self.tty else 5.0):
-            self.last = now
-            self._draw(now)
-
-    def _draw(self, now: float, end: str = "") -> None:
-        rate = self.n / max(now - self.t0, 1e-9)
-        if self.total:
-            frac = min(1.0, self.n / self.total)
-            bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-            text = f"[{bar}] {self.n}/{self.total} {self.unit} {rate:6.1f} {self.unit}/s"
-        else:
-            text = f"{self.n} {self.unit} {rate:6.1f} {self.unit}/s"
-        sys.stderr.write(("\r" if self.tty else "") + text + (end or ("" if self.tty else "\n")))
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        self._draw(time.perf_counter(), end="\n")
-
-
 def run_bench(root: Optional[str], size: int, ratio: int, batch: int, threads: Optional[int],
               workers: int, limit: Optional[int], out=None) -> int:
     out = out or sys.stdout
@@ -197,7 +168,12 @@ def run_bench(root: Optional[str], size: int, ratio: int, batch: int, threads: O
     t_list = time.perf_counter()
     ds = DatagoDataset(cfg)
     t_list = time.perf_counter() - t_list
-    n = min(len(ds.listing), limit) if limit else len(ds.listing)
+    try:
+        n = len(ds) * batch                    # planned batches (the last one may be cut)
+        if limit:
+            n = min(n, limit)
+    except TypeError:
+        n = min(len(ds.listing), limit) if limit else len(ds.listing)
     print(f"{root}: {len(ds.listing)} samples listed in {t_list:.2f} s; buckets {size}/{ratio} "
           f"({len(ds.buckets)}), batch {batch}, {workers} DataLoader workers x "
           f"{threads or 'auto'} threads", file=out, flush=True)
@@ -215,10 +191,16 @@ def run_bench(root: Optional[str], size: int, ratio: int, batch: int, threads: O
     done = st["samples"]
     print(f"\n{done} images in {secs:.2f} s: {done / secs:.1f} img/s, "
           f"{st['bytes_read'] / secs / 1e6:.1f} MB/s read, {st['batches']} batches", file=out)
+    if st["padded"] or st["dropped_remainder"]:
+        print(f"remainder policy: {st['padded']} repeats padded the last batch of a bucket, "
+              f"{st['dropped_remainder']} dropped", file=out)
     skipped = st["skipped"]
     print("skipped: " + (", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none")
           + (f"; dropped by drop_last: {st['dropped_last']}" if st["dropped_last"] else ""),
           file=out)
+    if st.get("index", {}).get("unreadable"):
+        print(f"left out of the plan: {st['index']['unreadable']} files whose header could "
+              "not be read", file=out)
     if st["listing"]["skipped"]:
         print("not listed: " + ", ".join(f"{k} {v}" for k, v in sorted(st["listing"]["skipped"].items())),
               file=out)

@@ -40,6 +40,7 @@ SUPPORTED_SOURCES = ("file",)
 LATER_SOURCES = ("db", "webdataset")
 FILTERS = ("triangle", "bicubic", "lanczos", "box")
 ON_ERROR = ("skip", "raise")
+REMAINDER = ("pad", "drop")
 ENCODE_FORMATS = ("png", "jpeg")
 # keys of the reference's documentation that it ignores; accepted with a warning
 LEGACY_IGNORED = {"prefetch_buffer_size", "page_size"}
@@ -95,6 +96,15 @@ class FileSourceConfig:
     """This process's rank; None: ``torch.distributed`` if initialised, else ``$RANK``, else 0."""
     world_size: Optional[int] = None
     """Number of ranks; None (or 0, the reference's default): detected like ``rank``."""
+    scan_sizes: bool = True
+    """Read every image's size from its header up front (cached), so that each epoch
+    can be planned: equal batches on every rank, synced buckets, resume.  False:
+    streaming mode (batches filled as images arrive; no plan, no resume)."""
+    cache_dir: Optional[str] = None
+    """Folder of the sizes cache; None: ``$XDG_CACHE_HOME/datago/sizes``
+    (``~/.cache/datago/sizes``)."""
+    sizes_cache: bool = True
+    """Read and write the sizes cache (False: rescan every headers each time)."""
 
     _section = "source_config"
 
@@ -106,6 +116,12 @@ class FileSourceConfig:
             _fail(f"{p}.root_path", f"{str(self.root_path)!r} is not an existing folder")
         object.__setattr__(self, "root_path", os.fspath(self.root_path))
         _check_bool(f"{p}.random_sampling", self.random_sampling)
+        _check_bool(f"{p}.scan_sizes", self.scan_sizes)
+        _check_bool(f"{p}.sizes_cache", self.sizes_cache)
+        if self.cache_dir is not None:
+            if not isinstance(self.cache_dir, (str, os.PathLike)) or not str(self.cache_dir):
+                _fail(f"{p}.cache_dir", f"must be a folder path, got {self.cache_dir!r}")
+            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
         _check_int(f"{p}.rank", self.rank, minimum=0, optional=True)
         _check_int(f"{p}.world_size", self.world_size, minimum=0, optional=True)
         if self.world_size == 0:
@@ -187,6 +203,19 @@ class LoaderConfig:
     """At the end of an epoch, drop batches that are not full instead of yielding them."""
     on_error: str = "skip"
     """A corrupt or unreadable file: "skip" (count it, warn once per reason) or "raise"."""
+    sync_buckets: bool = True
+    """Every rank's batch at step t has the same bucket (global batches of
+    world_size x batch_size from one bucket).  False: each rank batches its own
+    share (less padding or dropping with many ranks, shapes differ across ranks)."""
+    remainder: str = "pad"
+    """The last, incomplete global batch of each bucket: "pad" (complete it by
+    repeating samples of that bucket; every sample appears at least once per
+    epoch) or "drop" (leave its samples out this epoch, counted)."""
+    prefetch_batches: int = 2
+    """Batches being decoded or waiting, per DataLoader worker (bounds memory)."""
+    max_open_batches: int = 8
+    """Streaming mode (scan_sizes=false): open per-bucket batches per worker; when a
+    sample needs one more, the fullest is yielded early (counted)."""
 
     _section = ""
 
@@ -199,6 +228,10 @@ class LoaderConfig:
         _check_int(f"{p}seed", self.seed, minimum=0)
         _check_bool(f"{p}drop_last", self.drop_last)
         _check_choice(f"{p}on_error", self.on_error, ON_ERROR)
+        _check_bool(f"{p}sync_buckets", self.sync_buckets)
+        _check_choice(f"{p}remainder", self.remainder, REMAINDER)
+        _check_int(f"{p}prefetch_batches", self.prefetch_batches, minimum=1)
+        _check_int(f"{p}max_open_batches", self.max_open_batches, minimum=1)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""DatagoDataset: a folder of images to sharded, bucket-batched tensors for PyTorch.
+"""DatagoDataset: a folder of images to bucket-batched tensors for PyTorch, the same
+number of batches on every rank, the same bucket at every step, resumable.
 
     ds = DatagoDataset(config)                      # DatagoConfig, dict or JSON string
     loader = DataLoader(ds, num_workers=2, batch_size=None, pin_memory=True)
@@ -7,6 +8,7 @@
         for batch in loader:
             batch["image"]          # uint8 (B, 3, H, W), channels-last storage
             batch["id"]             # list of B sample ids
+            batch["step"]           # global step of this batch in the epoch (same on every rank)
             batch["original_size"]  # int64 (B, 2): (height, width) of each source image
             batch["crop_coords"]    # int64 (B, 2): (top, left) of the crop (SDXL conditioning)
             batch["bucket"]         # (H, W)
@@ -22,35 +24,49 @@ without the batch dimension).
 
 Which samples, in which order
 -----------------------------
-Each sample belongs to one (rank, worker) by a stable hash of its id (see
-``datago.sharding``).  Without ``random_sampling`` a worker reads its samples in
-listing order; with it, the order is a permutation drawn from ``(seed, epoch)``:
-the same on every run and every rank, different for every epoch (``set_epoch``).
-``limit`` is per rank: the rank's samples are taken in that order and the first
-``limit`` are split among its workers, so ``limit=100`` yields exactly 100 samples
-per rank per epoch (fewer only if the rank's shard is smaller, or if files fail
-and are skipped, or ``drop_last`` drops a partial batch -- all counted in
-``stats()``).
+At construction the width and height of every image are read from its header
+(a parallel scan, cached on disk; see ``datago.sources.sizes``), so each sample's
+bucket is known before any pixel is decoded.  Each epoch is then planned by
+``datago.plan.plan_epoch``: global steps of ``world_size * batch_size`` samples of
+one bucket, rank ``r`` taking its slice, the remainder of every bucket padded or
+dropped (``remainder``).  Every rank computes the same plan alone, so every rank
+yields the same number of batches with the same bucket at every step.  DataLoader
+worker ``w`` of ``N`` takes the rank's steps ``w, w + N, ...``, which is the
+order in which DataLoader collects them.  ``len(ds)`` is the number of batches
+this rank yields in the current epoch.
+
+Resuming: ``ds.state_dict()`` / ``ds.load_state_dict(state)`` (a few integers and
+a fingerprint of the data and config); see ``load_state_dict``.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
+import xxhash
 from torch.utils.data import IterableDataset
 
-from datago._engine import COUNTERS, Engine, Stats, summarize
+from datago._engine import COUNTERS, Engine, Job, PlanEngine, Stats, summarize
+from datago.buckets import nearest_bucket
 from datago.config import DatagoConfig
-from datago.errors import ConfigError
-from datago.sharding import ShardDetector, ShardInfo, shard_hash
+from datago.errors import ConfigError, DatagoError
+from datago.plan import EpochPlan, plan_epoch, resume_plan
+from datago.sharding import ShardDetector, ShardInfo, local_world_size, shard_hash
 from datago.sources.filesystem import FileListing
+from datago.sources.sizes import SizesIndex, scan_files
 
-__all__ = ["DatagoDataset", "default_num_threads"]
+__all__ = ["DatagoDataset", "StateError", "default_num_threads"]
 
 MAX_WORKER_ROWS = 64          # stats rows; worker ids beyond share rows (sums stay right)
+MAX_LAYOUTS = 16              # elastic re-plans remembered within one epoch
+STATE_VERSION = 1
+
+
+class StateError(DatagoError, ValueError):
+    """A resume state that does not fit this dataset (other data, config or epoch)."""
 
 
 def available_cpus() -> int:
@@ -61,8 +77,17 @@ def available_cpus() -> int:
 
 
 def default_num_threads(num_workers: int) -> int:
-    """Decode threads per DataLoader worker: the job's CPUs divided among the workers."""
-    return max(1, available_cpus() // max(1, num_workers))
+    """Decode threads per DataLoader worker: the CPUs available to this rank (its
+    affinity, divided among the ranks of the node when ``LOCAL_WORLD_SIZE`` is
+    set) divided among the rank's workers."""
+    cpus = available_cpus()
+    local = local_world_size()
+    if local and local > 1 and cpus >= local:
+        # a launcher that pins each rank to its own cores leaves the affinity alone
+        # when it is already small; only a node-wide affinity is shared out
+        if cpus >= (os.cpu_count() or cpus):
+            cpus //= local
+    return max(1, cpus // max(1, num_workers))
 
 
 def _as_config(config) -> DatagoConfig:
@@ -74,6 +99,22 @@ def _as_config(config) -> DatagoConfig:
         return DatagoConfig.from_dict(config)
     raise ConfigError(f"config must be a DatagoConfig, a dict or a JSON string, "
                       f"got {type(config).__name__}")
+
+
+def _bucket_indices(width: np.ndarray, height: np.ndarray, buckets: list,
+                    valid: np.ndarray) -> np.ndarray:
+    """Bucket index per sample (-1 where not valid); ``nearest_bucket`` once per
+    distinct size."""
+    out = np.full(len(width), -1, dtype=np.int64)
+    if not valid.any():
+        return out
+    key = (width[valid].astype(np.int64) << 32) | height[valid].astype(np.int64)
+    uniq, inv = np.unique(key, return_inverse=True)
+    index = {b: i for i, b in enumerate(buckets)}
+    per = np.array([index[nearest_bucket(int(k >> 32), int(k & 0xFFFFFFFF), buckets)]
+                    for k in uniq], dtype=np.int64)
+    out[valid] = per[inv.reshape(-1)]
+    return out
 
 
 class DatagoDataset(IterableDataset):
@@ -89,42 +130,360 @@ class DatagoDataset(IterableDataset):
         super().__init__()
         self.config = _as_config(config)
         src = self.config.source
+        loader = self.config.loader
         self.listing = FileListing(src.root_path)
-        # shard hashes of every sample, computed once (and shared with the workers)
+        n = len(self.listing)
+        # stable id hashes: shard membership, shuffle keys, the sizes cache key
         self._hashes = np.fromiter((shard_hash(i) for i in self.listing.ids()),
-                                   dtype=np.uint64, count=len(self.listing))
-        self._detector = detector or ShardDetector(src.rank, src.world_size)
-        # epoch and stats live in shared memory: DataLoader workers (forked or
-        # spawned, persistent or not) see set_epoch() and report their counters
-        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+                                   dtype=np.uint64, count=n)
+        self._detector = detector
+        self._auto = ShardDetector(src.rank, src.world_size)
+        self._dist: Optional[Tuple[int, int]] = None      # (rank, world) resolved in the trainer
+        # epoch, resume point and stats live in shared memory: DataLoader workers
+        # (forked or spawned, persistent or not) see set_epoch()/load_state_dict()
+        # and report their counters
+        # [0] epoch, [1] resume step, [2] resume epoch (-1: none), [3] number of
+        # earlier layouts, [4:-1] their (world_size, step) pairs, [-1] generation of
+        # the resume point (each process applies one generation once)
+        # [-2] set once DataLoader workers have iterated
+        self._shared = torch.zeros(6 + 2 * MAX_LAYOUTS, dtype=torch.int64).share_memory_()
+        self._shared[2] = -1
+        self._seen_gen = 0
+        self._worker_resume: Optional[dict] = None         # a worker's own state (StatefulDataLoader)
         self._stats = torch.zeros((MAX_WORKER_ROWS, len(COUNTERS)),
                                   dtype=torch.float64).share_memory_()
         self.buckets = self.config.buckets
+        self.sizes: Optional[SizesIndex] = None
+        self.mode = "stream"
+        if loader.batch_size is None:
+            self.mode = "samples"
+            include = np.ones(n, dtype=bool)
+            self._bucket_of = np.zeros(n, dtype=np.int64)
+        elif src.scan_sizes:
+            self.mode = "plan"
+            self.sizes = scan_files(self.listing.root,
+                                    [self.listing.ref(i).path for i in range(n)],
+                                    self._hashes, cache_dir=src.cache_dir,
+                                    use_cache=src.sizes_cache)
+            include = self.sizes.readable
+            self._bucket_of = _bucket_indices(self.sizes.width, self.sizes.height,
+                                              self.buckets, include)
+        else:
+            include = np.ones(n, dtype=bool)
+            self._bucket_of = np.zeros(n, dtype=np.int64)
+        self._items = np.flatnonzero(include)
+        self._plan_cache: Optional[Tuple[tuple, EpochPlan]] = None
+        self._progress: Optional[dict] = None              # worker-side position (state_dict)
+        self._resolve(confident_only=True)
+
+    # ------------------------------------------------------------------ layout
+    def _resolve(self, confident_only: bool = False) -> None:
+        """Rank and world size, looked up in the trainer process (before workers exist:
+        a spawned worker has no process group).  ``confident_only``: keep the result
+        only when it came from the config, torch.distributed, or the environment."""
+        if self._detector is not None:
+            return
+        rank, world, source = self._auto.resolve()
+        if source != "default" or not confident_only:
+            self._dist = (rank, world)
+
+    def _info(self) -> ShardInfo:
+        if self._detector is not None:
+            return self._detector()
+        worker_id, num_workers = ShardDetector.worker()
+        if _in_worker() and self._dist is not None:
+            rank, world = self._dist                       # resolved in the trainer
+        else:
+            rank, world, _ = self._auto.resolve()           # a forked worker inherits it all
+            if not _in_worker():
+                self._dist = (rank, world)
+        return ShardInfo(rank, world, worker_id, num_workers)
+
+    def __getstate__(self):
+        # pickled for spawn/forkserver workers: resolve the rank here, in the trainer
+        if not _in_worker():
+            self._resolve()
+        state = self.__dict__.copy()
+        state["_plan_cache"] = None
+        return state
 
     # ------------------------------------------------------------------ public
     def set_epoch(self, epoch: int) -> None:
-        """Select the shuffle of the next iteration (with ``random_sampling``)."""
+        """Select the epoch of the next iteration (its shuffle and plan).  Selecting
+        another epoch than a loaded state's clears its resume point."""
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
-        self._epoch[0] = int(epoch)
+        if int(epoch) != int(self._shared[0]):
+            self._shared[2] = -1
+            self._shared[3] = 0
+        self._shared[0] = int(epoch)
+        if not _in_worker():
+            self._resolve(confident_only=True)
 
     @property
     def epoch(self) -> int:
-        return int(self._epoch[0])
+        return int(self._shared[0])
 
     def stats(self) -> dict:
         """Counters summed over this process's workers: samples and batches yielded,
-        bytes read, samples skipped by reason, samples dropped by ``drop_last``, and
-        seconds spent reading, decoding (thread time) and waiting (consumer)."""
+        bytes read, samples skipped by reason, samples repeated (``padded``) and
+        dropped (``dropped_remainder``) by the remainder policy, samples dropped by
+        ``drop_last`` (streaming mode), seconds spent reading, decoding (thread
+        time) and waiting (consumer); plus the listing and the sizes index."""
         out = summarize(self._stats)
         out["listing"] = {"samples": len(self.listing), "skipped": dict(self.listing.skipped)}
+        if self.sizes is not None:
+            out["index"] = {"samples": len(self.sizes), "unreadable": self.sizes.unreadable,
+                            "scanned": self.sizes.scanned, "cached": self.sizes.cached,
+                            "seconds": self.sizes.seconds}
         return out
 
     def reset_stats(self) -> None:
         self._stats.zero_()
 
+    # ------------------------------------------------------------------ plan
+    def _layouts(self) -> List[Tuple[int, int]]:
+        k = int(self._shared[3])
+        return [(int(self._shared[4 + 2 * i]), int(self._shared[5 + 2 * i])) for i in range(k)]
+
+    def _resuming(self, epoch: int) -> bool:
+        """Whether this process's next iteration of ``epoch`` starts at a loaded state."""
+        return int(self._shared[2]) == epoch and int(self._shared[-1]) != self._seen_gen
+
+    def _start(self, epoch: int) -> int:
+        return int(self._shared[1]) if self._resuming(epoch) else 0
+
+    def plan(self, epoch: Optional[int] = None, world_size: Optional[int] = None,
+             layouts: Optional[tuple] = None) -> EpochPlan:
+        """The plan of an epoch (default: the current one) for ``world_size`` ranks
+        (default: this job's), after the elastic re-plans of a loaded state."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        if world_size is None:
+            world_size = self._info().world_size
+        if layouts is None:
+            layouts = tuple(self._layouts()) if self._resuming(epoch) else ()
+        layouts = tuple(tuple(x) for x in layouts)
+        key = (epoch, int(world_size), layouts)
+        if self._plan_cache is not None and self._plan_cache[0] == key:
+            return self._plan_cache[1]
+        loader = self.config.loader
+        batch = loader.batch_size or 1
+        nb = len(self.buckets) if (self.buckets and self.mode == "plan") else 1
+        hashes = self._hashes[self._items]
+        bucket_of = self._bucket_of[self._items]
+        kw = dict(num_buckets=nb, seed=loader.seed, epoch=epoch, batch_size=batch,
+                  remainder=loader.remainder, sync_buckets=loader.sync_buckets,
+                  shuffle=self.config.source.random_sampling, limit=loader.limit)
+        if layouts:
+            p = resume_plan(list(layouts), int(world_size), hashes, bucket_of, **kw)
+        else:
+            p = plan_epoch(hashes, bucket_of, world_size=int(world_size), **kw)
+        self._plan_cache = (key, p)
+        return p
+
+    def __len__(self) -> int:
+        """Batches (samples, without ``batch_size``) this rank yields in the current
+        epoch, from the resume point of a loaded state."""
+        if self.mode == "stream":
+            raise TypeError("a DatagoDataset without a sizes scan (scan_sizes=false) "
+                            "streams: its length is not known in advance")
+        info = self._info()
+        p = self.plan(world_size=info.world_size)
+        return max(0, p.num_steps - (self._start(self.epoch) - p.offset))
+
+    # ------------------------------------------------------------------ state
+    def _fingerprint(self) -> dict:
+        loader = self.config.loader
+        items = self._items
+        return {
+            "samples": len(items),
+            "ids": xxhash.xxh64_hexdigest(self._hashes[items].tobytes()),
+            "buckets": xxhash.xxh64_hexdigest(self._bucket_of[items].astype(np.int32).tobytes()
+                                              + repr(self.buckets).encode()),
+            "batch_size": loader.batch_size,
+            "seed": loader.seed,
+            "remainder": loader.remainder,
+            "sync_buckets": loader.sync_buckets,
+            "random_sampling": self.config.source.random_sampling,
+            "limit": loader.limit,
+        }
+
+    def state_dict(self) -> dict:
+        """Where the iteration stands: ``{"epoch", "step", "world_size", "layouts",
+        "fingerprint", ...}`` -- ``step`` is the next global step to yield.
+
+        Inside an iteration (the main process with ``num_workers=0``, or a worker,
+        which is where torchdata's ``StatefulDataLoader`` asks) it is exact.  In the
+        main process of a DataLoader with workers the dataset cannot see which
+        prefetched batches the trainer consumed: use ``StatefulDataLoader``, the
+        Lightning ``DatagoDataModule``, or save ``{"epoch": e, "step":
+        batch["step"] + 1}`` yourself.
+        """
+        if self.mode == "stream":
+            raise StateError("a streaming DatagoDataset (scan_sizes=false) cannot be resumed")
+        info = self._info()
+        prog = self._progress
+        if prog is None and not _in_worker() and int(self._shared[-2]):
+            raise StateError(
+                "this epoch ran in DataLoader workers, and the dataset cannot see which of "
+                "their prefetched batches the trainer consumed: use torchdata's "
+                "StatefulDataLoader (its state_dict() holds this dataset's), DatagoDataModule, "
+                "or save {'epoch': ds.epoch, 'step': batch['step'] + 1, 'world_size': W} "
+                "from the last batch consumed")
+        if prog is not None and prog["epoch"] == self.epoch:
+            state = dict(prog)
+            state["layouts"] = [list(x) for x in prog["layouts"]]
+        else:
+            epoch = self.epoch
+            state = {"epoch": epoch, "step": self._start(epoch), "world_size": info.world_size,
+                     "layouts": [list(x) for x in self._layouts()] if self._resuming(epoch) else []}
+        state["fingerprint"] = self._fingerprint()
+        state["version"] = STATE_VERSION
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Make the next iteration yield steps ``k, k + 1, ...`` of epoch ``e`` exactly
+        as an uninterrupted run would: ``state`` is ``{"epoch": e, "step": k}``, or a
+        full ``state_dict()``.
+
+        A state saved with another ``world_size`` re-plans the rest of the epoch
+        over this job's ranks: the samples still to come are exactly those the
+        old run had not consumed (plus padding under ``remainder="pad"``).  Another
+        worker count needs nothing (workers only split a rank's steps).  A state
+        whose fingerprint differs (other files, sizes or plan settings) raises
+        ``StateError`` naming what changed.
+        """
+        if self.mode == "stream":
+            raise StateError("a streaming DatagoDataset (scan_sizes=false) cannot be resumed")
+        if not isinstance(state, dict):
+            raise StateError(f"state must be a dict, got {type(state).__name__}")
+        for key in ("epoch", "step"):
+            v = state.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise StateError(f"state[{key!r}] must be a non-negative integer, got {v!r}")
+        fp = state.get("fingerprint")
+        if fp is not None:
+            mine = self._fingerprint()
+            diff = [f"{k} ({fp.get(k)!r} -> {mine.get(k)!r})" for k in mine if fp.get(k) != mine.get(k)]
+            if diff:
+                raise StateError("the saved state does not fit this dataset: "
+                                 + ", ".join(diff) + "; resume with the same files and "
+                                 "plan settings (or load {'epoch': e, 'step': 0})")
+        epoch, step = int(state["epoch"]), int(state["step"])
+        info = self._info()
+        try:
+            layouts = [(int(w), int(k)) for w, k in state.get("layouts", [])]
+            saved_world = int(state.get("world_size", info.world_size))
+        except (TypeError, ValueError):
+            raise StateError(f"state['layouts'] / state['world_size'] malformed: "
+                             f"{state.get('layouts')!r}, {state.get('world_size')!r}") from None
+        stride = state.get("num_workers")
+        if saved_world != info.world_size:
+            layouts.append((saved_world, step))
+        if len(layouts) > MAX_LAYOUTS:
+            raise StateError(f"more than {MAX_LAYOUTS} world-size changes within one epoch")
+        p = self.plan(epoch, info.world_size, tuple(layouts))
+        if not p.offset <= step <= p.offset + p.num_steps:
+            raise StateError(f"state step {step} is outside epoch {epoch}, which has steps "
+                             f"{p.offset}..{p.offset + p.num_steps - 1}")
+        if _in_worker() and state.get("worker_id") is not None:
+            # torchdata's StatefulDataLoader restores each worker with its own state
+            wid, nw = ShardDetector.worker()
+            if (state.get("worker_id"), stride) == (wid, nw) and saved_world == info.world_size:
+                self._worker_resume = {"epoch": epoch, "step": step, "layouts": tuple(layouts)}
+                self._shared[0] = epoch
+                return
+        self._shared[0] = epoch
+        self._shared[1] = step
+        self._shared[2] = epoch
+        self._shared[3] = len(layouts)
+        for i, (w, k) in enumerate(layouts):
+            self._shared[4 + 2 * i] = w
+            self._shared[5 + 2 * i] = k
+        self._shared[-1] += 1
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[dict]:
+        info = self._info()
+        loader = self.config.loader
+        num_threads = loader.num_threads or default_num_threads(info.num_workers)
+        stats = Stats(self._stats[info.worker_id % MAX_WORKER_ROWS])
+        if self.mode == "stream":
+            return self._stream(info, num_threads, stats)
+        epoch = self.epoch
+        wres, self._worker_resume = self._worker_resume, None
+        if wres is not None and wres["epoch"] == epoch:
+            # this worker's own position (StatefulDataLoader): its next step, stride N
+            layouts, start, first_of_worker = wres["layouts"], wres["step"], wres["step"]
+        else:
+            layouts = tuple(self._layouts()) if self._resuming(epoch) else ()
+            start = self._start(epoch)
+            first_of_worker = start + info.worker_id
+        self._seen_gen = int(self._shared[-1])
+        if _in_worker():
+            self._shared[-2] = 1
+        p = self.plan(epoch, info.world_size, layouts)
+        steps = range(first_of_worker - p.offset, p.num_steps, info.num_workers)
+        self._progress = {"epoch": epoch, "step": p.offset + steps.start,
+                          "world_size": info.world_size, "layouts": layouts,
+                          "worker_id": info.worker_id if _in_worker() else None,
+                          "num_workers": info.num_workers if _in_worker() else None}
+        if info.worker_id == 0 and start == p.offset:
+            d = int(p.dropped[info.rank])
+            if d:
+                stats.add("dropped_remainder", d)
+        if self.mode == "samples":
+            return self._samples(p, info, steps, num_threads, stats)
+        return self._batches(p, info, steps, num_threads, stats)
+
+    def _track(self, step: int, stride: int) -> None:
+        """After yielding ``step``: this process's next step (for state_dict)."""
+        if self._progress is not None:
+            self._progress["step"] = step + stride
+
+    def _batches(self, p: EpochPlan, info: ShardInfo, steps: range, num_threads: int,
+                 stats: Stats) -> Iterator[dict]:
+        bucket, samples, padded = p.rank(info.rank)
+        listing = self.listing
+        items = self._items
+
+        def jobs():
+            for t in steps:
+                k = int(p.count[t])
+                refs = [listing.ref(int(items[i])) for i in samples[t, :k]]
+                yield Job(p.offset + t, self.buckets[int(bucket[t])], refs, padded[t, :k].tolist())
+
+        engine = PlanEngine(jobs(), image_cfg=self.config.image, num_threads=num_threads,
+                            prefetch_batches=self.config.loader.prefetch_batches,
+                            on_error=self.config.loader.on_error, stats=stats)
+        for out in engine:
+            self._track(out["step"], info.num_workers)
+            yield out
+
+    def _samples(self, p: EpochPlan, info: ShardInfo, steps: range, num_threads: int,
+                 stats: Stats) -> Iterator[dict]:
+        _, samples, padded = p.rank(info.rank)
+        listing, items = self.listing, self._items
+
+        def refs():
+            for t in steps:
+                if padded[t, 0]:
+                    stats.add("padded")
+                yield p.offset + t, listing.ref(int(items[int(samples[t, 0])]))
+
+        loader = self.config.loader
+        engine = Engine(refs(), image_cfg=self.config.image, buckets=self.buckets,
+                        batch_size=None, drop_last=loader.drop_last, num_threads=num_threads,
+                        buffer=loader.samples_buffer_size, on_error=loader.on_error,
+                        stats=stats, steps=True)
+        for out in engine:
+            self._track(out["step"], info.num_workers)
+            yield out
+
+    # ------------------------------------------------------------------ streaming
     def shard_indices(self, info: ShardInfo, epoch: Optional[int] = None) -> np.ndarray:
-        """Listing indices a (rank, worker) reads in one epoch, in reading order."""
+        """Streaming mode: listing indices a (rank, worker) reads in one epoch, in
+        reading order (membership by id hash, see ``datago.sharding``)."""
         n = len(self.listing)
         loader = self.config.loader
         epoch = self.epoch if epoch is None else epoch
@@ -139,21 +498,29 @@ class DatagoDataset(IterableDataset):
             of_rank = of_rank[:loader.limit]
         return of_rank[shard[of_rank] % info.num_workers == info.worker_id]
 
-    def __iter__(self) -> Iterator[dict]:
-        info = self._detector()
+    def _stream(self, info: ShardInfo, num_threads: int, stats: Stats) -> Iterator[dict]:
         loader = self.config.loader
+        if info.world_size > 1:
+            import warnings
+            warnings.warn("datago: streaming mode (scan_sizes=false) does not give every rank "
+                          "the same number of batches; DDP can hang at the end of an epoch",
+                          RuntimeWarning, stacklevel=3)
         indices = self.shard_indices(info)
-        num_threads = loader.num_threads or default_num_threads(info.num_workers)
-        stats = Stats(self._stats[info.worker_id % MAX_WORKER_ROWS])
         refs = (self.listing.ref(int(i)) for i in indices)
         engine = Engine(refs, image_cfg=self.config.image, buckets=self.buckets,
                         batch_size=loader.batch_size, drop_last=loader.drop_last,
                         num_threads=num_threads, buffer=loader.samples_buffer_size,
-                        on_error=loader.on_error, stats=stats)
+                        on_error=loader.on_error, stats=stats,
+                        max_open=loader.max_open_batches, prefetch=loader.prefetch_batches)
         return iter(engine)
 
     def __repr__(self) -> str:
         c = self.config
         return (f"DatagoDataset(root={str(c.source.root_path)!r}, samples={len(self.listing)}, "
                 f"buckets={len(self.buckets) if self.buckets else None}, "
-                f"batch_size={c.loader.batch_size})")
+                f"batch_size={c.loader.batch_size}, mode={self.mode!r})")
+
+
+def _in_worker() -> bool:
+    from torch.utils.data import get_worker_info
+    return get_worker_info() is not None

@@ -17,7 +17,11 @@ Python versions and runs (unlike ``hash()``).
 Where the numbers come from
 ---------------------------
 ``rank``/``world_size``: the config if given, else ``torch.distributed`` when it is
-initialised, else the ``RANK``/``WORLD_SIZE`` environment variables, else 0 / 1.
+initialised, else the ``RANK``/``WORLD_SIZE`` environment variables (torchrun),
+else ``SLURM_PROCID``/``SLURM_NTASKS`` (srun), else 0 / 1.  ``DatagoDataset``
+looks them up in the trainer process -- at construction, ``set_epoch`` and when
+its workers are started -- because a spawned DataLoader worker has no process
+group (and may have no ``RANK``).
 ``worker_id``/``num_workers``: ``torch.utils.data.get_worker_info()`` (0 / 1 in the
 main process).  ``ShardDetector`` does this; tests (and unusual launchers) pass
 their own callable returning a ``ShardInfo`` instead.
@@ -33,7 +37,7 @@ import xxhash
 
 from datago.errors import ConfigError
 
-__all__ = ["HASH_SEED", "ShardDetector", "ShardInfo", "shard_hash"]
+__all__ = ["HASH_SEED", "ShardDetector", "ShardInfo", "local_world_size", "shard_hash"]
 
 HASH_SEED = 0xDA7A60
 """Seed of the sample-id hash.  Changing it reassigns every sample: never do."""
@@ -98,20 +102,37 @@ class ShardDetector:
         self.rank = rank
         self.world_size = world_size
 
-    def distributed(self) -> tuple:
+    def resolve(self) -> tuple:
+        """(rank, world_size, source), source one of "config", "torch.distributed",
+        "env", "slurm", "default"."""
         if self.rank is not None and self.world_size is not None:
-            return self.rank, self.world_size
+            return self.rank, self.world_size, "config"
         rank = world = None
+        source = "default"
         try:
             import torch.distributed as dist
             if dist.is_available() and dist.is_initialized():
                 rank, world = dist.get_rank(), dist.get_world_size()
+                source = "torch.distributed"
         except ImportError:         # pragma: no cover - torch is a dependency
             pass
-        if rank is None:
-            rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+        if rank is None and _env_int("WORLD_SIZE") is not None:
+            rank, world, source = _env_int("RANK"), _env_int("WORLD_SIZE"), "env"
+        if rank is None and _env_int("SLURM_NTASKS") is not None:
+            rank, world, source = _env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS"), "slurm"
+        if rank is None and world is None and _env_int("RANK") is not None:
+            rank, source = _env_int("RANK"), "env"
         rank = self.rank if self.rank is not None else (rank or 0)
         world = self.world_size if self.world_size is not None else (world or 1)
+        if self.rank is not None or self.world_size is not None:
+            source = "config" if source == "default" else source
+        if not 0 <= rank < world:
+            raise ConfigError(f"rank {rank} is not in [0, world_size={world}) "
+                              f"(from {source})")
+        return rank, world, source
+
+    def distributed(self) -> tuple:
+        rank, world, _ = self.resolve()
         return rank, world
 
     @staticmethod
@@ -127,6 +148,16 @@ class ShardDetector:
         rank, world = self.distributed()
         worker_id, num_workers = self.worker()
         return ShardInfo(rank, world, worker_id, num_workers)
+
+
+def local_world_size() -> Optional[int]:
+    """Ranks on this node: ``LOCAL_WORLD_SIZE`` (torchrun), else
+    ``SLURM_NTASKS_PER_NODE`` when it is a plain number; None when unknown."""
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
 
 
 Detector = Callable[[], ShardInfo]
