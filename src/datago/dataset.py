@@ -282,14 +282,16 @@ class DatagoDataset(IterableDataset):
         return p
 
     def __len__(self) -> int:
-        """Batches (samples, without ``batch_size``) this rank yields in the current
-        epoch, from the resume point of a loaded state."""
+        """Steps of the current epoch for this rank: batches (samples, without
+        ``batch_size``), counted like ``batch["step"]`` -- a resumed epoch keeps its
+        length and yields the steps from the resume point on (as trainers that
+        restore their own batch counter expect)."""
         if self.mode == "stream":
             raise TypeError("a DatagoDataset without a sizes scan (scan_sizes=false) "
                             "streams: its length is not known in advance")
         info = self._info()
         p = self.plan(world_size=info.world_size)
-        return max(0, p.num_steps - (self._start(self.epoch) - p.offset))
+        return p.offset + p.num_steps
 
     # ------------------------------------------------------------------ state
     def _fingerprint(self) -> dict:
@@ -328,8 +330,7 @@ class DatagoDataset(IterableDataset):
                 "this epoch ran in DataLoader workers, and the dataset cannot see which of "
                 "their prefetched batches the trainer consumed: use torchdata's "
                 "StatefulDataLoader (its state_dict() holds this dataset's), DatagoDataModule, "
-                "or save {'epoch': ds.epoch, 'step': batch['step'] + 1, 'world_size': W} "
-                "from the last batch consumed")
+                "or save ds.state_for(batch['step'] + 1) after the last batch consumed")
         if prog is not None and prog["epoch"] == self.epoch:
             state = dict(prog)
             state["layouts"] = [list(x) for x in prog["layouts"]]
@@ -340,6 +341,16 @@ class DatagoDataset(IterableDataset):
         state["fingerprint"] = self._fingerprint()
         state["version"] = STATE_VERSION
         return state
+
+    def state_for(self, step: int, epoch: Optional[int] = None) -> dict:
+        """The state that resumes at global step ``step`` of ``epoch`` (default: the
+        current one), e.g. ``ds.state_for(batch["step"] + 1)`` after the last batch
+        the trainer consumed."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        info = self._info()
+        layouts = [list(x) for x in self._layouts()] if int(self._shared[2]) == epoch else []
+        return {"epoch": epoch, "step": int(step), "world_size": info.world_size,
+                "layouts": layouts, "fingerprint": self._fingerprint(), "version": STATE_VERSION}
 
     def load_state_dict(self, state: dict) -> None:
         """Make the next iteration yield steps ``k, k + 1, ...`` of epoch ``e`` exactly

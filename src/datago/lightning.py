@@ -35,15 +35,43 @@ Config = Union[DatagoConfig, dict, str]
 
 class EpochDataLoader(DataLoader):
     """A DataLoader that calls ``dataset.set_epoch(epoch_fn())`` each time an epoch
-    starts (``iter(loader)``), before the workers read the epoch."""
+    starts (``iter(loader)``), before the workers read the epoch, and that knows
+    which batches the trainer consumed: its ``state_dict()`` resumes right after
+    them (Lightning saves and restores it with its checkpoints)."""
 
     def __init__(self, dataset: DatagoDataset, epoch_fn: Callable[[], int], **kwargs: Any):
         super().__init__(dataset, batch_size=None, **kwargs)
         self._epoch_fn = epoch_fn
+        self._done: set = set()           # steps consumed in the current epoch, beyond _next
+        self._next = 0                    # every step before it was consumed
+        self._epoch: Optional[int] = None
 
     def __iter__(self):
         self.dataset.set_epoch(int(self._epoch_fn()))
-        return super().__iter__()
+        epoch = self.dataset.epoch
+        if epoch != self._epoch:
+            self._epoch, self._done = epoch, set()
+            self._next = self.dataset._start(epoch)
+        return self._track(super().__iter__())
+
+    def _track(self, it):
+        for batch in it:
+            step = batch.get("step") if isinstance(batch, dict) else None
+            if step is not None:          # in_order=False can deliver steps out of order
+                self._done.add(int(step))
+                while self._next in self._done:
+                    self._done.discard(self._next)
+                    self._next += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        epoch = self.dataset.epoch if self._epoch is None else self._epoch
+        return self.dataset.state_for(self._next if self._epoch is not None else
+                                      self.dataset._start(epoch), epoch)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+        self._epoch = None
 
 
 class DatagoDataModule(LightningDataModule):

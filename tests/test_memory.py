@@ -1,0 +1,74 @@
+"""Memory is bounded by prefetch_batches, not by the number of buckets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import encode, photo
+
+_PROBE = textwrap.dedent("""
+    import json, resource, sys
+    from datago import DatagoDataset
+
+    def rss_kb():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+
+    root, lo, hi, scan, max_open = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), \\
+        sys.argv[4] == "1", int(sys.argv[5])
+    ds = DatagoDataset({
+        "source_config": {"root_path": root, "scan_sizes": scan},
+        "image_config": {"crop_and_resize": True, "default_image_size": 384,
+                         "downsampling_ratio": 8, "min_aspect_ratio": lo,
+                         "max_aspect_ratio": hi},
+        "batch_size": 16, "num_threads": 2, "max_open_batches": max_open, "remainder": "pad"})
+    before = rss_kb()
+    n = sum(len(b["id"]) for b in ds)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"buckets": len(ds.buckets), "growth_mb": (peak - before) / 1024, "n": n}))
+""")
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """600 small images whose aspect ratios spread over 0.25..4."""
+    root = tmp_path_factory.mktemp("wide")
+    rng = np.random.default_rng(0)
+    for i in range(600):
+        ar = float(np.exp(rng.uniform(np.log(0.25), np.log(4.0))))
+        w = 48
+        h = max(8, int(w / ar))
+        (root / f"{i:04d}.jpg").write_bytes(encode(photo(w, h, seed=i % 50), "JPEG", quality=80))
+    return root
+
+
+def probe(root, lo, hi, scan=True, max_open=8):
+    r = subprocess.run([sys.executable, "-c", _PROBE, str(root), str(lo), str(hi),
+                        "1" if scan else "0", str(max_open)],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_peak_memory_does_not_grow_with_bucket_count(wide):
+    few = probe(wide, 0.85, 1 / 0.85)
+    many = probe(wide, 0.25, 4.0)
+    assert few["buckets"] <= 9 and many["buckets"] >= 80 and many["n"] >= 600
+    # a batch at 384 is 16 x ~384 x 384 x 3 = 7 MB; 80 open buckets would be ~560 MB
+    assert many["growth_mb"] < few["growth_mb"] + 40, (few, many)
+    # the control: streaming mode with one open batch per bucket does grow, so the
+    # probe can see it
+    unbounded = probe(wide, 0.25, 4.0, scan=False, max_open=1000)
+    assert unbounded["growth_mb"] > many["growth_mb"] + 150, (many, unbounded)
+    capped = probe(wide, 0.25, 4.0, scan=False, max_open=4)
+    assert capped["growth_mb"] < unbounded["growth_mb"] - 150, (capped, unbounded)
