@@ -1,4 +1,5 @@
-"""DatagoDataset: sharding, batches, epochs, limits, failures, DataLoader integration."""
+"""DatagoDataset: the epoch plan (batches, ranks, workers, order, limits), streaming
+mode (hash shards), failures, DataLoader integration."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from conftest import encode, photo
 SIZE = dict(default_image_size=128, downsampling_ratio=16, min_aspect_ratio=0.5,
             max_aspect_ratio=2.0)
 BUCKETS = datago.make_buckets(128, 16, 0.5, 2.0)
+STREAM = {"scan_sizes": False}      # source_config extras: streaming mode (no sizes scan)
 
 
 def make_tree(root, n=48, seed=0):
@@ -51,8 +54,9 @@ def tree(tmp_path_factory):
     return root, ids
 
 
-def config(root, **loader):
-    d = {"source_type": "file", "source_config": {"root_path": str(root)},
+def config(root, source=None, **loader):
+    """A config dict; ``source``: extra source_config keys (``STREAM``, rank, ...)."""
+    d = {"source_type": "file", "source_config": {"root_path": str(root), **(source or {})},
          "image_config": {"crop_and_resize": True, **SIZE}}
     d.update(loader)
     return d
@@ -69,7 +73,31 @@ def ids_of(items):
     return out
 
 
-# ----------------------------------------------------------------------------- sharding
+def record(batches):
+    """[(step, (height, width), ids)] of the batches an iteration yields."""
+    return [(int(b["step"]), tuple(int(x) for x in b["bucket"]), list(b["id"]))
+            for b in batches]
+
+
+def planned(ds, rank=0, world=1, epoch=None):
+    """What the plan gives ``rank`` of ``world``: [(step, (height, width), ids)]."""
+    p = ds.plan(epoch, world)
+    bucket, samples, _ = p.rank(rank)
+    out = []
+    for t in range(p.num_steps):
+        w, h = ds.buckets[int(bucket[t])]
+        ids = [ds.listing.sample_id(int(ds._items[i])) for i in samples[t, :int(p.count[t])]]
+        out.append((p.offset + t, (h, w), ids))
+    return out
+
+
+def check_covered_once_plus_pads(got, ids, padded):
+    """Every id at least once; the repeats are exactly the padding."""
+    assert set(got) == set(ids)
+    assert len(got) == len(set(got)) + padded
+
+
+# ----------------------------------------------------------------------------- ranks, workers
 
 def test_docstring_worked_example():
     h = shard_hash("cats/0001.jpg")
@@ -82,8 +110,9 @@ def test_docstring_worked_example():
 @pytest.mark.parametrize("world", [1, 2, 3, 8, 64])
 @pytest.mark.parametrize("workers", [0, 1, 3])
 def test_shards_partition_the_dataset(tree, world, workers):
+    """Streaming mode: the hash shards of (rank, worker) partition the listing."""
     root, ids = tree
-    ds = DatagoDataset(config(root, batch_size=4))
+    ds = DatagoDataset(config(root, STREAM, batch_size=4))
     n_workers = max(workers, 1)          # num_workers=0: the main process is worker 0 of 1
     seen = []
     for rank in range(world):
@@ -95,26 +124,66 @@ def test_shards_partition_the_dataset(tree, world, workers):
 
 
 def test_iteration_yields_exactly_the_shard(tree):
+    """Streaming mode: each (rank, worker) yields its hash shard, nothing else."""
     root, ids = tree
     got = []
     for rank in range(3):
         for worker in range(2):
             info = ShardInfo(rank, 3, worker, 2)
-            ds = DatagoDataset(config(root, batch_size=5), detector=lambda info=info: info)
-            mine = ids_of(ds)
+            ds = DatagoDataset(config(root, STREAM, batch_size=5), detector=lambda info=info: info)
+            with pytest.warns(RuntimeWarning, match="streaming mode"):
+                mine = ids_of(ds)
             assert sorted(mine) == sorted(i for i in ids if info.owns(i))
             got.extend(mine)
     assert sorted(got) == ids
 
 
+@pytest.mark.parametrize("world", [1, 3])
+def test_ranks_and_workers_split_the_plan(tree, world):
+    """Plan mode: worker w of N yields its rank's steps w, w + N, ...; every rank
+    yields the same number of full batches, with the same bucket at every step."""
+    root, ids = tree
+    workers, bs = 2, 5
+    per_rank, got, padded = [], [], 0
+    for rank in range(world):
+        steps = []
+        for worker in range(workers):
+            ds = DatagoDataset(config(root, batch_size=bs),
+                               detector=fixed(rank, world, worker, workers))
+            mine = record(ds)
+            assert [s for s, _, _ in mine] == list(range(worker, len(ds), workers))
+            steps.extend(mine)
+            padded += ds.stats()["padded"]
+            assert ds.stats()["skipped_total"] == 0
+        steps.sort()
+        assert steps == planned(ds, rank, world)       # exactly the rank's slice of the plan
+        assert all(len(b) == bs for _, _, b in steps)
+        per_rank.append(steps)
+        got.extend(i for _, _, b in steps for i in b)
+    p = ds.plan(0, world)
+    assert len({len(r) for r in per_rank}) == 1 and len(per_rank[0]) == p.num_steps
+    for t in range(p.num_steps):                       # one bucket per global step
+        assert len({r[t][1] for r in per_rank}) == 1
+    assert padded == p.num_padded() > 0
+    check_covered_once_plus_pads(got, ids, padded)
+
+
 @pytest.mark.parametrize("num_workers", [0, 1, 2])
 def test_dataloader_workers_cover_the_dataset_once(tree, num_workers):
+    """Every id at least once per epoch; the repeats are the remainder padding; the
+    DataLoader yields the steps in order whatever the worker count."""
     root, ids = tree
     ds = DatagoDataset(config(root, batch_size=6))
-    got = ids_of(DataLoader(ds, batch_size=None, num_workers=num_workers))
-    assert sorted(got) == ids
+    got = record(DataLoader(ds, batch_size=None, num_workers=num_workers))
+    assert got == planned(ds)
+    assert [s for s, _, _ in got] == list(range(len(ds)))
+    assert all(len(b) == 6 for _, _, b in got)
     st = ds.stats()
-    assert st["samples"] == len(ids) and st["skipped_total"] == 0
+    flat = [i for _, _, b in got for i in b]
+    assert st["padded"] == ds.plan().num_padded() > 0
+    check_covered_once_plus_pads(flat, ids, st["padded"])
+    assert st["samples"] == len(flat) and st["batches"] == len(got)
+    assert st["skipped_total"] == 0 and st["dropped_remainder"] == 0
 
 
 def test_rank_from_environment(tree, monkeypatch):
@@ -122,13 +191,19 @@ def test_rank_from_environment(tree, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     ds = DatagoDataset(config(root, batch_size=8))
-    got = ids_of(ds)
-    assert sorted(got) == sorted(i for i in ids if ShardInfo(1, 2).owns(i))
+    got = record(ds)
+    assert got == planned(ds, 1, 2) and len(got) == len(ds)
     # the config wins over the environment
-    c = config(root, batch_size=8)
-    c["source_config"].update(rank=0, world_size=2)
-    got0 = ids_of(DatagoDataset(c))
-    assert sorted(got0 + got) == ids
+    ds0 = DatagoDataset(config(root, {"rank": 0, "world_size": 2}, batch_size=8))
+    got0 = record(ds0)
+    assert got0 == planned(ds0, 0, 2) and len(got0) == len(got)
+    assert [b for _, b, _ in got0] == [b for _, b, _ in got]
+    flat = [i for _, _, b in got0 + got for i in b]
+    check_covered_once_plus_pads(flat, ids, ds.stats()["padded"] + ds0.stats()["padded"])
+    # streaming mode reads the same environment: rank 1's hash shard
+    with pytest.warns(RuntimeWarning, match="streaming mode"):
+        streamed = ids_of(DatagoDataset(config(root, STREAM, batch_size=8)))
+    assert sorted(streamed) == sorted(i for i in ids if ShardInfo(1, 2).owns(i))
 
 
 _DIST_SCRIPT = textwrap.dedent("""
@@ -136,24 +211,22 @@ _DIST_SCRIPT = textwrap.dedent("""
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    def run(rank, root, init, out):
+    def run(rank, cfg, init, out):
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
         from datago import DatagoDataset
-        cfg = {"source_config": {"root_path": root},
-               "image_config": {"crop_and_resize": True, "default_image_size": 128,
-                                "downsampling_ratio": 16},
-               "batch_size": 4}
-        ids = [i for b in DatagoDataset(cfg) for i in b["id"]]
+        ds = DatagoDataset(json.loads(cfg))
+        batches = [(int(b["step"]), list(b["bucket"]), list(b["id"])) for b in ds]
+        mine = {"len": len(ds), "batches": batches, "padded": ds.stats()["padded"]}
         gathered = [None, None]
-        dist.all_gather_object(gathered, ids)
+        dist.all_gather_object(gathered, mine)
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(gathered, f)
         dist.destroy_process_group()
 
     if __name__ == "__main__":
-        root, init, out = sys.argv[1:4]
-        mp.spawn(run, args=(root, init, out), nprocs=2, join=True)
+        cfg, init, out = sys.argv[1:4]
+        mp.spawn(run, args=(cfg, init, out), nprocs=2, join=True)
 """)
 
 
@@ -163,14 +236,26 @@ def test_torch_distributed_gloo_two_processes(tree, tmp_path):
     script.write_text(_DIST_SCRIPT)
     out = tmp_path / "out.json"
     init = f"file://{tmp_path / 'rendezvous'}"
+    cfg = {"source_config": {"root_path": str(root)},
+           "image_config": {"crop_and_resize": True, "default_image_size": 128,
+                            "downsampling_ratio": 16},
+           "batch_size": 4}
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    subprocess.run([sys.executable, str(script), str(root), init, str(out)], check=True,
+    subprocess.run([sys.executable, str(script), json.dumps(cfg), init, str(out)], check=True,
                    timeout=240, env=env)
     per_rank = json.loads(out.read_text())
-    assert set(per_rank[0]).isdisjoint(per_rank[1])
-    assert sorted(per_rank[0] + per_rank[1]) == ids
-    for rank in (0, 1):
-        assert sorted(per_rank[rank]) == sorted(i for i in ids if ShardInfo(rank, 2).owns(i))
+    runs = [[(s, tuple(b), i) for s, b, i in r["batches"]] for r in per_rank]
+    n = len(runs[0])
+    assert n > 0 and len(runs[1]) == n == per_rank[0]["len"] == per_rank[1]["len"]
+    for r in runs:
+        assert [s for s, _, _ in r] == list(range(n))
+        assert all(len(i) == 4 for _, _, i in r)
+    assert [b for _, b, _ in runs[0]] == [b for _, b, _ in runs[1]]   # same bucket per step
+    flat = [i for r in runs for _, _, b in r for i in b]
+    check_covered_once_plus_pads(flat, ids, per_rank[0]["padded"] + per_rank[1]["padded"])
+    # each rank found its rank and world size in torch.distributed (no RANK variable)
+    ref = DatagoDataset(cfg, detector=fixed(0, 2))
+    assert runs[0] == planned(ref, 0, 2) and runs[1] == planned(ref, 1, 2)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -178,42 +263,87 @@ def test_torch_distributed_gloo_two_processes(tree, tmp_path):
 def test_batches_have_bucket_shapes_and_exact_pixels(tree):
     root, ids = tree
     ds = DatagoDataset(config(root, batch_size=4))
-    n = 0
+    got = []
     for b in ds:
         h, w = b["bucket"]
         assert (w, h) in BUCKETS
-        k = len(b["id"])
-        assert 1 <= k <= 4
-        assert b["image"].shape == (k, 3, h, w) and b["image"].dtype == torch.uint8
-        assert b["original_size"].shape == (k, 2) and b["crop_coords"].shape == (k, 2)
+        assert len(b["id"]) == 4                       # plan mode: every batch full
+        assert b["image"].shape == (4, 3, h, w) and b["image"].dtype == torch.uint8
+        assert b["original_size"].shape == (4, 2) and b["crop_coords"].shape == (4, 2)
         for j, sid in enumerate(b["id"]):
             data = (root / sid).read_bytes()
             ref = datago.decode_to_bucket(data, BUCKETS)
-            assert ref.bucket == (w, h)
+            assert ref.bucket == (w, h)                # the plan put it in its own bucket
             assert np.array_equal(b["image"][j].permute(1, 2, 0).numpy(), ref.image)
             assert tuple(b["original_size"][j].tolist()) == ref.original_size
             assert tuple(b["crop_coords"][j].tolist()) == ref.crop_coords
-            n += 1
-    assert n == len(ids)
+            got.append(sid)
+    check_covered_once_plus_pads(got, ids, ds.stats()["padded"])
 
 
 def test_full_batches_while_the_epoch_runs(tree):
     root, ids = tree
-    sizes = [len(b["id"]) for b in DatagoDataset(config(root, batch_size=3))]
-    # partial batches only at the end of the epoch, one per bucket at most
+    # plan mode: every batch full (the remainder of each bucket is padded)
+    ds = DatagoDataset(config(root, batch_size=3))
+    sizes = [len(b["id"]) for b in ds]
+    assert sizes == [3] * len(ds)
+    assert sum(sizes) == len(ids) + ds.stats()["padded"]
+    # streaming mode: partial batches only at the end of the epoch, one per bucket at most
+    sizes = [len(b["id"]) for b in DatagoDataset(config(root, STREAM, batch_size=3))]
     first_partial = next((i for i, s in enumerate(sizes) if s < 3), len(sizes))
     assert all(s < 3 for s in sizes[first_partial:])
+    assert len(sizes) - first_partial <= len(BUCKETS)
     assert sum(sizes) == len(ids)
 
 
 def test_drop_last_drops_and_counts(tree):
+    """Streaming mode: drop_last drops each bucket's partial batch and counts it."""
     root, ids = tree
-    ds = DatagoDataset(config(root, batch_size=5, drop_last=True))
+    ds = DatagoDataset(config(root, STREAM, batch_size=5, drop_last=True))
     sizes = [len(b["id"]) for b in ds]
     assert all(s == 5 for s in sizes)
     st = ds.stats()
     assert st["samples"] + st["dropped_last"] == len(ids)
     assert st["dropped_last"] > 0
+    with pytest.raises(TypeError, match="streams"):
+        len(ds)                                     # unknown in advance
+
+
+def test_max_open_batches_flushes_early(tree):
+    """Streaming mode: a sample that needs one more open batch than allowed closes
+    the fullest early (a partial batch, counted)."""
+    root, ids = tree
+    ds = DatagoDataset(config(root, STREAM, batch_size=5, max_open_batches=2))
+    batches = list(ds)
+    assert sorted(ids_of(batches)) == ids
+    partial = sum(len(b["id"]) < 5 for b in batches)
+    flushed = ds.stats()["early_flushed"]
+    assert flushed > 0 and flushed <= partial <= flushed + 2   # + the open ones at the end
+    ds = DatagoDataset(config(root, STREAM, batch_size=5, max_open_batches=len(BUCKETS)))
+    assert sorted(ids_of(ds)) == ids and ds.stats()["early_flushed"] == 0
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_remainder_drop_drops_and_counts(tree, num_workers):
+    """Plan mode, remainder="drop": full batches of distinct samples, each bucket's
+    leftovers counted once per rank (by its worker 0), nothing padded."""
+    root, ids = tree
+    world, got, dropped = 2, [], 0
+    per_rank = []
+    for rank in range(world):
+        ds = DatagoDataset(config(root, {"rank": rank, "world_size": world}, batch_size=5,
+                                  remainder="drop"))
+        mine = record(DataLoader(ds, batch_size=None, num_workers=num_workers))
+        assert mine == planned(ds, rank, world)
+        assert all(len(b) == 5 for _, _, b in mine)
+        st = ds.stats()
+        assert st["padded"] == 0 and st["dropped_remainder"] == int(ds.plan().dropped[rank])
+        dropped += st["dropped_remainder"]
+        per_rank.append(mine)
+        got.extend(i for _, _, b in mine for i in b)
+    assert [b for _, b, _ in per_rank[0]] == [b for _, b, _ in per_rank[1]]
+    assert len(got) == len(set(got)) and set(got) <= set(ids)
+    assert dropped > 0 and len(got) + dropped == len(ids)
 
 
 def test_single_samples_without_batch_size(tree):
@@ -276,25 +406,49 @@ def test_sidecars_in_batches(tmp_path):
 
 def test_order_is_deterministic_and_reshuffled_per_epoch(tree):
     root, ids = tree
-    c = config(root, batch_size=4, seed=7)
-    c["source_config"]["random_sampling"] = True
+    c = config(root, {"random_sampling": True}, batch_size=4, seed=7)
     a, b = DatagoDataset(c), DatagoDataset(c)
-    e0 = ids_of(a)
-    assert ids_of(b) == e0 and sorted(e0) == ids
+    e0 = record(a)
+    assert record(b) == e0 and e0 == planned(a, epoch=0)
+    flat = [i for _, _, x in e0 for i in x]
+    check_covered_once_plus_pads(flat, ids, a.stats()["padded"])
     a.set_epoch(1)
-    e1 = ids_of(a)
-    assert sorted(e1) == ids and e1 != e0
+    e1 = record(a)
+    assert e1 == planned(a, epoch=1)
+    assert {i for _, _, x in e1 for i in x} == set(ids)
+    assert [x for _, _, x in e1] != [x for _, _, x in e0]
+    assert [s for s, _, _ in e1] == [s for s, _, _ in e0] == list(range(len(e0)))
     a.set_epoch(0)
-    assert ids_of(a) == e0
+    assert record(a) == e0
     c["seed"] = 8
-    assert ids_of(DatagoDataset(c)) != e0
+    assert [x for _, _, x in record(DatagoDataset(c))] != [x for _, _, x in e0]
 
 
 def test_sequential_order_without_random_sampling(tree):
     root, ids = tree
-    items = ids_of(DatagoDataset(config(root)))
-    assert items == ids
-
+    # single samples: the listing order, one step each
+    ds = DatagoDataset(config(root))
+    items = list(ds)
+    assert [i["id"] for i in items] == ids
+    assert [i["step"] for i in items] == list(range(len(ids))) and len(ds) == len(ids)
+    # batches: each bucket's samples in listing order, the steps ordered by the
+    # smallest listing position of their own samples (the padding, which repeats a
+    # bucket's first samples, does not count)
+    ds = DatagoDataset(config(root, batch_size=4))
+    got = record(ds)
+    assert got == planned(ds) and got == record(DatagoDataset(config(root, batch_size=4)))
+    _, _, padded = ds.plan().rank(0)
+    pos = {sid: k for k, sid in enumerate(ids)}
+    first = [min(pos[i] for i, p in zip(b, padded[t]) if not p) for t, (_, _, b) in enumerate(got)]
+    assert first == sorted(first)
+    by_bucket = {}
+    for _, bucket, b in got:
+        by_bucket.setdefault(bucket, []).append(b)
+    for bucket, steps in by_bucket.items():
+        flat = [i for b in sorted(steps, key=lambda b: pos[b[0]]) for i in b]
+        distinct = sorted(set(flat), key=pos.get)
+        # listing order, completed by repeating the bucket's first samples
+        assert flat == (distinct * len(flat))[:len(flat)], bucket
 
 def test_threads_do_not_change_the_result(tree):
     root, ids = tree
@@ -309,17 +463,24 @@ def test_threads_do_not_change_the_result(tree):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_limit_is_exact_per_rank(tree, num_workers):
+    """``limit`` samples per rank, pads included: the first steps of the plan, the
+    last one cut, the same number of batches on every rank."""
     root, ids = tree
     for world in (1, 2):
-        total = 0
+        buckets = []
         for rank in range(world):
-            c = config(root, batch_size=4, limit=13)
-            c["source_config"].update(rank=rank, world_size=world)
+            c = config(root, {"rank": rank, "world_size": world}, batch_size=4, limit=13)
             ds = DatagoDataset(c)
-            got = ids_of(DataLoader(ds, batch_size=None, num_workers=num_workers))
-            assert len(got) == 13 and len(set(got)) == 13
-            total += len(got)
-        assert total == 13 * world
+            got = record(DataLoader(ds, batch_size=None, num_workers=num_workers))
+            assert [len(b) for _, _, b in got] == [4, 4, 4, 1] and len(ds) == 4
+            assert got == planned(ds, rank, world)
+            full = DatagoDataset(config(root, {"rank": rank, "world_size": world}, batch_size=4))
+            head = planned(full, rank, world)[:4]
+            assert got[:3] == head[:3] and got[3][2] == head[3][2][:1]
+            st = ds.stats()
+            assert st["samples"] == 13 and st["padded"] == ds.plan().num_padded(rank)
+            buckets.append([b for _, b, _ in got])
+        assert all(b == buckets[0] for b in buckets)
 
 
 # ----------------------------------------------------------------------------- failures
@@ -328,35 +489,62 @@ def test_limit_is_exact_per_rank(tree, num_workers):
 def bad_tree(tmp_path):
     ids = make_tree(tmp_path, n=12, seed=3)
     good = (tmp_path / ids[0]).read_bytes()
-    (tmp_path / "bad_truncated.jpg").write_bytes(good[: len(good) // 2])
-    (tmp_path / "bad_empty.png").write_bytes(b"")
-    (tmp_path / "bad_text.jpg").write_bytes(b"this is not an image")
+    (tmp_path / "bad_truncated.jpg").write_bytes(good[: len(good) // 2])   # header fine, data cut
+    (tmp_path / "bad_empty.png").write_bytes(b"")                           # no header
+    (tmp_path / "bad_text.jpg").write_bytes(b"this is not an image")        # no header
     (tmp_path / "bad_json.jpg").write_bytes(good)
     (tmp_path / "bad_json.json").write_text("{not json")
     return tmp_path, ids
 
 
+FAILS_LATE = {"bad_truncated.jpg": "decode_error", "bad_json.jpg": "bad_attributes"}
+
+
 def test_bad_files_are_counted_not_fatal(bad_tree):
+    """Unreadable headers are left out of the plan at construction; files that fail
+    later (pixels, sidecars) are skipped and counted, their batch one shorter."""
     root, ids = bad_tree
     ds = DatagoDataset(config(root, batch_size=4))
+    assert ds.stats()["index"]["unreadable"] == 2
+    plan = planned(ds)
+    slots = [i for _, _, b in plan for i in b]
+    assert set(slots) == set(ids) | set(FAILS_LATE)          # bad_empty, bad_text never planned
     with pytest.warns(RuntimeWarning, match="skipping"):
-        got = ids_of(ds)
-    assert sorted(got) == ids
+        got = record(ds)
+    assert len(got) == len(plan)
+    for (s, bucket, b), (ps, pbucket, pb) in zip(got, plan):
+        assert (s, bucket) == (ps, pbucket)
+        assert b == [i for i in pb if i not in FAILS_LATE]   # the failed slots closed up
+    expected = Counter(FAILS_LATE[i] for i in slots if i in FAILS_LATE)
+    assert expected["decode_error"] >= 1 and expected["bad_attributes"] >= 1
     st = ds.stats()
-    assert st["skipped"] == {"decode_error": 3, "bad_attributes": 1}
-    assert st["samples"] == len(ids)
+    assert st["skipped"] == dict(expected)
+    flat = [i for _, _, b in got for i in b]
+    assert set(flat) == set(ids) and st["samples"] == len(flat)
+    assert len(flat) + st["skipped_total"] == 4 * len(plan)
 
 
 def test_drop_last_with_bad_files_accounts_for_every_file(bad_tree):
     root, ids = bad_tree
-    ds = DatagoDataset(config(root, batch_size=5, drop_last=True))
+    n_files = len(ids) + 4  # the good ones plus bad_truncated/bad_empty/bad_text/bad_json
+    # streaming mode: every file read; drop_last
+    ds = DatagoDataset(config(root, STREAM, batch_size=5, drop_last=True))
     with pytest.warns(RuntimeWarning, match="skipping"):
         got = ids_of(ds)
     st = ds.stats()
-    n_files = len(ids) + 4  # the good ones plus bad_truncated/bad_empty/bad_text/bad_json
     assert len(got) == st["samples"]
     assert st["samples"] + st["dropped_last"] + sum(st["skipped"].values()) == n_files
     assert st["skipped"] == {"decode_error": 3, "bad_attributes": 1}
+    # plan mode, remainder="drop": unreadable at the scan, dropped, skipped or yielded
+    ds = DatagoDataset(config(root, batch_size=5, remainder="drop"))
+    with pytest.warns(RuntimeWarning, match="skipping"):
+        got = ids_of(ds)
+    st = ds.stats()
+    assert len(got) == len(set(got)) == st["samples"] and st["padded"] == 0
+    assert st["index"]["unreadable"] == 2 and st["dropped_remainder"] > 0
+    assert set(st["skipped"]) <= {"decode_error", "bad_attributes"}
+    assert (st["index"]["unreadable"] + st["dropped_remainder"] + st["skipped_total"]
+            + st["samples"]) == n_files
 
 
 def test_on_error_raise_names_the_sample(bad_tree):
@@ -373,35 +561,44 @@ def test_on_error_raise_crosses_dataloader_workers(bad_tree):
         list(DataLoader(ds, batch_size=None, num_workers=1))
 
 
-def test_file_gone_after_listing_is_a_read_error(tmp_path):
+@pytest.mark.parametrize("source", [None, STREAM], ids=["plan", "stream"])
+def test_file_gone_after_listing_is_a_read_error(tmp_path, source):
     ids = make_tree(tmp_path, n=5)
-    ds = DatagoDataset(config(tmp_path, batch_size=2))
-    (tmp_path / ids[2]).unlink()                  # vanishes between listing and reading
+    ds = DatagoDataset(config(tmp_path, source, batch_size=2))
+    plan = planned(ds) if source is None else None
+    gone = ids[2]
+    (tmp_path / gone).unlink()                    # vanishes between listing and reading
     with pytest.warns(RuntimeWarning, match="read_error"):
-        got = ids_of(ds)
-    assert sorted(got) == sorted(ids[:2] + ids[3:])
-    assert ds.stats()["skipped"] == {"read_error": 1}
+        got = list(ds)
+    flat = ids_of(got)
+    assert set(flat) == set(ids) - {gone}
+    if plan is None:
+        assert sorted(flat) == sorted(ids[:2] + ids[3:])
+        assert ds.stats()["skipped"] == {"read_error": 1}
+    else:
+        assert record(got) == [(s, k, [i for i in b if i != gone]) for s, k, b in plan]
+        n_gone = sum(b.count(gone) for _, _, b in plan)
+        assert n_gone >= 1 and ds.stats()["skipped"] == {"read_error": n_gone}
 
 
 # ----------------------------------------------------------------------------- DataLoader
 
 def test_persistent_workers_follow_set_epoch(tree):
     root, ids = tree
-    c = config(root, batch_size=4, seed=3)
-    c["source_config"]["random_sampling"] = True
+    c = config(root, {"random_sampling": True}, batch_size=4, seed=3)
     ds = DatagoDataset(c)
     loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
     epochs = []
     for e in range(3):
         ds.set_epoch(e)
-        epochs.append(ids_of(loader))
+        epochs.append(record(loader))
+        assert epochs[-1] == planned(ds, epoch=e)       # this epoch's plan, steps in order
     for e in epochs:
-        assert sorted(e) == ids
-    assert epochs[0] != epochs[1] != epochs[2]
+        assert {i for _, _, b in e for i in b} == set(ids)
+    assert epochs[0] != epochs[1] != epochs[2] != epochs[0]
     fresh = DatagoDataset(c)
     fresh.set_epoch(1)
-    got = ids_of(DataLoader(fresh, batch_size=None, num_workers=2))
-    assert sorted(got) == sorted(epochs[1])     # worker interleaving may differ; the set does not
+    assert record(DataLoader(fresh, batch_size=None, num_workers=2)) == epochs[1]
     del loader
 
 

@@ -206,7 +206,8 @@ class LoaderConfig:
     sync_buckets: bool = True
     """Every rank's batch at step t has the same bucket (global batches of
     world_size x batch_size from one bucket).  False: each rank batches its own
-    share (less padding or dropping with many ranks, shapes differ across ranks)."""
+    share in its own order (shapes differ across ranks at a step; padding and
+    dropping are the same)."""
     remainder: str = "pad"
     """The last, incomplete global batch of each bucket: "pad" (complete it by
     repeating samples of that bucket; every sample appears at least once per

@@ -26,8 +26,9 @@ How a plan is built (``sync_buckets=True``)
    ``floor(n / G)`` with ``remainder="drop"`` (the leftovers are dropped and
    counted), ``G = world_size * batch_size``.
 3. The steps of all buckets are interleaved by a seeded permutation (``seed``,
-   ``epoch``); without ``shuffle`` they are ordered by their first sample's
-   listing position (one bucket per batch, otherwise close to listing order).
+   ``epoch``); without ``shuffle`` they are ordered by the smallest listing
+   position among their own (not padding) samples: one bucket per batch,
+   otherwise close to listing order.
 
 Worked example: 11 samples, buckets ``A A A A A A A B B B B``, world size 2,
 batch size 2 (G = 4), ``pad``: bucket A gives 2 steps (8 slots for 7 samples:
@@ -41,10 +42,12 @@ With ``drop`` the plan is ``[A0, B0]`` and a1, a4, a5 are dropped this epoch
 (a different three next epoch).
 
 Without ``sync_buckets`` each bucket's samples are dealt round-robin to the
-ranks, each rank forms its own batches of ``batch_size`` (the remainder policy
-works per rank, so it wastes less with many ranks) and the ranks' step counts are
-equalised: ``pad`` repeats a rank's first batches up to the longest rank,
-``drop`` cuts every rank to the shortest.
+ranks, each rank forms its own batches of ``batch_size`` in its own seeded order,
+and the ranks' step counts are equalised: ``pad`` repeats a rank's first batches
+up to the longest rank, ``drop`` cuts every rank to the shortest.  It pads or
+drops exactly as much as the synced plan (a bucket of n samples gives
+``ceil(ceil(n / W) / B) = ceil(n / (W * B))`` batches per rank either way); what
+it gives up is the same shape on every rank at a step.
 
 ``limit`` (samples per rank) keeps the first ``ceil(limit / batch_size)`` steps;
 the last is cut so that every rank yields exactly ``limit`` samples.
@@ -188,14 +191,18 @@ def _fill(seg: np.ndarray, n_batches: int, size: int):
     return filled, padded, max(0, len(seg) - n)
 
 
-def _step_order(samples: np.ndarray, salt: Optional[Tuple[int, ...]]) -> np.ndarray:
+def _step_order(samples: np.ndarray, padded: np.ndarray,
+                salt: Optional[Tuple[int, ...]]) -> np.ndarray:
     """Order of the steps: a seeded permutation, or (``salt`` None) by the smallest
-    sample index of each step, i.e. roughly the listing order."""
+    listing index among each step's own (not padding) samples, i.e. roughly the
+    listing order."""
     if salt is not None:
         return np.random.default_rng(salt).permutation(len(samples))
     if len(samples) == 0:
         return np.zeros(0, dtype=np.int64)
-    return np.argsort(samples.reshape(len(samples), -1).min(axis=1), kind="stable")
+    flat = samples.reshape(len(samples), -1)
+    own = np.where(padded.reshape(len(samples), -1), np.iinfo(np.int64).max, flat)
+    return np.argsort(own.min(axis=1), kind="stable")
 
 
 def _plan(items: np.ndarray, bucket_of: np.ndarray, keys: Optional[np.ndarray], *,
@@ -227,7 +234,7 @@ def _plan(items: np.ndarray, bucket_of: np.ndarray, keys: Optional[np.ndarray], 
             samples = np.zeros((0, W, B), dtype=np.int64)
             padded = np.zeros((0, W, B), dtype=bool)
             label = np.zeros(0, dtype=np.int32)
-        perm = _step_order(samples, order_salt)
+        perm = _step_order(samples, padded, order_salt)
         bucket = np.repeat(label[perm][:, None], W, axis=1)
         return EpochPlan(bucket, samples[perm], padded[perm],
                          np.full(len(label), B, dtype=np.int32), dropped)
@@ -254,7 +261,7 @@ def _plan(items: np.ndarray, bucket_of: np.ndarray, keys: Optional[np.ndarray], 
             s = np.zeros((0, B), dtype=np.int64)
             p = np.zeros((0, B), dtype=bool)
             lab = np.zeros(0, dtype=np.int32)
-        perm = _step_order(s, None if order_salt is None else order_salt + (r,))
+        perm = _step_order(s, p, None if order_salt is None else order_salt + (r,))
         per_rank.append((s[perm], p[perm], lab[perm]))
     lengths = [len(lab) for _, _, lab in per_rank]
     S = max(lengths) if pad else min(lengths)
