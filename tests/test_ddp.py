@@ -93,7 +93,7 @@ def check(per_rank, ids):
             assert len(row[2]) == 3                              # full batches everywhere
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+@pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
 def test_torchrun_two_ranks_with_workers(tree, tmp_path, context):
     root, ids = tree
     script = tmp_path / "ddp.py"

@@ -205,3 +205,32 @@ def test_bad_states(tree, state, match):
     root, _ = tree
     with pytest.raises(StateError, match=match):
         DatagoDataset(cfg(root)).load_state_dict(state)
+
+
+def test_default_threads_share_the_node_among_local_ranks(monkeypatch):
+    from datago import dataset
+    monkeypatch.setattr(dataset, "available_cpus", lambda: 16)
+    monkeypatch.setattr(dataset.os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
+    assert dataset.default_num_threads(2) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")                  # 4 ranks on this node
+    assert dataset.default_num_threads(2) == 2 and dataset.default_num_threads(0) == 4
+    # a launcher that already pinned this rank to 4 of the 16 cores: not divided again
+    monkeypatch.setattr(dataset, "available_cpus", lambda: 4)
+    assert dataset.default_num_threads(1) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")                 # more ranks than cores
+    monkeypatch.setattr(dataset, "available_cpus", lambda: 16)
+    assert dataset.default_num_threads(1) == 1
+
+
+def test_slurm_environment_gives_the_rank(tree, monkeypatch):
+    root, _ = tree
+    for k in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    monkeypatch.setenv("SLURM_NTASKS", "3")
+    ds = DatagoDataset(cfg(root))
+    expect = ranked(root, 2, 3)
+    assert run(ds) == run(expect)
+    assert ds.state_for(0)["world_size"] == 3

@@ -82,11 +82,10 @@ def default_num_threads(num_workers: int) -> int:
     set) divided among the rank's workers."""
     cpus = available_cpus()
     local = local_world_size()
-    if local and local > 1 and cpus >= local:
-        # a launcher that pins each rank to its own cores leaves the affinity alone
-        # when it is already small; only a node-wide affinity is shared out
-        if cpus >= (os.cpu_count() or cpus):
-            cpus //= local
+    if local and local > 1 and cpus >= (os.cpu_count() or cpus):
+        # only a node-wide affinity is shared out: a launcher that pinned each rank
+        # to its own cores already did it
+        cpus = max(1, cpus // local)
     return max(1, cpus // max(1, num_workers))
 
 
