@@ -21,6 +21,7 @@ collection, an exception) shuts the pool down; no thread outlives it.
 from __future__ import annotations
 
 import json
+import mmap
 import threading
 import time
 import warnings
@@ -151,18 +152,30 @@ def _in_worker() -> bool:
     return get_worker_info() is not None
 
 
-def _alloc(shape, shared: bool) -> torch.Tensor:
-    """A zero-initialised uint8 tensor; in a DataLoader worker, directly in shared memory,
-    so that sending the batch to the main process does not copy it (torch would
-    otherwise copy every batch into shared memory: 100 MB per batch at 1024 buckets)."""
-    if not shared:
-        return torch.zeros(shape, dtype=torch.uint8)
+_MMAP_BYTES = 1 << 20
+
+
+def _alloc(shape, shared: bool, zero: bool = True) -> torch.Tensor:
+    """A uint8 tensor for a batch (zero-filled unless ``zero=False``).
+
+    In a DataLoader worker it lives directly in shared memory, so that sending the
+    batch to the main process does not copy it (torch would otherwise copy every
+    batch into shared memory: 100 MB per batch at 1024 buckets).  Elsewhere a large
+    one is an anonymous ``mmap`` of its own, unmapped when the last tensor viewing
+    it dies: batch-sized malloc blocks of many bucket shapes fragment the heap,
+    which then holds on to hundreds of MB the process no longer uses."""
     n = 1
     for d in shape:
         n *= d
-    storage = torch.UntypedStorage._new_shared(max(n, 1))      # fresh pages are zero
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(*shape) if n else \
-        torch.zeros(shape, dtype=torch.uint8)
+    if n == 0:
+        return torch.zeros(shape, dtype=torch.uint8)
+    if shared:
+        storage = torch.UntypedStorage._new_shared(n)              # fresh pages are zero
+        return torch.empty(0, dtype=torch.uint8).set_(storage).view(*shape)
+    if n >= _MMAP_BYTES:
+        buf = mmap.mmap(-1, n)                                      # fresh pages are zero
+        return torch.from_numpy(np.frombuffer(buf, dtype=np.uint8).reshape(shape))
+    return torch.zeros(shape, dtype=torch.uint8) if zero else torch.empty(shape, dtype=torch.uint8)
 
 
 class Batch:
@@ -174,8 +187,7 @@ class Batch:
         self.capacity = capacity
         self.shared = shared
         w, h = bucket
-        self.image = (_alloc((capacity, h, w, 3), True) if shared
-                      else torch.empty((capacity, h, w, 3), dtype=torch.uint8))
+        self.image = _alloc((capacity, h, w, 3), shared, zero=False)
         self._image_np = self.image.numpy()
         self.masks: Dict[str, torch.Tensor] = {}
         self.images: Dict[str, torch.Tensor] = {}
