@@ -23,6 +23,8 @@ if command -v "$PYTHON" >/dev/null 2>&1; then
         || missing+=(python3-dev)
     "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 fi
+# nginx: the real HTTP server the tests start on loopback (tests/servers.py)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
