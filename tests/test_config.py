@@ -399,7 +399,7 @@ def test_root_path_wrong_type(root, value, shown):
     ({"batch_size": 0}, "batch_size", "must be >= 1, got 0"),
     ({"num_threads": 0}, "num_threads", "must be >= 1, got 0"),
     ({"seed": -1}, "seed", "must be >= 0, got -1"),
-    ({"source_type": "ftp"}, "source_type", "must be one of 'file', got 'ftp'"),
+    ({"source_type": "ftp"}, "source_type", "must be one of 'file', 'index', got 'ftp'"),
 ])
 def test_impossible_values(root, changes, path, message):
     d = full_config(root)
@@ -415,7 +415,7 @@ def test_later_sources_not_supported_yet(root, source_type):
     with pytest.raises(ConfigError) as exc:
         DatagoConfig.from_dict(set_key(full_config(root), "source_type", source_type))
     assert str(exc.value) == (f"source_type: {source_type!r} is not supported yet "
-                              f"(supported: 'file')")
+                              f"(supported: 'file', 'index')")
 
 
 def test_missing_source_config(root):
@@ -482,13 +482,13 @@ def test_batch_size_needs_crop_and_resize(root, image_config):
     (lambda r: LoaderConfig(on_error="ignore"), "on_error",
      "must be one of 'skip', 'raise', got 'ignore'"),
     (lambda r: LoaderConfig(drop_last="true"), "drop_last", "must be true or false, got 'true'"),
-    (lambda r: DatagoConfig(source=r), "source_config", "must be a FileSourceConfig, got str"),
+    (lambda r: DatagoConfig(source=r), "source_config", "must be a FileSourceConfig for source_type 'file', got str"),
     (lambda r: DatagoConfig(FileSourceConfig(r), image={}), "image_config",
      "must be an ImageConfig or None, got dict"),
     (lambda r: DatagoConfig(FileSourceConfig(r), loader=None), "loader",
      "must be a LoaderConfig, got NoneType"),
     (lambda r: DatagoConfig(FileSourceConfig(r), source_type="ftp"), "source_type",
-     "must be one of 'file', got 'ftp'"),
+     "must be one of 'file', 'index', got 'ftp'"),
     (lambda r: DatagoConfig(FileSourceConfig(r), ImageConfig(crop_and_resize=False),
                             LoaderConfig(batch_size=4)), "batch_size", "crop_and_resize"),
     (lambda r: DatagoConfig(FileSourceConfig(r), None, LoaderConfig(batch_size=4)),

@@ -38,7 +38,10 @@ from datago.image import DEFAULT_MAX_PIXELS, decode, decode_to_bucket, read_head
 from datago.sources.filesystem import SampleRef
 
 # skip reasons, in the order of the stats counters
-REASONS = ("read_error", "decode_error", "too_large", "bad_attributes")
+REASONS = ("read_error", "decode_error", "too_large", "bad_attributes",
+           # remote locations (datago.fetch)
+           "http_4xx", "http_5xx", "http_429", "timeout", "truncated", "reset", "connect",
+           "wrong_content_type")
 COUNTERS = ("samples", "batches", "bytes", "dropped", "t_read", "t_decode", "t_wait",
             "padded", "dropped_remainder", "early_flushed") + \
     tuple(f"skipped_{r}" for r in REASONS)
@@ -105,30 +108,41 @@ class _Loaded:
         self.masks, self.images, self.attributes, self.nbytes = masks, images, attributes, nbytes
 
 
-def _read(path: str) -> bytes:
+def _read(path) -> bytes:
     with open(path, "rb") as f:
         return f.read()
 
 
-def load(ref: SampleRef, stats: Stats) -> _Loaded:
-    """Read a sample's files and its image header (pool thread)."""
+def _is_json(loc) -> bool:
+    name = getattr(loc, "name", None) or getattr(loc, "url", loc)
+    return str(name).lower().endswith(".json")
+
+
+def fetch_parts(ref: SampleRef, stats: Stats, read=_read) -> tuple:
+    """The bytes of a sample's files: (main, masks, images, texts) (IO thread)."""
     t0 = time.perf_counter()
     try:
-        data = _read(ref.path)
-        masks = [(name, _read(p)) for name, p in ref.masks]
-        images = [(name, _read(p)) for name, p in ref.images]
-        texts = [(name, _read(p), p) for name, p in ref.texts]
+        data = read(ref.path)
+        masks = [(name, read(p)) for name, p in ref.masks]
+        images = [(name, read(p)) for name, p in ref.images]
+        texts = [(name, read(p), p) for name, p in ref.texts]
     except OSError as e:
-        raise SampleError(ref.id, "read_error", e) from None
+        raise SampleError(ref.id, getattr(e, "reason", "read_error"), e) from None
     finally:
         stats.add("t_read", time.perf_counter() - t0)
+    return data, masks, images, texts
+
+
+def load(ref: SampleRef, stats: Stats, read=_read, parts: Optional[tuple] = None) -> _Loaded:
+    """Read a sample's files (unless ``parts`` has them) and its image header."""
+    data, masks, images, texts = parts if parts is not None else fetch_parts(ref, stats, read)
     nbytes = len(data) + sum(len(b) for _, b in masks) + sum(len(b) for _, b in images) \
         + sum(len(b) for _, b, _ in texts)
-    attributes = {}
+    attributes = dict(ref.attributes) if ref.attributes else {}
     try:
         for name, raw, p in texts:
             text = raw.decode("utf-8")
-            if p.lower().endswith(".json"):
+            if _is_json(p):
                 value = json.loads(text)
                 if name == "" and isinstance(value, dict):
                     attributes.update(value)
@@ -288,15 +302,26 @@ def _output(batch: Batch, good: List[int], stats: Stats, step: Optional[int] = N
 class _ErrorPolicy:
     """Counts failed samples by reason; skips them (one warning per reason) or raises."""
 
-    def __init__(self, on_error: str, stats: Stats):
+    def __init__(self, on_error: str, stats: Stats, max_failures: Optional[float] = None,
+                 expected: Optional[int] = None):
         self.on_error = on_error
         self.stats = stats
         self._warned = set()
+        self.failures = 0
+        self.limit = None
+        if max_failures is not None:
+            self.limit = max_failures if max_failures >= 1 or expected is None \
+                else max_failures * expected
 
     def _skip(self, err: SampleError) -> None:
         self.stats.add(f"skipped_{err.reason}")
         if self.on_error == "raise":
             raise err
+        self.failures += 1
+        if self.limit is not None and self.failures > self.limit:
+            raise DatagoError(f"{self.failures} samples failed in this epoch (this worker), "
+                              f"more than max_failures allows ({self.limit:g}): the source "
+                              f"looks broken; the last one: {err}")
         if err.reason not in self._warned:
             self._warned.add(err.reason)
             warnings.warn(f"datago: skipping {err} (further '{err.reason}' skips are "
@@ -319,11 +344,13 @@ class Engine(_ErrorPolicy):
 
     def __init__(self, refs: Iterable[SampleRef], *, image_cfg, buckets, batch_size, drop_last,
                  num_threads: int, buffer: int, on_error: str, stats: Stats,
-                 max_open: Optional[int] = None, prefetch: int = 2, steps: bool = False):
+                 max_open: Optional[int] = None, prefetch: int = 2, steps: bool = False,
+                 read=_read, max_failures: Optional[float] = None):
+        self.read = read
         self.max_open = max_open
         self.prefetch = max(1, prefetch)
         self.with_steps = steps
-        super().__init__(on_error, stats)
+        super().__init__(on_error, stats, max_failures)
         self.refs = iter(refs)
         self.cfg = image_cfg
         self.buckets = buckets
@@ -370,7 +397,7 @@ class Engine(_ErrorPolicy):
                     if ref is None:
                         exhausted = True
                         break
-                    loads.append(pool.submit(load, ref, self.stats))
+                    loads.append(pool.submit(load, ref, self.stats, self.read))
                 while closed and all(f.done() for f in closed[0].futures):
                     out = self._finish(closed.popleft())
                     if out is not None:
@@ -476,7 +503,7 @@ class Engine(_ErrorPolicy):
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _one(self, ref: SampleRef, step: Optional[int] = None) -> dict:
-        loaded = load(ref, self.stats)
+        loaded = load(ref, self.stats, self.read)
         if self.buckets is None:                    # no crop_and_resize: the image as it is
             t0 = time.perf_counter()
             try:
@@ -526,9 +553,11 @@ class Job(NamedTuple):
     padded: Sequence[bool]
 
 
-def _load_decode(ref: SampleRef, batch: Batch, slot: int, cfg, stats: Stats) -> None:
-    """Pool thread: read one sample and decode it into its slot; keep only its metadata."""
-    loaded = load(ref, stats)
+def _load_decode(ref: SampleRef, batch: Batch, slot: int, cfg, stats: Stats, read=_read,
+                 parts: Optional[tuple] = None) -> None:
+    """Pool thread: read one sample (unless ``parts`` has its bytes) and decode it into
+    its slot; keep only its metadata."""
+    loaded = load(ref, stats, read, parts)
     _decode_into(loaded, batch, slot, cfg, stats)
     loaded.data = loaded.masks = loaded.images = None          # the bytes are done with
     batch.samples[slot] = loaded
@@ -547,8 +576,13 @@ class PlanEngine(_ErrorPolicy):
     """
 
     def __init__(self, jobs: Iterable[Job], *, image_cfg, num_threads: int,
-                 prefetch_batches: int, on_error: str, stats: Stats):
-        super().__init__(on_error, stats)
+                 prefetch_batches: int, on_error: str, stats: Stats, read=_read,
+                 io_threads: int = 0, max_failures: Optional[float] = None,
+                 expected: Optional[int] = None):
+        super().__init__(on_error, stats, max_failures, expected)
+        self.read = read
+        self.io_threads = io_threads
+        self._io: Optional[ThreadPoolExecutor] = None
         self.jobs = iter(jobs)
         self.cfg = image_cfg
         self.num_threads = num_threads
@@ -561,12 +595,47 @@ class PlanEngine(_ErrorPolicy):
         batch = Batch(job.bucket, len(job.refs), self._shared, sorted(masks), sorted(images))
         batch.samples = [None] * len(job.refs)
         batch.meta = [None] * len(job.refs)
-        batch.futures = [pool.submit(_load_decode, ref, batch, slot, self.cfg, self.stats)
-                         for slot, ref in enumerate(job.refs)]
+        if self._io is None:
+            batch.futures = [pool.submit(_load_decode, ref, batch, slot, self.cfg, self.stats,
+                                         self.read) for slot, ref in enumerate(job.refs)]
+        else:
+            # remote bytes: many fetches in flight on the IO pool, each handing its
+            # sample to the decode pool when it arrives
+            batch.futures = [self._chain(pool, ref, batch, slot) for slot, ref in enumerate(job.refs)]
         return batch
+
+    def _chain(self, pool: ThreadPoolExecutor, ref: SampleRef, batch: Batch, slot: int) -> Future:
+        out: Future = Future()
+        out.set_running_or_notify_cancel()
+
+        def decoded(f: Future) -> None:
+            exc = f.exception()
+            if exc is None:
+                out.set_result(None)
+            else:
+                out.set_exception(exc)
+
+        def fetched(f: Future) -> None:
+            exc = f.exception() if not f.cancelled() else SampleError(ref.id, "read_error",
+                                                                       RuntimeError("cancelled"))
+            if exc is not None:
+                out.set_exception(exc)
+                return
+            try:
+                d = pool.submit(_load_decode, ref, batch, slot, self.cfg, self.stats,
+                                self.read, f.result())
+            except RuntimeError as e:                   # the pool is shutting down
+                out.set_exception(SampleError(ref.id, "read_error", e))
+                return
+            d.add_done_callback(decoded)
+
+        self._io.submit(fetch_parts, ref, self.stats, self.read).add_done_callback(fetched)
+        return out
 
     def __iter__(self) -> Iterator[dict]:
         pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="datago")
+        if self.io_threads:
+            self._io = ThreadPoolExecutor(self.io_threads, thread_name_prefix="datago-io")
         inflight: deque = deque()
         try:
             while True:
@@ -594,9 +663,19 @@ class PlanEngine(_ErrorPolicy):
                     self.stats.add("padded", padded)
                 out = _output(batch, good, self.stats, job.step)
                 del batch
+                # refill before yielding, so that the threads keep ``prefetch`` batches
+                # going while the consumer holds this one
+                while len(inflight) < self.prefetch:
+                    job = next(self.jobs, None)
+                    if job is None:
+                        break
+                    inflight.append((job, self._submit(pool, job)))
                 yield out
         finally:
             for _, b in inflight:
                 for f in b.futures:
                     f.cancel()
+            if self._io is not None:
+                self._io.shutdown(wait=True, cancel_futures=True)
+                self._io = None
             pool.shutdown(wait=True, cancel_futures=True)

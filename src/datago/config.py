@@ -27,16 +27,22 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Optional
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Mapping, Optional, Union
 
 from datago.buckets import make_buckets
 from datago.errors import ConfigError
 from datago.image import DEFAULT_FILTER, DEFAULT_MAX_PIXELS
 
-__all__ = ["DatagoConfig", "FileSourceConfig", "ImageConfig", "LoaderConfig"]
+__all__ = ["DatagoConfig", "FileSourceConfig", "ImageConfig", "IndexSourceConfig",
+           "LoaderConfig"]
 
-SUPPORTED_SOURCES = ("file",)
+# source_type -> its source_config dataclass (filled in below)
+SOURCE_CONFIGS: dict = {}
+# keys of remote sources that are not built yet: refused rather than ignored
+NOT_YET = {"cache_limit_bytes": "the object disk cache"}
+
+SUPPORTED_SOURCES = ("file", "index")
 LATER_SOURCES = ("db", "webdataset")
 FILTERS = ("triangle", "bicubic", "lanczos", "box")
 ON_ERROR = ("skip", "raise")
@@ -128,6 +134,76 @@ class FileSourceConfig:
             object.__setattr__(self, "world_size", None)
         if self.rank is not None and self.world_size is not None and self.rank >= self.world_size:
             _fail(f"{p}.rank", f"must be < world_size ({self.world_size}), got {self.rank}")
+
+
+@dataclass(frozen=True)
+class IndexSourceConfig:
+    """Samples listed in index files (``source_type: "index"``; see
+    ``datago.sources.index``)."""
+
+    index: Any
+    """A CSV/TSV/JSONL/Parquet file, a text list of locations, a glob of them, an
+    ``http(s)://`` URL, or a list of these."""
+    url_column: str = "url"
+    """Column of the sample locations (``path`` is taken when there is no ``url``)."""
+    width_column: str = "width"
+    height_column: str = "height"
+    mask_columns: Optional[list] = None
+    """Columns holding mask locations; None: a column named ``mask`` if any."""
+    image_columns: list = field(default_factory=list)
+    """Columns holding additional images."""
+    random_sampling: bool = False
+    rank: Optional[int] = None
+    world_size: Optional[int] = None
+    scan_sizes: bool = True
+    """Read the sizes the index lacks from the image headers (cached)."""
+    cache_dir: Optional[str] = None
+    sizes_cache: bool = True
+    io_concurrency: int = 64
+    """Requests in flight per DataLoader worker for remote locations."""
+    timeout_s: float = 30.0
+    """Connect/read timeout of one request; retries follow ``datago.fetch``."""
+    max_failures: Optional[float] = None
+    """Failed samples allowed per epoch and worker before the epoch fails: a count
+    (>= 1) or a fraction (< 1) of the worker's samples; None: no limit."""
+
+    _section = "source_config"
+
+    def __post_init__(self):
+        p = self._section
+        idx = self.index
+        items = [idx] if isinstance(idx, (str, os.PathLike)) else idx
+        if not isinstance(items, (list, tuple)) or not items or \
+                not all(isinstance(i, (str, os.PathLike)) and str(i) for i in items):
+            _fail(f"{p}.index", f"must be a file, URL or glob (or a list of them), got {idx!r}")
+        object.__setattr__(self, "index", os.fspath(idx) if isinstance(idx, os.PathLike)
+                           else (idx if isinstance(idx, str) else [os.fspath(i) for i in idx]))
+        for name in ("url_column", "width_column", "height_column"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v:
+                _fail(f"{p}.{name}", f"must be a column name, got {v!r}")
+        for name in ("mask_columns", "image_columns"):
+            v = getattr(self, name)
+            if v is None and name == "mask_columns":
+                continue
+            if not isinstance(v, (list, tuple)) or not all(isinstance(c, str) and c for c in v):
+                _fail(f"{p}.{name}", f"must be a list of column names, got {v!r}")
+        for name in ("random_sampling", "scan_sizes", "sizes_cache"):
+            _check_bool(f"{p}.{name}", getattr(self, name))
+        _check_int(f"{p}.rank", self.rank, minimum=0, optional=True)
+        _check_int(f"{p}.world_size", self.world_size, minimum=0, optional=True)
+        if self.world_size == 0:
+            object.__setattr__(self, "world_size", None)
+        if self.rank is not None and self.world_size is not None and self.rank >= self.world_size:
+            _fail(f"{p}.rank", f"must be < world_size ({self.world_size}), got {self.rank}")
+        if self.cache_dir is not None:
+            if not isinstance(self.cache_dir, (str, os.PathLike)) or not str(self.cache_dir):
+                _fail(f"{p}.cache_dir", f"must be a folder path, got {self.cache_dir!r}")
+            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
+        _check_int(f"{p}.io_concurrency", self.io_concurrency, minimum=1, maximum=1024)
+        _check_number(f"{p}.timeout_s", self.timeout_s)
+        if self.max_failures is not None:
+            _check_number(f"{p}.max_failures", self.max_failures)
 
 
 @dataclass(frozen=True)
@@ -239,7 +315,7 @@ class LoaderConfig:
 class DatagoConfig:
     """Everything a DatagoDataset needs; build it directly or with ``from_dict``."""
 
-    source: FileSourceConfig
+    source: Union[FileSourceConfig, IndexSourceConfig]
     image: Optional[ImageConfig] = field(default_factory=ImageConfig)
     """None: images are delivered at their own size (per-sample mode only)."""
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -250,8 +326,10 @@ class DatagoConfig:
             _fail("source_type", f"{self.source_type!r} is not supported yet "
                   f"(supported: {', '.join(map(repr, SUPPORTED_SOURCES))})")
         _check_choice("source_type", self.source_type, SUPPORTED_SOURCES)
-        if not isinstance(self.source, FileSourceConfig):
-            _fail("source_config", f"must be a FileSourceConfig, got {type(self.source).__name__}")
+        want = SOURCE_CONFIGS[self.source_type]
+        if not isinstance(self.source, want):
+            _fail("source_config", f"must be a {want.__name__} for source_type "
+                  f"{self.source_type!r}, got {type(self.source).__name__}")
         if self.image is not None and not isinstance(self.image, ImageConfig):
             _fail("image_config", f"must be an ImageConfig or None, got {type(self.image).__name__}")
         if not isinstance(self.loader, LoaderConfig):
@@ -291,14 +369,21 @@ class DatagoConfig:
             _fail("source_type", f"{source_type!r} is not supported yet "
                   f"(supported: {', '.join(map(repr, SUPPORTED_SOURCES))})")
         _check_choice("source_type", source_type, SUPPORTED_SOURCES)
+        klass = SOURCE_CONFIGS[source_type]
+        required = [f.name for f in fields(klass) if f.default is MISSING
+                    and f.default_factory is MISSING]
         if "source_config" not in d:
-            _fail("source_config", "missing (it holds root_path)")
+            _fail("source_config", f"missing (it holds {', '.join(required)})")
         src = _section_dict("source_config", d["source_config"])
-        valid = [f.name for f in fields(FileSourceConfig)]
+        for key, what in NOT_YET.items():
+            if key in src:
+                _fail(f"source_config.{key}", f"{what} is not built yet")
+        valid = [f.name for f in fields(klass)]
         _check_keys("source_config", src, valid)
-        if "root_path" not in src:
-            _fail("source_config.root_path", "missing")
-        source = FileSourceConfig(**{k: v for k, v in src.items() if k in valid})
+        for key in required:
+            if key not in src:
+                _fail(f"source_config.{key}", "missing")
+        source = klass(**{k: v for k, v in src.items() if k in valid})
         image: Optional[ImageConfig]
         if d.get("image_config") is None:
             image = None
@@ -314,8 +399,7 @@ class DatagoConfig:
         """The JSON-schema form (round-trips through ``from_dict``)."""
         out: dict = {"source_type": self.source_type,
                      "source_config": {f.name: getattr(self.source, f.name)
-                                       for f in fields(FileSourceConfig)}}
-        out["source_config"]["root_path"] = str(self.source.root_path)
+                                       for f in fields(type(self.source))}}
         out["image_config"] = None if self.image is None else {
             f.name: getattr(self.image, f.name) for f in fields(ImageConfig)}
         out.update({f.name: getattr(self.loader, f.name) for f in fields(LoaderConfig)})
@@ -341,3 +425,5 @@ def _check_keys(path: str, d: Mapping[str, Any], valid) -> None:
         hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
         _fail(f"{prefix}{key}", f"unknown key{hint}")
 
+
+SOURCE_CONFIGS.update({"file": FileSourceConfig, "index": IndexSourceConfig})

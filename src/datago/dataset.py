@@ -1,5 +1,6 @@
-"""DatagoDataset: a folder of images to bucket-batched tensors for PyTorch, the same
-number of batches on every rank, the same bucket at every step, resumable.
+"""DatagoDataset: images (a folder, or an index of local files and URLs) to
+bucket-batched tensors for PyTorch, the same number of batches on every rank, the
+same bucket at every step, resumable.
 
     ds = DatagoDataset(config)                      # DatagoConfig, dict or JSON string
     loader = DataLoader(ds, num_workers=2, batch_size=None, pin_memory=True)
@@ -55,7 +56,9 @@ from datago.config import DatagoConfig
 from datago.errors import ConfigError, DatagoError
 from datago.plan import EpochPlan, plan_epoch, resume_plan
 from datago.sharding import ShardDetector, ShardInfo, local_world_size, shard_hash
+from datago.fetch import FetchConfig, Fetcher, is_remote
 from datago.sources.filesystem import FileListing
+from datago.sources.index import IndexSource
 from datago.sources.sizes import SizesIndex, scan_files
 
 __all__ = ["DatagoDataset", "StateError", "default_num_threads"]
@@ -117,7 +120,8 @@ def _bucket_indices(width: np.ndarray, height: np.ndarray, buckets: list,
 
 
 class DatagoDataset(IterableDataset):
-    """Iterable dataset over a folder of images; see the module docstring.
+    """Iterable dataset over a source of images (a folder, an index); see the
+    module docstring.
 
     ``detector``: a callable returning a ``ShardInfo`` (rank, world size, worker id,
     worker count) for the calling process; default ``ShardDetector`` from the
@@ -130,7 +134,7 @@ class DatagoDataset(IterableDataset):
         self.config = _as_config(config)
         src = self.config.source
         loader = self.config.loader
-        self.listing = FileListing(src.root_path)
+        self.fetcher, self.listing = _make_source(self.config)
         n = len(self.listing)
         # stable id hashes: shard membership, shuffle keys, the sizes cache key
         self._hashes = np.fromiter((shard_hash(i) for i in self.listing.ids()),
@@ -158,12 +162,17 @@ class DatagoDataset(IterableDataset):
             self.mode = "samples"
             include = np.ones(n, dtype=bool)
             self._bucket_of = np.zeros(n, dtype=np.int64)
-        elif src.scan_sizes:
+        elif (known := self.listing.known_sizes()) is not None or src.scan_sizes:
             self.mode = "plan"
-            self.sizes = scan_files(self.listing.root,
-                                    [self.listing.ref(i).path for i in range(n)],
-                                    self._hashes, cache_dir=src.cache_dir,
-                                    use_cache=src.sizes_cache)
+            if known is not None:
+                self.sizes = known
+            else:
+                locs = [self.listing.main_location(i) for i in range(n)]
+                remote = any(is_remote(x) for x in locs)
+                self.sizes = scan_files(
+                    self.listing.root, locs, self._hashes, cache_dir=src.cache_dir,
+                    use_cache=src.sizes_cache, head=self.fetcher.head if remote else None,
+                    threads=getattr(src, "io_concurrency", None) if remote else None)
             include = self.sizes.readable
             self._bucket_of = _bucket_indices(self.sizes.width, self.sizes.height,
                                               self.buckets, include)
@@ -171,6 +180,8 @@ class DatagoDataset(IterableDataset):
             include = np.ones(n, dtype=bool)
             self._bucket_of = np.zeros(n, dtype=np.int64)
         self._items = np.flatnonzero(include)
+        self._remote = self.listing.kind != "file" and any(
+            is_remote(self.listing.main_location(i)) for i in range(n))
         self._plan_cache: Optional[Tuple[tuple, EpochPlan]] = None
         self._progress: Optional[dict] = None              # worker-side position (state_dict)
         self._resolve(confident_only=True)
@@ -446,6 +457,11 @@ class DatagoDataset(IterableDataset):
             return self._samples(p, info, steps, num_threads, stats)
         return self._batches(p, info, steps, num_threads, stats)
 
+    def _io_threads(self) -> int:
+        """IO threads per worker: ``io_concurrency`` for remote sources, else none
+        (local files are read by the decode threads)."""
+        return getattr(self.config.source, "io_concurrency", 0) if self._remote else 0
+
     def _track(self, step: int, stride: int) -> None:
         """After yielding ``step``: this process's next step (for state_dict)."""
         if self._progress is not None:
@@ -465,7 +481,10 @@ class DatagoDataset(IterableDataset):
 
         engine = PlanEngine(jobs(), image_cfg=self.config.image, num_threads=num_threads,
                             prefetch_batches=self.config.loader.prefetch_batches,
-                            on_error=self.config.loader.on_error, stats=stats)
+                            on_error=self.config.loader.on_error, stats=stats,
+                            read=self.fetcher.read, io_threads=self._io_threads(),
+                            max_failures=getattr(self.config.source, "max_failures", None),
+                            expected=int(sum(int(p.count[t]) for t in steps)))
         for out in engine:
             self._track(out["step"], info.num_workers)
             yield out
@@ -483,9 +502,12 @@ class DatagoDataset(IterableDataset):
 
         loader = self.config.loader
         engine = Engine(refs(), image_cfg=self.config.image, buckets=self.buckets,
-                        batch_size=None, drop_last=loader.drop_last, num_threads=num_threads,
-                        buffer=loader.samples_buffer_size, on_error=loader.on_error,
-                        stats=stats, steps=True)
+                        batch_size=None, drop_last=loader.drop_last,
+                        num_threads=max(num_threads, self._io_threads()),
+                        buffer=max(loader.samples_buffer_size, self._io_threads()),
+                        on_error=loader.on_error, stats=stats, steps=True,
+                        read=self.fetcher.read,
+                        max_failures=getattr(self.config.source, "max_failures", None))
         for out in engine:
             self._track(out["step"], info.num_workers)
             yield out
@@ -521,14 +543,30 @@ class DatagoDataset(IterableDataset):
                         batch_size=loader.batch_size, drop_last=loader.drop_last,
                         num_threads=num_threads, buffer=loader.samples_buffer_size,
                         on_error=loader.on_error, stats=stats,
-                        max_open=loader.max_open_batches, prefetch=loader.prefetch_batches)
+                        max_open=loader.max_open_batches, prefetch=loader.prefetch_batches,
+                        read=self.fetcher.read,
+                        max_failures=getattr(self.config.source, "max_failures", None))
         return iter(engine)
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"DatagoDataset(root={str(c.source.root_path)!r}, samples={len(self.listing)}, "
+        where = getattr(c.source, "root_path", None) or getattr(c.source, "index", None)
+        return (f"DatagoDataset({c.source_type}={str(where)!r}, samples={len(self.listing)}, "
                 f"buckets={len(self.buckets) if self.buckets else None}, "
                 f"batch_size={c.loader.batch_size}, mode={self.mode!r})")
+
+
+def _make_source(config: DatagoConfig):
+    """(fetcher, source) for the config's source_type."""
+    src = config.source
+    if config.source_type == "index":
+        fetcher = Fetcher(FetchConfig(io_concurrency=src.io_concurrency, timeout_s=src.timeout_s))
+        return fetcher, IndexSource(src.index, url_column=src.url_column,
+                                    width_column=src.width_column,
+                                    height_column=src.height_column,
+                                    mask_columns=src.mask_columns,
+                                    image_columns=src.image_columns, fetcher=fetcher)
+    return Fetcher(), FileListing(src.root_path)
 
 
 def _in_worker() -> bool:

@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import os
 from array import array
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
+
+from datago.sources.base import SampleRef, Source
 
 __all__ = ["FileListing", "SampleRef", "IMAGE_EXTENSIONS"]
 
@@ -52,17 +53,6 @@ MASK_NAMES = ("mask", "seg")
 # A pattern describes a sample's files by their suffix after the key.
 # (main_suffix, ((kind, name, suffix), ...)) with kind in "mask", "image", "text".
 Pattern = Tuple[str, Tuple[Tuple[str, str, str], ...]]
-
-
-@dataclass(frozen=True)
-class SampleRef:
-    """One sample of a listing: its id and the absolute paths of its files."""
-
-    id: str
-    path: str
-    masks: Tuple[Tuple[str, str], ...] = ()
-    images: Tuple[Tuple[str, str], ...] = ()
-    texts: Tuple[Tuple[str, str], ...] = ()      # (attribute name or "" to merge, path)
 
 
 def _pattern(files: Tuple[str, ...]) -> Tuple[Optional[Pattern], int]:
@@ -98,8 +88,10 @@ def _pattern(files: Tuple[str, ...]) -> Tuple[Optional[Pattern], int]:
     return (mains[0], tuple(parts)), ignored
 
 
-class FileListing:
+class FileListing(Source):
     """Sorted samples of a folder (see the module docstring); index with ``ref(i)``."""
+
+    kind = "file"
 
     def __init__(self, root: str):
         self.root = os.path.abspath(str(root))

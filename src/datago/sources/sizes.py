@@ -90,29 +90,36 @@ def _format_code(name: str) -> int:
     return FORMATS.index(name) if name in FORMATS else len(FORMATS) - 1
 
 
-def _header(path: str):
+def local_head(path: str, whole: bool = False) -> bytes:
+    """The first HEAD_BYTES of a local file (all of it with ``whole``)."""
+    with open(path, "rb") as f:
+        return f.read() if whole else f.read(HEAD_BYTES)
+
+
+def _header(path, head: Callable = local_head):
     """(width, height, format code) after orientation; (0, 0, 0) when unreadable."""
     from datago.image import read_header
     try:
-        with open(path, "rb") as f:
-            head = f.read(HEAD_BYTES)
-            try:
-                info = read_header(head)
-            except DecodeError:
-                if len(head) < HEAD_BYTES:
-                    raise
-                info = read_header(head + f.read())      # a header longer than 64 KiB
+        data = head(path)
+        try:
+            info = read_header(data)
+        except DecodeError:
+            if len(data) < HEAD_BYTES:
+                raise
+            info = read_header(head(path, whole=True))   # a header longer than 64 KiB
         w, h = info.display_size
         if w <= 0 or h <= 0:
             return 0, 0, 0
         return w, h, _format_code(info.format)
-    except (OSError, DecodeError, ValueError):
+    except (OSError, DecodeError, ValueError):          # FetchError is an OSError
         return 0, 0, 0
 
 
-def _stat_all(paths: Sequence[str]):
+def _stat_all(paths: Sequence, local: bool = True):
     size = np.zeros(len(paths), dtype=np.int64)
     mtime = np.zeros(len(paths), dtype=np.int64)
+    if not local:                   # remote objects: keyed by their URL (id hash) alone
+        return size, mtime
     for i, p in enumerate(paths):
         try:
             st = os.stat(p)
@@ -181,12 +188,16 @@ def _save_cache(path: str, arrays: Dict[str, np.ndarray]) -> None:
 def scan_files(root: str, paths: Sequence[str], hashes: np.ndarray, *,
                cache_dir: Optional[str] = None, use_cache: bool = True,
                threads: Optional[int] = None, progress: Optional[bool] = None,
-               on_scanned: Optional[Callable[[int], None]] = None) -> SizesIndex:
+               on_scanned: Optional[Callable[[int], None]] = None,
+               head: Optional[Callable] = None) -> SizesIndex:
     """Sizes of ``paths`` (absolute, listing order; ``hashes`` their id hashes).
 
     ``cache_dir``: folder of the cache (default ``default_cache_dir()``);
     ``use_cache=False`` neither reads nor writes it.  ``progress``: a progress bar
     on stderr (default: when stderr is a terminal and there is much to scan).
+    ``head(location, whole=False)``: reads the first ``HEAD_BYTES`` (or all) of a
+    location; given for remote sources, whose rows are then cached by id alone
+    (no size or mtime to compare).
     """
     t0 = time.perf_counter()
     n = len(paths)
@@ -208,7 +219,7 @@ def scan_files(root: str, paths: Sequence[str], hashes: np.ndarray, *,
                           "every run (set source_config.cache_dir to a writable folder)",
                           RuntimeWarning, stacklevel=3)
     with _locked(lock_path):
-        size, mtime = _stat_all(paths)
+        size, mtime = _stat_all(paths, local=head is None)
         width = np.zeros(n, dtype=np.int32)
         height = np.zeros(n, dtype=np.int32)
         fmt = np.zeros(n, dtype=np.uint8)
@@ -224,7 +235,8 @@ def scan_files(root: str, paths: Sequence[str], hashes: np.ndarray, *,
             fmt[hit] = cache["format"][pos[hit]]
         todo = np.flatnonzero(~hit & (size >= 0))
         if len(todo):
-            _scan(paths, todo, width, height, fmt, threads, progress, on_scanned)
+            _scan(paths, todo, width, height, fmt, threads, progress, on_scanned,
+                  head or local_head)
         if cache_path is not None and (len(todo) or cache is None or len(cache["hash"]) != n
                                        or not hit.all()):
             try:
@@ -237,7 +249,7 @@ def scan_files(root: str, paths: Sequence[str], hashes: np.ndarray, *,
                       seconds=time.perf_counter() - t0)
 
 
-def _scan(paths, todo, width, height, fmt, threads, progress, on_scanned) -> None:
+def _scan(paths, todo, width, height, fmt, threads, progress, on_scanned, head) -> None:
     from datago._progress import Progress
     if threads is None:
         try:
@@ -251,7 +263,7 @@ def _scan(paths, todo, width, height, fmt, threads, progress, on_scanned) -> Non
 
     def work(chunk):
         for i in chunk:
-            width[i], height[i], fmt[i] = _header(paths[i])
+            width[i], height[i], fmt[i] = _header(paths[i], head)
         return len(chunk)
 
     chunks = [todo[i:i + _CHUNK] for i in range(0, len(todo), _CHUNK)]

@@ -1,0 +1,299 @@
+"""The fetch layer: bytes at a location -- a local file, an ``http(s)://`` URL, or
+a byte range of either (a member of an archive at a known offset).
+
+    fetcher = Fetcher(FetchConfig(io_concurrency=64, timeout_s=30))
+    data = fetcher.read("https://host/data/cat.jpg")
+    data = fetcher.read(Member("https://host/shard-000.tar", offset=1536, size=48213))
+
+Remote reads go through one shared ``httpx`` client per process (a keep-alive
+pool sized to ``io_concurrency``; TLS verified).  Failures are classified once,
+here:
+
+===================  ============================  =====================
+what happened        retried?                      reason (stats key)
+===================  ============================  =====================
+connect error,       yes, jittered exponential     ``connect`` / ``reset``
+reset, EOF           backoff
+read/connect         yes                           ``timeout``
+timeout
+5xx                  yes                           ``http_5xx``
+429                  yes, after ``Retry-After``    ``http_429``
+body shorter than    yes                           ``truncated``
+Content-Length
+other 4xx            no                            ``http_4xx``
+an HTML page         no                            ``wrong_content_type``
+local OSError        no                            ``read_error``
+===================  ============================  =====================
+
+When the retries or the per-location ``deadline_s`` run out, ``FetchError``
+carries the reason of the last failure, the URL with its query string and
+credentials removed (``redact``), and the HTTP status when there was one.
+Secrets (tokens in headers, signatures in query strings, passwords in URLs)
+never appear in messages or reprs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Union
+from urllib.parse import urlsplit, urlunsplit
+
+from datago.errors import DatagoError
+
+__all__ = ["FetchConfig", "FetchError", "Fetcher", "Member", "is_remote", "redact"]
+
+
+class FetchError(DatagoError, OSError):
+    """Bytes that could not be fetched; ``reason`` names the cause (see the module
+    docstring), ``url`` is redacted, ``status`` is the HTTP status or None."""
+
+    def __init__(self, message: str, reason: str = "read_error", url: str = "",
+                 status: Optional[int] = None, attempts: int = 1):
+        super().__init__(message)
+        self.reason = reason
+        self.url = url
+        self.status = status
+        self.attempts = attempts
+
+    def __reduce__(self):            # survives DataLoader's re-raise in the main process
+        return (FetchError, (str(self), self.reason, self.url, self.status, self.attempts))
+
+
+@dataclass(frozen=True)
+class Member:
+    """``size`` bytes at ``offset`` of the file or URL ``url`` (an archive member)."""
+    url: str
+    offset: int
+    size: int
+    name: str = ""            # the member's name (its extension tells the format)
+
+    def __str__(self) -> str:
+        return f"{redact(self.url)}[{self.offset}:{self.offset + self.size}]"
+
+
+Location = Union[str, Member]
+
+
+def is_remote(loc: Location) -> bool:
+    url = loc.url if isinstance(loc, Member) else loc
+    return isinstance(url, str) and url.startswith(("http://", "https://"))
+
+
+def redact(url: str) -> str:
+    """``url`` without user info and query string (where signatures and tokens live)."""
+    if not isinstance(url, str) or "://" not in url:
+        return str(url)
+    try:
+        p = urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    host = p.hostname or ""
+    if p.port:
+        host = f"{host}:{p.port}"
+    return urlunsplit((p.scheme, host, p.path, "..." if p.query else "", ""))
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """How remote bytes are fetched (``source_config`` keys of remote sources)."""
+
+    io_concurrency: int = 64
+    """Requests in flight per DataLoader worker (and connections in the pool)."""
+    timeout_s: float = 30.0
+    """Connect and read timeout of one request."""
+    deadline_s: float = 120.0
+    """Total time for one location, retries included; then it fails with its last reason."""
+    retries: int = 5
+    """Attempts after the first one, for the retryable failures."""
+    backoff_s: float = 0.2
+    """First backoff; doubled per attempt (full jitter), at most ``backoff_max_s``."""
+    backoff_max_s: float = 10.0
+    headers: Dict[str, str] = field(default_factory=dict, repr=False)
+    """Extra request headers (e.g. ``Authorization``): never logged, never in a repr."""
+    verify_tls: bool = True
+
+
+class _Retry(Exception):
+    def __init__(self, reason: str, message: str, status: Optional[int] = None,
+                 wait: Optional[float] = None):
+        super().__init__(message)
+        self.reason, self.status, self.wait = reason, status, wait
+
+
+class Fetcher:
+    """Reads locations (see the module docstring).  Thread-safe; one ``httpx``
+    client per process, made on first remote use (a forked DataLoader worker makes
+    its own)."""
+
+    def __init__(self, config: Optional[FetchConfig] = None, *, sleep=time.sleep):
+        self.config = config or FetchConfig()
+        self._client = None
+        self._pid = None
+        self._lock = threading.Lock()
+        self._sleep = sleep
+        self.retried: Dict[str, int] = {}          # retried failures by reason (this process)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Fetcher(io_concurrency={c.io_concurrency}, timeout_s={c.timeout_s}, "
+                f"retries={c.retries})")
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_client"] = None
+        state["_pid"] = None
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ public
+    def read(self, loc: Location) -> bytes:
+        """The bytes at ``loc``; ``FetchError`` when they cannot be had."""
+        if isinstance(loc, Member):
+            if is_remote(loc.url):
+                return self._http(loc.url, loc.offset, loc.size)
+            return self._local(loc.url, loc.offset, loc.size)
+        if is_remote(loc):
+            return self._http(loc, None, None)
+        return self._local(loc, None, None)
+
+    def head(self, loc: Location, whole: bool = False, nbytes: int = 65536) -> bytes:
+        """The first ``nbytes`` at ``loc`` (fewer when it is shorter), or all of it."""
+        if whole:
+            return self.read(loc)
+        if isinstance(loc, Member):
+            return self.read(Member(loc.url, loc.offset, min(loc.size, nbytes), loc.name))
+        if is_remote(loc):
+            return self._http(loc, 0, nbytes, short_ok=True)
+        try:
+            with open(loc, "rb") as f:
+                return f.read(nbytes)
+        except OSError as e:
+            raise FetchError(f"cannot read {loc}: {e.strerror or e}", "read_error", loc) from None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None and self._pid == os.getpid():
+                self._client.close()
+            self._client = None
+
+    # ------------------------------------------------------------------ local
+    @staticmethod
+    def _local(path: str, offset: Optional[int], size: Optional[int]) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                if offset is None:
+                    return f.read()
+                f.seek(offset)
+                data = f.read(size)
+        except OSError as e:
+            raise FetchError(f"cannot read {path}: {e.strerror or e}", "read_error", path) from None
+        if len(data) != size:
+            raise FetchError(f"{path}: expected {size} bytes at offset {offset}, the file "
+                             f"ends after {len(data)}", "truncated", path)
+        return data
+
+    # ------------------------------------------------------------------ http
+    def _http_client(self):
+        pid = os.getpid()
+        if self._client is None or self._pid != pid:
+            with self._lock:
+                if self._client is None or self._pid != pid:
+                    import httpx
+                    c = self.config
+                    self._client = httpx.Client(
+                        limits=httpx.Limits(max_connections=c.io_concurrency,
+                                            max_keepalive_connections=c.io_concurrency),
+                        timeout=httpx.Timeout(c.timeout_s), follow_redirects=True,
+                        verify=c.verify_tls, headers=dict(c.headers))
+                    self._pid = pid
+        return self._client
+
+    def _http(self, url: str, offset: Optional[int], size: Optional[int],
+              short_ok: bool = False) -> bytes:
+        c = self.config
+        shown = redact(url)
+        t0 = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                return self._attempt(url, offset, size, short_ok)
+            except _Retry as r:
+                attempt += 1
+                elapsed = time.monotonic() - t0
+                wait = min(c.backoff_max_s, c.backoff_s * 2 ** (attempt - 1)) * random.random()
+                if r.wait is not None:
+                    wait = max(wait, min(r.wait, c.backoff_max_s))
+                if attempt > c.retries or elapsed + wait >= c.deadline_s:
+                    why = "retries" if attempt > c.retries else f"the {c.deadline_s:g} s deadline"
+                    raise FetchError(f"{shown}: {r} (gave up after {attempt} attempts: {why})",
+                                     r.reason, shown, r.status, attempt) from None
+                with self._lock:
+                    self.retried[r.reason] = self.retried.get(r.reason, 0) + 1
+                self._sleep(wait)
+
+    def _attempt(self, url: str, offset: Optional[int], size: Optional[int],
+                 short_ok: bool = False) -> bytes:
+        import httpx
+        client = self._http_client()
+        headers = {}
+        if offset is not None:
+            headers["Range"] = f"bytes={offset}-{offset + size - 1}"
+        try:
+            with client.stream("GET", url, headers=headers) as resp:
+                status = resp.status_code
+                if status >= 500:
+                    raise _Retry("http_5xx", f"HTTP {status}", status)
+                if status == 416 and short_ok:
+                    return b""                        # an empty object
+                if status == 429:
+                    raise _Retry("http_429", "HTTP 429 Too Many Requests", status,
+                                 _retry_after(resp.headers.get("retry-after")))
+                if status >= 400:
+                    raise FetchError(f"{redact(url)}: HTTP {status}", "http_4xx", redact(url), status)
+                ctype = resp.headers.get("content-type", "").lower()
+                if ctype.startswith("text/html"):
+                    raise FetchError(f"{redact(url)}: got an HTML page ({ctype}), not data",
+                                     "wrong_content_type", redact(url), status)
+                data = resp.read()
+        except httpx.TimeoutException as e:
+            raise _Retry("timeout", f"timed out ({type(e).__name__})") from None
+        except httpx.RemoteProtocolError as e:
+            text = str(e)
+            reason = "truncated" if "complete message body" in text else "reset"
+            raise _Retry(reason, text.split("(")[0].strip() or reason) from None
+        except httpx.ConnectError as e:
+            raise _Retry("connect", f"cannot connect: {_short(e)}") from None
+        except httpx.TransportError as e:
+            raise _Retry("reset", f"connection error: {_short(e)}") from None
+        if offset is not None:
+            if status == 200:                 # the server ignored Range: cut it ourselves
+                data = data[offset:offset + size]
+            if len(data) != size and not (short_ok and len(data) < size):
+                raise _Retry("truncated", f"expected {size} bytes, got {len(data)}", status)
+        return data
+
+
+def _retry_after(value: Optional[str]) -> Optional[float]:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def _short(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text if len(text) < 200 else text[:197] + "..."

@@ -1,0 +1,248 @@
+"""An index of samples: a CSV, JSONL or Parquet file (or a glob of them), or a
+plain text list of paths/URLs, local or remote (``source_type: "index"``).
+
+One row is one sample.  The location column (``url_column``, default ``url``;
+a column named ``path`` is taken when there is no ``url``) holds a local path or
+an ``http(s)://`` URL; relative paths resolve against the index file's folder
+(or URL).  The sample id is the column's value as written.  Optional columns:
+
+* ``width`` / ``height`` (names configurable): the displayed size; when every
+  row has both, no header is read before the epoch is planned;
+* ``mask`` (or the columns of ``mask_columns``) -- mask locations, keyed by the
+  column name; ``image_columns`` -- additional images;
+* every other column becomes an attribute of the sample (CSV values are strings,
+  JSONL and Parquet keep their types; empty CSV cells are left out).
+
+A text list (any other extension) has one location per line; blank lines and
+lines starting with ``#`` are skipped.  Rows without a location are counted
+(``skipped["no_location"]``), and so are repeated ids (``skipped["duplicate_id"]``,
+the first row wins).  Parquet needs ``pyarrow`` (read a row group at a time).
+
+Memory: ids, locations and attribute JSON are kept in byte blobs with offsets
+(about the size of the index's own text), not as Python objects per row.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob as _glob
+import io
+import json
+import os
+from array import array
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from urllib.parse import urljoin
+
+import numpy as np
+
+from datago.errors import ConfigError, DatagoError
+from datago.fetch import Fetcher, is_remote
+from datago.sources.base import SampleRef, Source
+from datago.sources.sizes import SizesIndex
+
+__all__ = ["IndexSource", "read_rows"]
+
+TABLE_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
+
+
+class _Blob:
+    """Strings appended to one bytes blob; ``get(i)`` decodes the i-th."""
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._off = array("q", [0])
+
+    def add(self, text: str) -> None:
+        self._buf += text.encode("utf-8", "surrogatepass")
+        self._off.append(len(self._buf))
+
+    def freeze(self) -> None:
+        self._buf = bytes(self._buf)
+
+    def get(self, i: int) -> str:
+        return self._buf[self._off[i]:self._off[i + 1]].decode("utf-8", "surrogatepass")
+
+    def __len__(self) -> int:
+        return len(self._off) - 1
+
+    def nbytes(self) -> int:
+        return len(self._buf) + 8 * len(self._off)
+
+
+def _rows_csv(data: bytes, delimiter: str) -> Iterator[Dict[str, Any]]:
+    text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", newline="")
+    for row in csv.DictReader(text, delimiter=delimiter):
+        yield {k: v for k, v in row.items() if k is not None and v not in (None, "")}
+
+
+def _rows_jsonl(data: bytes, name: str) -> Iterator[Dict[str, Any]]:
+    for n, line in enumerate(io.BytesIO(data), 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise DatagoError(f"{name}: line {n} is not JSON: {e}") from None
+        if not isinstance(row, dict):
+            raise DatagoError(f"{name}: line {n} is a JSON {type(row).__name__}, not an object")
+        yield row
+
+
+def _rows_parquet(data: bytes, name: str) -> Iterator[Dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError(f"source_config.index: {name} is Parquet, which needs pyarrow "
+                          "(pip install pyarrow)") from None
+    f = pq.ParquetFile(io.BytesIO(data))
+    for batch in f.iter_batches():
+        for row in batch.to_pylist():
+            yield {k: v for k, v in row.items() if v is not None}
+
+
+def _rows_text(data: bytes, column: str) -> Iterator[Dict[str, Any]]:
+    for line in data.decode("utf-8-sig").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            yield {column: line}
+
+
+def read_rows(data: bytes, name: str, column: str) -> Iterator[Dict[str, Any]]:
+    """Rows of one index file (``name`` decides the format by its extension)."""
+    lower = name.lower().split("?")[0]
+    if lower.endswith(".csv"):
+        return _rows_csv(data, ",")
+    if lower.endswith(".tsv"):
+        return _rows_csv(data, "\t")
+    if lower.endswith((".jsonl", ".ndjson")):
+        return _rows_jsonl(data, name)
+    if lower.endswith(".parquet"):
+        return _rows_parquet(data, name)
+    return _rows_text(data, column)
+
+
+def _expand(index) -> List[str]:
+    items = [index] if isinstance(index, str) else list(index)
+    out: List[str] = []
+    for item in items:
+        if is_remote(item):
+            out.append(item)
+        elif any(c in item for c in "*?["):
+            hits = sorted(_glob.glob(item))
+            if not hits:
+                raise ConfigError(f"source_config.index: {item!r} matches no file")
+            out.extend(hits)
+        else:
+            if not os.path.isfile(item):
+                raise ConfigError(f"source_config.index: {item!r} is not an existing file")
+            out.append(item)
+    return out
+
+
+def _resolve(base: str, loc: str) -> str:
+    if is_remote(loc) or os.path.isabs(loc):
+        return loc
+    if is_remote(base):
+        return urljoin(base, loc)
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(base)), loc))
+
+
+class IndexSource(Source):
+    """Samples listed in index files (see the module docstring)."""
+
+    kind = "index"
+
+    def __init__(self, index, *, url_column: str = "url", width_column: str = "width",
+                 height_column: str = "height", mask_columns: Optional[Sequence[str]] = None,
+                 image_columns: Sequence[str] = (), fetcher: Optional[Fetcher] = None):
+        self.files = _expand(index)
+        self.root = "|".join(os.path.abspath(f) if not is_remote(f) else f for f in self.files)
+        self.fetcher = fetcher or Fetcher()
+        self.skipped: Dict[str, int] = {}
+        self._ids, self._locs, self._attrs = _Blob(), _Blob(), _Blob()
+        self._parts: List[Tuple[Tuple[Tuple[str, str], ...], Tuple[Tuple[str, str], ...]]] = []
+        self._part_idx = array("i")
+        width, height = array("i"), array("i")
+        seen = set()
+        url_col = url_column
+        for name in self.files:
+            data = self.fetcher.read(name)
+            first = True
+            for row in read_rows(data, name, url_col):
+                if first:
+                    first = False
+                    if url_col not in row and url_column == "url" and "path" in row:
+                        url_col = "path"
+                    elif url_col not in row and not _is_text(name):
+                        raise ConfigError(
+                            f"source_config.url_column: {name} has no column {url_column!r} "
+                            f"(columns: {', '.join(map(str, row))})")
+                loc = row.pop(url_col, None)
+                if loc is None or str(loc) == "":
+                    self._count("no_location")
+                    continue
+                sid = str(loc)
+                if sid in seen:
+                    self._count("duplicate_id")
+                    continue
+                seen.add(sid)
+                masks = tuple((c, _resolve(name, str(row.pop(c)))) for c in
+                              (mask_columns if mask_columns is not None else ("mask",)) if c in row)
+                images = tuple((c, _resolve(name, str(row.pop(c)))) for c in image_columns if c in row)
+                w, h = row.pop(width_column, None), row.pop(height_column, None)
+                width.append(_as_int(w))
+                height.append(_as_int(h))
+                self._ids.add(sid)
+                self._locs.add(_resolve(name, sid))
+                self._attrs.add(json.dumps(row, default=str) if row else "")
+                if masks or images:
+                    self._part_idx.append(len(self._parts))
+                    self._parts.append((masks, images))
+                else:
+                    self._part_idx.append(-1)
+        del seen
+        for b in (self._ids, self._locs, self._attrs):
+            b.freeze()
+        self._width = np.frombuffer(width, dtype=np.int32).copy() if len(width) else np.zeros(0, np.int32)
+        self._height = np.frombuffer(height, dtype=np.int32).copy() if len(height) else np.zeros(0, np.int32)
+
+    def _count(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def sample_id(self, i: int) -> str:
+        return self._ids.get(i)
+
+    def main_location(self, i: int) -> str:
+        return self._locs.get(i)
+
+    def ref(self, i: int) -> SampleRef:
+        k = self._part_idx[i]
+        masks, images = self._parts[k] if k >= 0 else ((), ())
+        attrs = self._attrs.get(i)
+        return SampleRef(self._ids.get(i), self._locs.get(i), masks, images, (),
+                         json.loads(attrs) if attrs else None)
+
+    def known_sizes(self) -> Optional[SizesIndex]:
+        if len(self) and (self._width > 0).all() and (self._height > 0).all():
+            return SizesIndex.from_arrays(self._width, self._height)
+        return None
+
+    def memory_bytes(self) -> int:
+        return (self._ids.nbytes() + self._locs.nbytes() + self._attrs.nbytes()
+                + self._width.nbytes + self._height.nbytes + 4 * len(self._part_idx))
+
+
+def _is_text(name: str) -> bool:
+    return not name.lower().split("?")[0].endswith(TABLE_EXTENSIONS)
+
+
+def _as_int(v) -> int:
+    try:
+        n = int(v)
+        return n if n > 0 else 0
+    except (TypeError, ValueError):
+        return 0

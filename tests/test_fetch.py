@@ -1,0 +1,177 @@
+"""The fetch layer against real servers on loopback: nginx for plain files and
+ranges, the project's fault-injecting server for every failure it classifies."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from datago.fetch import FetchConfig, FetchError, Fetcher, Member, redact
+from servers import FaultServer, Nginx
+
+BODY = bytes(range(256)) * 64          # 16 KiB
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fetch")
+    (root / "a.bin").write_bytes(BODY)
+    (root / "sub").mkdir()
+    (root / "sub" / "b.bin").write_bytes(BODY[:1000])
+    return root
+
+
+@pytest.fixture(scope="module")
+def nginx(files):
+    with Nginx(files) as n:
+        yield n
+
+
+def fast(**kw) -> Fetcher:
+    """A fetcher whose retries do not sleep (the waits are recorded instead)."""
+    waits = []
+    cfg = FetchConfig(**{"timeout_s": 2.0, "retries": 4, **kw})
+    f = Fetcher(cfg, sleep=waits.append)
+    f.waits = waits
+    return f
+
+
+def test_local_file_and_range(files):
+    f = Fetcher()
+    assert f.read(str(files / "a.bin")) == BODY
+    assert f.read(Member(str(files / "a.bin"), 100, 50)) == BODY[100:150]
+    with pytest.raises(FetchError) as e:
+        f.read(Member(str(files / "a.bin"), len(BODY) - 10, 50))
+    assert e.value.reason == "truncated"
+    with pytest.raises(FetchError) as e:
+        f.read(str(files / "missing.bin"))
+    assert e.value.reason == "read_error" and "missing.bin" in str(e.value)
+
+
+def test_nginx_whole_and_ranges(nginx):
+    f = fast()
+    assert f.read(f"{nginx.url}/a.bin") == BODY
+    assert f.read(f"{nginx.url}/sub/b.bin") == BODY[:1000]
+    assert f.read(Member(f"{nginx.url}/a.bin", 4000, 123)) == BODY[4000:4123]
+    assert f.head(f"{nginx.url}/sub/b.bin") == BODY[:1000]          # shorter than a head
+    assert f.head(f"{nginx.url}/a.bin", nbytes=10) == BODY[:10]
+    with pytest.raises(FetchError) as e:
+        f.read(f"{nginx.url}/nope.bin")
+    assert e.value.reason == "http_4xx" and e.value.status == 404 and e.value.attempts == 1
+    f.close()
+
+
+@pytest.mark.parametrize("kind,reason", [("500", "http_5xx"), ("503", "http_5xx"),
+                                         ("429", "http_429"), ("reset", "reset"),
+                                         ("truncate", "truncated"), ("drop", "reset")])
+def test_transient_faults_are_retried(files, kind, reason):
+    with FaultServer(files) as srv:
+        srv.add_fault("/a.bin", kind, times=2)
+        f = fast()
+        assert f.read(f"{srv.url}/a.bin") == BODY
+        assert f.retried == {reason: 2}
+        assert len(srv.requests("/a.bin")) == 3
+        # a range read survives the same faults
+        srv.add_fault("/a.bin", kind, times=2)
+        assert f.read(Member(f"{srv.url}/a.bin", 10, 90)) == BODY[10:100]
+        f.close()
+
+
+def test_retry_after_is_honoured(files):
+    with FaultServer(files) as srv:
+        srv.add_fault("/a.bin", "429", times=1, retry_after=3)
+        f = fast()
+        assert f.read(f"{srv.url}/a.bin") == BODY
+        assert f.waits and f.waits[0] >= 3.0                    # waited what the server asked
+
+
+def test_backoff_grows_and_gives_up_with_the_last_reason(files):
+    with FaultServer(files) as srv:
+        srv.add_fault("/a.bin", "503", times=None)
+        f = fast(retries=5, backoff_s=1.0, backoff_max_s=100)
+        with pytest.raises(FetchError) as e:
+            f.read(f"{srv.url}/a.bin")
+        assert e.value.reason == "http_5xx" and e.value.status == 503 and e.value.attempts == 6
+        assert "gave up after 6 attempts" in str(e.value)
+        assert len(f.waits) == 5 and all(w <= 2 ** i for i, w in enumerate(f.waits))
+
+
+@pytest.mark.parametrize("kind,status", [("403", 403), ("404", 404)])
+def test_client_errors_are_not_retried(files, kind, status):
+    with FaultServer(files) as srv:
+        srv.add_fault("/a.bin", kind, times=None)
+        f = fast()
+        with pytest.raises(FetchError) as e:
+            f.read(f"{srv.url}/a.bin")
+        assert (e.value.reason, e.value.status) == ("http_4xx", status)
+        assert len(srv.requests("/a.bin")) == 1
+
+
+def test_wrong_content_type(files):
+    with FaultServer(files) as srv:
+        srv.add_fault("/a.bin", "wrong_type", times=None)
+        with pytest.raises(FetchError) as e:
+            fast().read(f"{srv.url}/a.bin")
+        assert e.value.reason == "wrong_content_type"
+
+
+def test_stall_times_out_then_recovers(files):
+    with FaultServer(files) as srv:
+        srv.add_fault("/a.bin", "stall", times=1, stall_s=5)
+        f = fast(timeout_s=0.3)
+        assert f.read(f"{srv.url}/a.bin") == BODY
+        assert f.retried == {"timeout": 1}
+
+
+def test_deadline_bounds_the_total_time(files):
+    with FaultServer(files) as srv:
+        srv.add_fault("/a.bin", "stall", times=None, stall_s=5)
+        f = Fetcher(FetchConfig(timeout_s=0.2, retries=100, deadline_s=1.0, backoff_s=0.05))
+        t0 = time.monotonic()
+        with pytest.raises(FetchError) as e:
+            f.read(f"{srv.url}/a.bin")
+        assert e.value.reason == "timeout" and "deadline" in str(e.value)
+        assert time.monotonic() - t0 < 5                      # bounded, not 100 x 0.2 s
+
+
+def test_connection_refused_is_a_connect_failure():
+    from servers import free_port
+    f = fast(retries=1)
+    with pytest.raises(FetchError) as e:
+        f.read(f"http://127.0.0.1:{free_port()}/x.jpg")
+    assert e.value.reason == "connect"
+
+
+def test_secrets_never_show(files):
+    with FaultServer(files) as srv:
+        srv.add_fault("/a.bin", "404", times=None)
+        f = fast(headers={"Authorization": "Bearer SECRET-TOKEN"})
+        url = f"http://user:PASSWORD@127.0.0.1:{srv.port}/a.bin?X-Amz-Signature=SIGNATURE"
+        with pytest.raises(FetchError) as e:
+            f.read(url)
+        text = str(e.value) + repr(e.value) + e.value.url + repr(f) + repr(f.config)
+        for secret in ("SECRET-TOKEN", "PASSWORD", "SIGNATURE"):
+            assert secret not in text
+        # the token is sent (credentials in the URL take over as basic auth)
+        with pytest.raises(FetchError):
+            f.read(f"{srv.url}/a.bin")
+        assert srv.requests("/a.bin")[-1].headers.get("Authorization") == "Bearer SECRET-TOKEN"
+    assert redact("https://u:p@h:9/a/b.jpg?sig=1") == "https://h:9/a/b.jpg?..."
+
+
+def test_a_forked_process_makes_its_own_client(nginx):
+    f = fast()
+    assert f.read(f"{nginx.url}/a.bin") == BODY
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                              # child: same Fetcher object
+        try:
+            ok = f.read(f"{nginx.url}/sub/b.bin") == BODY[:1000]
+            os.write(w, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(r, 1) == b"1"
+    assert f.read(f"{nginx.url}/a.bin") == BODY

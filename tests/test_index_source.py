@@ -1,0 +1,205 @@
+"""source_type "index": CSV / JSONL / text lists, local and over HTTP (nginx and the
+fault server), compared with the folder source on the same images."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from datago import ConfigError, DatagoDataset
+from servers import FaultServer, Nginx
+from test_dataset import make_tree
+
+IMAGE = {"crop_and_resize": True, "default_image_size": 64, "downsampling_ratio": 16}
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("index")
+    ids = make_tree(root, n=24)
+    return root, ids
+
+
+def folder_cfg(root, **kw):
+    return {"source_config": {"root_path": str(root)}, "image_config": IMAGE,
+            "batch_size": 4, "seed": 3, **kw}
+
+
+def index_cfg(index, **kw):
+    src = {"index": str(index)}
+    src.update(kw.pop("source", {}))
+    return {"source_type": "index", "source_config": src, "image_config": IMAGE,
+            "batch_size": 4, "seed": 3, **kw}
+
+
+def by_id(ds):
+    """{id: (bucket, image bytes, original_size, crop_coords, attributes)} over an epoch."""
+    out = {}
+    for b in ds:
+        for j, sid in enumerate(b["id"]):
+            out[sid] = (tuple(b["bucket"]), b["image"][j].numpy().tobytes(),
+                        tuple(b["original_size"][j].tolist()), tuple(b["crop_coords"][j].tolist()),
+                        b["attributes"][j])
+    return out
+
+
+def write_csv(path, rows, fields):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_csv_index_equals_the_folder_source(tree, tmp_path):
+    root, ids = tree
+    index = root / "index.csv"                  # relative paths resolve next to the index
+    write_csv(index, [{"url": i, "caption": f"c{k}"} for k, i in enumerate(ids)], ["url", "caption"])
+    try:
+        got = by_id(DatagoDataset(index_cfg(index)))
+    finally:
+        index.unlink()
+    want = by_id(DatagoDataset(folder_cfg(root)))
+    assert set(got) == set(want) == set(ids)
+    for k, sid in enumerate(ids):
+        assert got[sid][:4] == want[sid][:4]                     # pixels, bucket, crop
+        assert got[sid][4] == {"caption": f"c{k}"}               # other columns: attributes
+
+
+def test_jsonl_with_sizes_needs_no_header_scan(tree, tmp_path):
+    root, ids = tree
+    from datago import read_header
+    rows = []
+    for i in ids:
+        w, h = read_header((root / i).read_bytes()).display_size
+        rows.append({"path": str(root / i), "width": w, "height": h, "score": 0.5, "tags": ["a"]})
+    index = tmp_path / "x.jsonl"
+    index.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ds = DatagoDataset(index_cfg(index, source={"cache_dir": str(tmp_path / "c")}))
+    assert "index" in ds.stats() and ds.stats()["index"]["scanned"] == 0
+    got = by_id(ds)
+    assert {r["path"] for r in rows} == set(got)
+    assert all(v[4] == {"score": 0.5, "tags": ["a"]} for v in got.values())
+
+
+def test_text_list_over_nginx_equals_local(tree, tmp_path):
+    root, ids = tree
+    (root / "list.txt").write_text("# images\n" + "\n".join(ids) + "\n\n")
+    try:
+        with Nginx(root) as n:
+            remote = DatagoDataset(index_cfg(f"{n.url}/list.txt",
+                                             source={"cache_dir": str(tmp_path / "c")}))
+            assert remote._remote and remote._io_threads() == 64
+            got = by_id(remote)
+            ranged = [line for line in n.access_log() if "206" in line]
+    finally:
+        (root / "list.txt").unlink()
+    want = by_id(DatagoDataset(folder_cfg(root)))
+    assert set(got) == set(ids)
+    for sid in ids:
+        assert got[sid][:4] == want[sid][:4]
+    assert ranged                                              # headers were read by range
+
+
+def test_remote_faults_are_retried_or_counted(tree, tmp_path):
+    root, ids = tree
+    (root / "list.txt").write_text("\n".join(ids))
+    try:
+        with FaultServer(root) as srv:
+            cfg = index_cfg(f"{srv.url}/list.txt", source={"cache_dir": str(tmp_path / "c"),
+                                                           "timeout_s": 1.0},
+                            remainder="drop", batch_size=2)
+            ds = DatagoDataset(cfg)
+            srv.clear_faults()
+            # transient faults: delivered anyway
+            for k, kind in enumerate(["503", "429", "reset", "truncate", "500", "drop"]):
+                srv.add_fault(f"/{ids[k]}", kind, times=1)
+            # permanent ones: counted with their reason
+            srv.add_fault(f"/{ids[10]}", "404", times=None)
+            srv.add_fault(f"/{ids[11]}", "403", times=None)
+            srv.add_fault(f"/{ids[12]}", "wrong_type", times=None)
+            got = [i for b in ds for i in b["id"]]
+            st = ds.stats()
+            planned_now = {ds.listing.sample_id(int(ds._items[i])) for i in ds.plan().samples.ravel()}
+            for k in range(6):                  # each transient fault was hit, then retried
+                if ids[k] in planned_now:
+                    assert len(srv.requests(f"/{ids[k]}")) >= 2, ids[k]
+    finally:
+        (root / "list.txt").unlink()
+    planned = {ds.listing.sample_id(int(ds._items[i])) for i in ds.plan().samples.ravel()}
+    lost = {ids[10], ids[11], ids[12]} & planned
+    assert set(got) == planned - lost
+    assert st["skipped"].get("http_4xx", 0) == len(lost - {ids[12]})
+    assert st["skipped"].get("wrong_content_type", 0) == (ids[12] in planned)
+    assert len(got) + st["skipped_total"] + st["dropped_remainder"] == len(ids)
+
+
+def test_max_failures_turns_a_dying_source_into_an_error(tree, tmp_path):
+    root, ids = tree
+    (root / "list.txt").write_text("\n".join(ids))
+    try:
+        with FaultServer(root) as srv:
+            ds = DatagoDataset(index_cfg(f"{srv.url}/list.txt",
+                                         source={"cache_dir": str(tmp_path / "c"),
+                                                 "max_failures": 3}))
+            srv.add_fault("*.jpg", "404", times=None)
+            from datago import DatagoError
+            with pytest.raises(DatagoError, match="max_failures"):
+                list(ds)
+    finally:
+        (root / "list.txt").unlink()
+
+
+def test_index_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="index"):
+        DatagoDataset(index_cfg(tmp_path / "missing.csv"))
+    with pytest.raises(ConfigError, match="matches no file"):
+        DatagoDataset(index_cfg(tmp_path / "*.csv"))
+    bad = tmp_path / "bad.csv"
+    write_csv(bad, [{"file": "a.jpg"}], ["file"])
+    with pytest.raises(ConfigError, match=r"no column 'url' \(columns: file\)"):
+        DatagoDataset(index_cfg(bad))
+    with pytest.raises(ConfigError, match="object disk cache is not built yet"):
+        DatagoDataset(index_cfg(bad, source={"cache_limit_bytes": 10}))
+
+
+def test_duplicates_and_empty_rows_are_counted(tree, tmp_path):
+    root, ids = tree
+    index = tmp_path / "i.csv"
+    rows = [{"url": str(root / i)} for i in ids[:5]] + [{"url": str(root / ids[0])}, {"url": ""}]
+    write_csv(index, rows, ["url"])
+    ds = DatagoDataset(index_cfg(index, source={"cache_dir": str(tmp_path / "c")}))
+    assert len(ds.listing) == 5
+    assert ds.stats()["listing"]["skipped"] == {"duplicate_id": 1, "no_location": 1}
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("index", 5, "must be a file, URL or glob"),
+    ("index", [], "must be a file, URL or glob"),
+    ("url_column", "", "must be a column name"),
+    ("mask_columns", "mask", "must be a list of column names"),
+    ("io_concurrency", 0, "must be >= 1"),
+    ("timeout_s", -1, "must be > 0"),
+    ("max_failures", "3", "must be a number"),
+    ("random_sampling", 1, "must be true or false"),
+    ("indx", "x.csv", "did you mean 'index'"),
+])
+def test_index_config_errors_name_the_key(key, value, message):
+    from datago import DatagoConfig
+    src = {"index": "x.csv", key: value}
+    with pytest.raises(ConfigError, match=f"source_config.{key}: .*{message}"):
+        DatagoConfig.from_dict({"source_type": "index", "source_config": src})
+
+
+def test_index_config_round_trips():
+    from datago import DatagoConfig
+    d = {"source_type": "index",
+         "source_config": {"index": ["a.csv", "http://h/b.jsonl"], "url_column": "path",
+                           "mask_columns": ["seg"], "image_columns": ["depth"],
+                           "io_concurrency": 8, "timeout_s": 5.0, "max_failures": 0.1},
+         "image_config": IMAGE, "batch_size": 4}
+    cfg = DatagoConfig.from_dict(d)
+    assert DatagoConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.source.io_concurrency == 8 and cfg.source.mask_columns == ["seg"]
