@@ -21,7 +21,6 @@ collection, an exception) shuts the pool down; no thread outlives it.
 from __future__ import annotations
 
 import json
-import mmap
 import threading
 import time
 import warnings
@@ -166,29 +165,20 @@ def _in_worker() -> bool:
     return get_worker_info() is not None
 
 
-_MMAP_BYTES = 1 << 20
-
-
 def _alloc(shape, shared: bool, zero: bool = True) -> torch.Tensor:
     """A uint8 tensor for a batch (zero-filled unless ``zero=False``).
 
     In a DataLoader worker it lives directly in shared memory, so that sending the
     batch to the main process does not copy it (torch would otherwise copy every
-    batch into shared memory: 100 MB per batch at 1024 buckets).  Elsewhere a large
-    one is an anonymous ``mmap`` of its own, unmapped when the last tensor viewing
-    it dies: batch-sized malloc blocks of many bucket shapes fragment the heap,
-    which then holds on to hundreds of MB the process no longer uses."""
+    batch into shared memory: 100 MB per batch at 1024 buckets).  Elsewhere it
+    comes from the allocator, which reuses the pages of earlier batches (an
+    ``mmap`` per batch was measured: 4x the page faults, ~9% more CPU)."""
     n = 1
     for d in shape:
         n *= d
-    if n == 0:
-        return torch.zeros(shape, dtype=torch.uint8)
-    if shared:
+    if shared and n:
         storage = torch.UntypedStorage._new_shared(n)              # fresh pages are zero
         return torch.empty(0, dtype=torch.uint8).set_(storage).view(*shape)
-    if n >= _MMAP_BYTES:
-        buf = mmap.mmap(-1, n)                                      # fresh pages are zero
-        return torch.from_numpy(np.frombuffer(buf, dtype=np.uint8).reshape(shape))
     return torch.zeros(shape, dtype=torch.uint8) if zero else torch.empty(shape, dtype=torch.uint8)
 
 
