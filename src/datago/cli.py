@@ -211,6 +211,32 @@ def run_bench(root: Optional[str], size: int, ratio: int, batch: int, threads: O
     return 0
 
 
+def run_index(urls: Sequence[str], out_dir: Optional[str], reference_image_type: str) -> int:
+    """``datago index``: one index file per shard; a summary line per shard."""
+    from datago.errors import DatagoError
+    from datago.sources.webdataset import expand_urls, write_index
+    try:
+        shards = expand_urls(list(urls))
+    except DatagoError as e:
+        print(f"datago: {e}", file=sys.stderr)
+        return 2
+    failed = 0
+    for shard in shards:
+        try:
+            path = write_index(shard, out_dir, reference_image_type=reference_image_type)
+        except (DatagoError, OSError) as e:
+            print(f"datago: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        import json as _json
+        with open(path) as f:
+            idx = _json.load(f)
+        n = len(idx["samples"])
+        sized = sum(1 for s in idx["samples"] if s["width"] > 0)
+        print(f"{path}: {n} samples ({sized} with sizes), {idx['ignored']} members ignored")
+    return 1 if failed else 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="datago", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -232,7 +258,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     core.add_argument("--limit", type=int, default=None, help="use the first N images")
     core.add_argument("--filter", default="triangle", help="resampling filter (triangle)")
     core.add_argument("--seconds", type=float, default=3.0, help="minimum time per row (3)")
+    index = sub.add_parser("index", help="write the index of WebDataset tar shards "
+                           "(member offsets, image sizes) for planned, resumable reading")
+    index.add_argument("url", nargs="+", help="shards: paths, URLs, brace patterns, globs")
+    index.add_argument("--out", default=None,
+                       help="folder for the indexes (default: next to each local shard)")
+    index.add_argument("--reference-image-type", default="jpg",
+                       help="extension of the main image (jpg)")
     args = parser.parse_args(argv)
+    if args.command == "index":
+        return run_index(args.url, args.out, args.reference_image_type)
     if args.command is None:
         rc = run_bench(None, 512, 16, 32, None, 0, None)
         if rc == 0:

@@ -35,15 +35,15 @@ from datago.errors import ConfigError
 from datago.image import DEFAULT_FILTER, DEFAULT_MAX_PIXELS
 
 __all__ = ["DatagoConfig", "FileSourceConfig", "ImageConfig", "IndexSourceConfig",
-           "LoaderConfig"]
+           "LoaderConfig", "WebDatasetSourceConfig"]
 
 # source_type -> its source_config dataclass (filled in below)
 SOURCE_CONFIGS: dict = {}
 # keys of remote sources that are not built yet: refused rather than ignored
 NOT_YET = {"cache_limit_bytes": "the object disk cache"}
 
-SUPPORTED_SOURCES = ("file", "index")
-LATER_SOURCES = ("db", "webdataset")
+SUPPORTED_SOURCES = ("file", "index", "webdataset")
+LATER_SOURCES = ("db",)
 FILTERS = ("triangle", "bicubic", "lanczos", "box")
 ON_ERROR = ("skip", "raise")
 REMAINDER = ("pad", "drop")
@@ -207,6 +207,71 @@ class IndexSourceConfig:
 
 
 @dataclass(frozen=True)
+class WebDatasetSourceConfig:
+    """WebDataset tar shards (``source_type: "webdataset"``; see
+    ``datago.sources.webdataset``), the reference's keys plus datago's."""
+
+    url: Any
+    """Shards: a brace pattern (``shard-{000000..000099}.tar``), a local path or
+    glob, an ``http(s)://`` URL, or a list of these."""
+    reference_image_type: str = "jpg"
+    """Extension of the main image of a sample."""
+    random_sampling: bool = False
+    concurrent_downloads: int = 0
+    """The reference's knob; when > 0 it sets ``io_concurrency`` (unless given)."""
+    auth_token: str = field(default="", repr=False)
+    """Sent as ``Authorization: Bearer ...``; never logged or shown."""
+    rank: Optional[int] = None
+    world_size: Optional[int] = None
+    index_dir: Optional[str] = None
+    """Folder of the shard indexes (``datago index --out``); else next to the shards."""
+    cache_dir: Optional[str] = None
+    """Where indexes built by streaming a shard are kept (default ``~/.cache/datago``)."""
+    io_concurrency: Optional[int] = None
+    """Requests in flight per DataLoader worker (default 64)."""
+    timeout_s: float = 30.0
+    max_failures: Optional[float] = None
+    scan_sizes: bool = True
+    """Kept for symmetry: shard indexes carry the sizes."""
+    sizes_cache: bool = True
+
+    _section = "source_config"
+
+    def __post_init__(self):
+        p = self._section
+        u = self.url
+        items = [u] if isinstance(u, str) else u
+        if not isinstance(items, (list, tuple)) or not items or \
+                not all(isinstance(i, str) and i for i in items):
+            _fail(f"{p}.url", f"must be a shard URL/path/pattern or a list of them, got {u!r}")
+        if not isinstance(self.reference_image_type, str) or not self.reference_image_type:
+            _fail(f"{p}.reference_image_type", f"must be an extension, got {self.reference_image_type!r}")
+        for name in ("random_sampling", "scan_sizes", "sizes_cache"):
+            _check_bool(f"{p}.{name}", getattr(self, name))
+        _check_int(f"{p}.concurrent_downloads", self.concurrent_downloads, minimum=0)
+        if not isinstance(self.auth_token, str):
+            _fail(f"{p}.auth_token", "must be a string")
+        _check_int(f"{p}.rank", self.rank, minimum=0, optional=True)
+        _check_int(f"{p}.world_size", self.world_size, minimum=0, optional=True)
+        if self.world_size == 0:
+            object.__setattr__(self, "world_size", None)
+        if self.rank is not None and self.world_size is not None and self.rank >= self.world_size:
+            _fail(f"{p}.rank", f"must be < world_size ({self.world_size}), got {self.rank}")
+        for name in ("index_dir", "cache_dir"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (str, os.PathLike)) or not str(v)):
+                _fail(f"{p}.{name}", f"must be a folder path, got {v!r}")
+        _check_int(f"{p}.io_concurrency", self.io_concurrency, minimum=1, maximum=1024,
+                   optional=True)
+        if self.io_concurrency is None:
+            object.__setattr__(self, "io_concurrency",
+                               self.concurrent_downloads if self.concurrent_downloads else 64)
+        _check_number(f"{p}.timeout_s", self.timeout_s)
+        if self.max_failures is not None:
+            _check_number(f"{p}.max_failures", self.max_failures)
+
+
+@dataclass(frozen=True)
 class ImageConfig:
     """Image processing: aspect-ratio buckets and the output format."""
 
@@ -315,7 +380,7 @@ class LoaderConfig:
 class DatagoConfig:
     """Everything a DatagoDataset needs; build it directly or with ``from_dict``."""
 
-    source: Union[FileSourceConfig, IndexSourceConfig]
+    source: Union[FileSourceConfig, IndexSourceConfig, "WebDatasetSourceConfig"]
     image: Optional[ImageConfig] = field(default_factory=ImageConfig)
     """None: images are delivered at their own size (per-sample mode only)."""
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -426,4 +491,5 @@ def _check_keys(path: str, d: Mapping[str, Any], valid) -> None:
         _fail(f"{prefix}{key}", f"unknown key{hint}")
 
 
-SOURCE_CONFIGS.update({"file": FileSourceConfig, "index": IndexSourceConfig})
+SOURCE_CONFIGS.update({"file": FileSourceConfig, "index": IndexSourceConfig,
+                       "webdataset": WebDatasetSourceConfig})

@@ -59,6 +59,7 @@ from datago.sharding import ShardDetector, ShardInfo, local_world_size, shard_ha
 from datago.fetch import FetchConfig, Fetcher, is_remote
 from datago.sources.filesystem import FileListing
 from datago.sources.index import IndexSource
+from datago.sources.webdataset import WebDatasetSource
 from datago.sources.sizes import SizesIndex, scan_files
 
 __all__ = ["DatagoDataset", "StateError", "default_num_threads"]
@@ -180,8 +181,7 @@ class DatagoDataset(IterableDataset):
             include = np.ones(n, dtype=bool)
             self._bucket_of = np.zeros(n, dtype=np.int64)
         self._items = np.flatnonzero(include)
-        self._remote = self.listing.kind != "file" and any(
-            is_remote(self.listing.main_location(i)) for i in range(n))
+        self._remote = self.listing.kind != "file" and self.listing.remote()
         self._plan_cache: Optional[Tuple[tuple, EpochPlan]] = None
         self._progress: Optional[dict] = None              # worker-side position (state_dict)
         self._resolve(confident_only=True)
@@ -566,6 +566,13 @@ def _make_source(config: DatagoConfig):
                                     height_column=src.height_column,
                                     mask_columns=src.mask_columns,
                                     image_columns=src.image_columns, fetcher=fetcher)
+    if config.source_type == "webdataset":
+        headers = {"Authorization": f"Bearer {src.auth_token}"} if src.auth_token else {}
+        fetcher = Fetcher(FetchConfig(io_concurrency=src.io_concurrency, timeout_s=src.timeout_s,
+                                      headers=headers))
+        return fetcher, WebDatasetSource(src.url, reference_image_type=src.reference_image_type,
+                                         index_dir=src.index_dir, cache_dir=src.cache_dir,
+                                         fetcher=fetcher)
     return Fetcher(), FileListing(src.root_path)
 
 

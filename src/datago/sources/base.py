@@ -52,6 +52,11 @@ class Source:
     def main_location(self, i: int) -> Any:
         return self.ref(i).path
 
+    def remote(self) -> bool:
+        """Whether any sample's bytes are behind a URL (they then get IO threads)."""
+        from datago.fetch import is_remote
+        return any(is_remote(self.main_location(i)) for i in range(len(self)))
+
     def known_sizes(self):
         """A ``SizesIndex`` when the source knows every sample's size, else None."""
         return None

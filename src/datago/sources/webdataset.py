@@ -1,0 +1,389 @@
+"""WebDataset tar shards (``source_type: "webdataset"``), read by member offset.
+
+    urls = expand_urls("https://host/train/shard-{000000..000099}.tar")
+    write_index("data/shard-000000.tar")        # data/shard-000000.tar.idx.json
+
+Samples and members
+-------------------
+A member's *key* is its path up to the first dot of its file name
+(``a/b/cat.01.jpg``: key ``a/b/cat``, extension ``01.jpg``); members sharing a
+key form one sample, as in the folder source: ``<key>.<reference_image_type>``
+(else the first of jpg, jpeg, png, webp, bmp, gif) is the main image;
+``<key>.mask.<img>`` / ``<key>.seg.<img>`` are masks; ``<key>.<name>.<img>``
+additional images; ``<key>.json`` is merged into the attributes,
+``<key>.txt``/``.cls`` and ``<key>.<name>.txt|json`` become attributes.  The
+sample id is the key.  Other members (``npy`` latents, ...) are not read yet and
+are counted per shard in the index (``ignored``).
+
+The index
+---------
+One small JSON file per shard lists its samples: the key, every member's name,
+data offset and size, and the main image's width, height and format (read from
+its header while the shard streams by).  With it the epoch plan works over
+shards like over a folder (equal batches, synced buckets, resume), and every
+member is read by offset: a seek in a local shard, an HTTP ``Range`` request on
+a remote one.  ``datago index`` (``write_index``) puts it next to a local shard
+as ``<shard>.idx.json``, or into a folder of your choice; the source looks there
+(``index_dir``) and next to the shard (``<url>.idx.json``, also over HTTP).  A
+shard without an index is streamed once at construction to build it, and the
+result is cached in ``cache_dir`` (keyed by the shard URL's hash, never by member
+names, so nothing in a tar chooses a path on disk).
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import xxhash
+
+from datago.errors import ConfigError, DatagoError, DecodeError
+from datago.fetch import FetchError, Fetcher, Member, is_remote, redact
+from datago.sources.base import SampleRef, Source
+from datago.sources.filesystem import IMAGE_EXTENSIONS, MASK_NAMES
+from datago.sources.sizes import FORMATS, SizesIndex, default_cache_dir
+
+__all__ = ["WebDatasetSource", "build_index", "expand_urls", "write_index"]
+
+INDEX_SUFFIX = ".idx.json"
+INDEX_VERSION = 1
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def _expand_braces(pattern: str) -> List[str]:
+    m = _BRACE.search(pattern)
+    if m is None:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        a, b = r.group(1), r.group(2)
+        width = len(a) if a.startswith("0") or len(a) == len(b) else 0
+        lo, hi = int(a), int(b)
+        step = 1 if hi >= lo else -1
+        options = [str(i).zfill(width) for i in range(lo, hi + step, step)]
+    else:
+        options = body.split(",")
+    out = []
+    for opt in options:
+        out.extend(_expand_braces(head + opt + tail))
+    return out
+
+
+def expand_urls(url) -> List[str]:
+    """Shard locations: brace patterns (``{000..099}``, ``{a,b}``), local globs, lists."""
+    items = [url] if isinstance(url, str) else list(url)
+    out: List[str] = []
+    for item in items:
+        for one in _expand_braces(str(item)):
+            if not is_remote(one) and any(c in one for c in "*?["):
+                hits = sorted(_glob.glob(one))
+                if not hits:
+                    raise ConfigError(f"source_config.url: {one!r} matches no file")
+                out.extend(hits)
+            else:
+                out.append(one)
+    if not out:
+        raise ConfigError("source_config.url: no shard")
+    return out
+
+
+def _split(name: str) -> Tuple[str, str]:
+    """(key, extension) of a member name: the key ends at the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{folder}/{stem}" if folder else stem
+    return key, ext if dot else ""
+
+
+def _image_ext(ext: str) -> bool:
+    return ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+
+
+def _main_of(exts: Iterable[str], reference: str) -> Optional[str]:
+    exts = list(exts)
+    if reference in exts:
+        return reference
+    for e in IMAGE_EXTENSIONS:
+        for x in exts:
+            if x.lower() == e:
+                return x
+    candidates = [x for x in exts if _image_ext(x) and x.split(".")[0].lower() not in MASK_NAMES]
+    return candidates[0] if candidates else None
+
+
+class _Stream(io.RawIOBase):
+    """A read-only file object over an iterator of byte chunks (a streamed download)."""
+
+    def __init__(self, chunks):
+        self._it = iter(chunks)
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            try:
+                self._buf = next(self._it)
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+def build_index(url: str, fetcher: Optional[Fetcher] = None,
+                reference_image_type: str = "jpg") -> dict:
+    """Stream one shard and return its index (see the module docstring)."""
+    from datago.image import read_header
+    fetcher = fetcher or Fetcher()
+    members: Dict[str, Dict[str, List[int]]] = {}
+    heads: Dict[Tuple[str, str], bytes] = {}
+    order: List[str] = []
+    ignored = 0
+
+    def scan(tar: tarfile.TarFile) -> None:
+        nonlocal ignored
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, ext = _split(info.name)
+            if not ext or key.startswith("__") or os.path.basename(key).startswith("."):
+                ignored += 1
+                continue
+            if key not in members:
+                members[key] = {}
+                order.append(key)
+            members[key][ext] = [info.offset_data, info.size]
+            if _image_ext(ext):
+                f = tar.extractfile(info)
+                heads[(key, ext)] = f.read(65536) if f is not None else b""
+
+    try:
+        if is_remote(url):
+            import httpx
+            attempts = fetcher.config.retries + 1
+            for attempt in range(attempts):          # a broken stream starts over
+                members.clear(), heads.clear(), order.clear()
+                ignored = 0
+                try:
+                    client = fetcher._http_client()
+                    with client.stream("GET", url) as resp:
+                        status = resp.status_code
+                        if 400 <= status < 500 and status != 429:
+                            raise FetchError(f"{redact(url)}: HTTP {status}", "http_4xx",
+                                             redact(url), status)
+                        if status >= 400:
+                            raise httpx.HTTPStatusError(f"HTTP {status}", request=resp.request,
+                                                        response=resp)
+                        with tarfile.open(fileobj=io.BufferedReader(
+                                _Stream(resp.iter_bytes()), 1 << 20), mode="r|") as tar:
+                            scan(tar)
+                    break
+                except (httpx.HTTPError, tarfile.ReadError, EOFError) as e:
+                    if attempt + 1 == attempts:
+                        raise FetchError(f"{redact(url)}: streaming the shard failed "
+                                         f"{attempts} times, last: {type(e).__name__}",
+                                         "reset", redact(url)) from None
+                    fetcher._sleep(min(fetcher.config.backoff_max_s,
+                                       fetcher.config.backoff_s * 2 ** attempt))
+        else:
+            with tarfile.open(url, mode="r:") as tar:
+                scan(tar)
+    except (tarfile.TarError, EOFError) as e:
+        raise DatagoError(f"{redact(url)}: not a readable tar shard ({e})") from None
+    except OSError as e:
+        if isinstance(e, FetchError):
+            raise
+        raise FetchError(f"{redact(url)}: {e}", "read_error", redact(url)) from None
+    samples = []
+    for key in order:
+        exts = members[key]
+        main = _main_of(exts, reference_image_type)
+        w = h = fmt = 0
+        if main is not None:
+            head = heads.get((key, main), b"")
+            try:
+                info = read_header(head)
+                w, h = info.display_size
+                fmt = FORMATS.index(info.format) if info.format in FORMATS else len(FORMATS) - 1
+            except (DecodeError, ValueError):
+                w = h = fmt = 0
+        samples.append({"key": key, "members": exts, "main": main,
+                        "width": w, "height": h, "format": fmt})
+    return {"version": INDEX_VERSION, "shard": os.path.basename(url.split("?")[0]),
+            "reference_image_type": reference_image_type, "samples": samples,
+            "ignored": ignored}
+
+
+def index_path_for(url: str, index_dir: Optional[str]) -> str:
+    name = os.path.basename(url.split("?")[0]) + INDEX_SUFFIX
+    if index_dir:
+        return os.path.join(index_dir, name)
+    return url.split("?")[0] + INDEX_SUFFIX
+
+
+def write_index(url: str, out_dir: Optional[str] = None, fetcher: Optional[Fetcher] = None,
+                reference_image_type: str = "jpg") -> str:
+    """Build a shard's index and write it next to a local shard or into ``out_dir``."""
+    if out_dir is None and is_remote(url):
+        raise ConfigError(f"{redact(url)} is remote: give a folder for its index (--out)")
+    path = index_path_for(url, out_dir)
+    idx = build_index(url, fetcher, reference_image_type)
+    _atomic_write(path, json.dumps(idx, separators=(",", ":")).encode())
+    return path
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".idx-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class WebDatasetSource(Source):
+    """Samples of tar shards, read by member offset (see the module docstring)."""
+
+    kind = "webdataset"
+
+    def __init__(self, url, *, reference_image_type: str = "jpg", index_dir: Optional[str] = None,
+                 cache_dir: Optional[str] = None, fetcher: Optional[Fetcher] = None):
+        self.shards = expand_urls(url)
+        self.reference_image_type = reference_image_type
+        self.fetcher = fetcher or Fetcher()
+        self.root = "|".join(self.shards)
+        self.skipped: Dict[str, int] = {}
+        self.built = 0                       # shard indexes built by streaming (this run)
+        keys, shard_of, parts = [], [], []
+        width, height, fmt = [], [], []
+        seen = set()
+        cache = os.path.join(cache_dir or os.path.dirname(default_cache_dir()), "wds-index")
+        for s, shard in enumerate(self.shards):
+            idx = self._index(shard, index_dir, cache)
+            if idx.get("ignored"):
+                self._count("ignored_members", int(idx["ignored"]))
+            for smp in idx["samples"]:
+                key = smp["key"]
+                if smp.get("main") is None:
+                    self._count("no_image")
+                    continue
+                if key in seen:
+                    self._count("duplicate_id")
+                    continue
+                seen.add(key)
+                keys.append(key)
+                shard_of.append(s)
+                parts.append(smp["members"])
+                main = smp["main"]
+                parts[-1] = dict(parts[-1], __main__=main)
+                width.append(int(smp.get("width", 0)))
+                height.append(int(smp.get("height", 0)))
+                fmt.append(int(smp.get("format", 0)))
+        self._keys = keys
+        self._shard_of = np.asarray(shard_of, dtype=np.int32)
+        self._parts = parts
+        self._sizes = SizesIndex(np.asarray(width, dtype=np.int32),
+                                 np.asarray(height, dtype=np.int32),
+                                 np.asarray(fmt, dtype=np.uint8))
+
+    def _count(self, reason: str, n: int = 1) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+    def _index(self, shard: str, index_dir: Optional[str], cache: str) -> dict:
+        candidates = []
+        if index_dir:
+            candidates.append(index_path_for(shard, index_dir))
+        candidates.append(index_path_for(shard, None))
+        cached = os.path.join(cache, xxhash.xxh64_hexdigest(shard.encode()) + INDEX_SUFFIX)
+        candidates.append(cached)
+        for c in candidates:
+            data = self._try_read(c)
+            if data is None:
+                continue
+            try:
+                idx = json.loads(data)
+                if idx.get("version") == INDEX_VERSION and \
+                        idx.get("reference_image_type", "jpg") == self.reference_image_type:
+                    return idx
+            except ValueError:
+                pass                         # a broken index is rebuilt
+        idx = build_index(shard, self.fetcher, self.reference_image_type)
+        self.built += 1
+        try:
+            _atomic_write(cached, json.dumps(idx, separators=(",", ":")).encode())
+        except OSError:
+            pass
+        return idx
+
+    def _try_read(self, loc: str) -> Optional[bytes]:
+        if is_remote(loc):
+            try:
+                return self.fetcher.read(loc)
+            except FetchError as e:
+                if e.reason == "http_4xx":
+                    return None
+                raise
+        try:
+            with open(loc, "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def sample_id(self, i: int) -> str:
+        return self._keys[i]
+
+    def _member(self, i: int, ext: str) -> Member:
+        off, size = self._parts[i][ext]
+        return Member(self.shards[self._shard_of[i]], int(off), int(size),
+                      f"{self._keys[i].rsplit('/', 1)[-1]}.{ext}")
+
+    def main_location(self, i: int) -> Member:
+        return self._member(i, self._parts[i]["__main__"])
+
+    def ref(self, i: int) -> SampleRef:
+        exts = self._parts[i]
+        main = exts["__main__"]
+        masks, images, texts = [], [], []
+        for ext in sorted(e for e in exts if e not in ("__main__", main)):
+            loc = self._member(i, ext)
+            low = ext.lower()
+            last = low.rsplit(".", 1)[-1]
+            if _image_ext(ext):
+                middle = ext.rsplit(".", 1)[0] if "." in ext else ""
+                if middle.lower() in MASK_NAMES:
+                    masks.append((middle.lower(), loc))
+                else:
+                    images.append((middle or low, loc))
+            elif last in ("json", "txt", "cls"):
+                middle = ext.rsplit(".", 1)[0] if "." in ext else ""
+                name = middle or ("" if last == "json" else last)
+                texts.append((name, loc))
+        return SampleRef(self._keys[i], self._member(i, main), tuple(masks), tuple(images),
+                         tuple(texts))
+
+    def remote(self) -> bool:
+        return any(is_remote(s) for s in self.shards)
+
+    def known_sizes(self) -> SizesIndex:
+        return self._sizes

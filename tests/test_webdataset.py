@@ -1,0 +1,234 @@
+"""source_type "webdataset": tar shards made with tarfile, read by member offset from
+disk, from nginx and through the fault server, against the folder source."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+
+from conftest import encode, photo
+from datago import ConfigError, DatagoDataset
+from datago import cli
+from datago.sharding import ShardInfo
+from datago.sources.webdataset import build_index, expand_urls, write_index
+from servers import FaultServer, Nginx
+
+IMAGE = {"crop_and_resize": True, "default_image_size": 64, "downsampling_ratio": 16}
+
+
+def make_folder(root, n=30):
+    """A folder of samples with sidecars; returns [(key, {ext: bytes})]."""
+    rng = np.random.default_rng(1)
+    samples = []
+    for i in range(n):
+        w = int(rng.integers(40, 200))
+        h = int(w / np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+        key = f"g{i % 3}/s{i:03d}"
+        parts = {"jpg": encode(photo(w, max(h, 8), seed=i), "JPEG", quality=90)}
+        if i % 4 == 0:
+            parts["json"] = json.dumps({"caption": f"cap {i}", "i": i}).encode()
+        if i % 5 == 0:
+            parts["txt"] = f"text {i}".encode()
+        if i % 6 == 0:
+            m = (photo(w, max(h, 8), seed=100 + i)[..., 0] > 128).astype(np.uint8) * 255
+            parts["mask.png"] = encode(m, "PNG")
+        samples.append((key, parts))
+        for ext, data in parts.items():
+            p = root / f"{key}.{ext}"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+    return samples
+
+
+def make_shards(folder, samples, n_shards=4):
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        with tarfile.open(folder / f"shard-{s:03d}.tar", "w") as tar:
+            for key, parts in samples[s::n_shards]:
+                for ext, data in parts.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(folder / f"shard-{{000..{n_shards - 1:03d}}}.tar")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    base = tmp_path_factory.mktemp("wds")
+    samples = make_folder(base / "folder")
+    pattern = make_shards(base / "shards", samples)
+    return base, samples, pattern
+
+
+def wds_cfg(url, **kw):
+    src = {"url": url}
+    src.update(kw.pop("source", {}))
+    return {"source_type": "webdataset", "source_config": src, "image_config": IMAGE,
+            "batch_size": 3, "seed": 2, **kw}
+
+
+def by_key(ds, strip_ext=False):
+    out = {}
+    for b in ds:
+        for j, sid in enumerate(b["id"]):
+            key = sid.rsplit(".", 1)[0] if strip_ext else sid
+            masks = {k: t[j].numpy().tobytes() for k, t in b["masks"].items()
+                     if b.get("present", {}).get(f"mask/{k}", [True] * 99)[j]}
+            out[key] = (tuple(b["bucket"]), b["image"][j].numpy().tobytes(),
+                        tuple(b["crop_coords"][j].tolist()), b["attributes"][j], masks)
+    return out
+
+
+def test_expand_urls(tmp_path):
+    assert expand_urls("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
+    assert expand_urls("http://h/{a,b}/x-{8..10}.tar") == [
+        "http://h/a/x-8.tar", "http://h/a/x-9.tar", "http://h/a/x-10.tar",
+        "http://h/b/x-8.tar", "http://h/b/x-9.tar", "http://h/b/x-10.tar"]
+    (tmp_path / "a.tar").write_bytes(b"")
+    (tmp_path / "b.tar").write_bytes(b"")
+    assert expand_urls(str(tmp_path / "*.tar")) == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    with pytest.raises(ConfigError, match="matches no file"):
+        expand_urls(str(tmp_path / "*.zip"))
+
+
+def test_local_shards_equal_the_folder_source(data, tmp_path):
+    base, samples, pattern = data
+    folder = {"source_config": {"root_path": str(base / "folder")}, "image_config": IMAGE,
+              "batch_size": 3, "seed": 2}
+    want = by_key(DatagoDataset(folder), strip_ext=True)
+    ds = DatagoDataset(wds_cfg(pattern, source={"cache_dir": str(tmp_path / "c")}))
+    assert ds.listing.built == 4 and ds.stats()["listing"]["skipped"] == {}
+    got = by_key(ds)
+    assert set(got) == {k for k, _ in samples} == set(want)
+    for key, parts in samples:
+        assert got[key][:3] == want[key][:3], key              # bucket, pixels, crop
+        attrs = {}
+        if "json" in parts:
+            attrs.update(json.loads(parts["json"]))
+        if "txt" in parts:
+            attrs["txt"] = parts["txt"].decode()
+        assert got[key][3] == attrs == want[key][3]
+        assert got[key][4] == want[key][4]                      # masks, exactly
+    # the built indexes were cached: the next construction streams nothing
+    assert DatagoDataset(wds_cfg(pattern, source={"cache_dir": str(tmp_path / "c")})).listing.built == 0
+
+
+def test_datago_index_cli_writes_next_to_the_shards(data, tmp_path, capsys):
+    base, samples, pattern = data
+    out = tmp_path / "idx"
+    assert cli.main(["index", pattern, "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all("samples" in line for line in lines)
+    idx = json.loads((out / "shard-000.tar.idx.json").read_text())
+    assert {s["key"] for s in idx["samples"]} == {k for k, _ in samples[0::4]}
+    ds = DatagoDataset(wds_cfg(pattern, source={"index_dir": str(out),
+                                                "cache_dir": str(tmp_path / "none")}))
+    assert ds.listing.built == 0 and not (tmp_path / "none").exists()
+    # offsets point at the members' bytes
+    with open(base / "shards" / "shard-000.tar", "rb") as f:
+        smp = idx["samples"][0]
+        off, size = smp["members"]["jpg"]
+        f.seek(off)
+        assert f.read(size) == dict(samples[0::4])[smp["key"]]["jpg"]
+
+
+def test_over_nginx_by_range_requests(data, tmp_path):
+    base, samples, pattern = data
+    shards = base / "shards"
+    for i in range(4):
+        write_index(str(shards / f"shard-{i:03d}.tar"))
+    try:
+        with Nginx(shards) as n:
+            url = f"{n.url}/shard-{{000..003}}.tar"
+            ds = DatagoDataset(wds_cfg(url, source={"cache_dir": str(tmp_path / "c")}))
+            assert ds.listing.built == 0 and ds._remote
+            got = by_key(ds)
+            log = n.access_log()
+    finally:
+        for p in shards.glob("*.idx.json"):
+            p.unlink()
+    local = by_key(DatagoDataset(wds_cfg(pattern, source={"cache_dir": str(tmp_path / "c2")})))
+    assert got == local
+    assert sum(" 206 " in line for line in log) >= len(samples)     # members by Range
+
+
+def test_remote_shard_without_index_is_streamed_once(data, tmp_path):
+    base, samples, _ = data
+    with FaultServer(base / "shards") as srv:
+        url = f"{srv.url}/shard-{{000..003}}.tar"
+        ds = DatagoDataset(wds_cfg(url, source={"cache_dir": str(tmp_path / "c")}))
+        assert ds.listing.built == 4
+        # faults on member range reads are retried; every sample arrives
+        srv.add_fault("/shard-001.tar", "503", times=2)
+        srv.add_fault("/shard-002.tar", "reset", times=1)
+        srv.add_fault("/shard-003.tar", "truncate", times=1)
+        got = [i for b in ds for i in b["id"]]
+        st = ds.stats()
+        assert set(got) == {k for k, _ in samples}
+        assert st["skipped_total"] == 0
+        assert not [f for f in srv.pending_faults() if f.remaining]
+        again = DatagoDataset(wds_cfg(url, source={"cache_dir": str(tmp_path / "c")}))
+        assert again.listing.built == 0
+
+
+def test_auth_token_is_sent_and_never_shown(data, tmp_path):
+    base, _, _ = data
+    with FaultServer(base / "shards") as srv:
+        cfg = wds_cfg(f"{srv.url}/shard-000.tar",
+                      source={"auth_token": "TOKEN-123", "cache_dir": str(tmp_path / "c")})
+        ds = DatagoDataset(cfg)
+        list(ds)
+        assert all(r.headers.get("Authorization") == "Bearer TOKEN-123" for r in srv.log)
+        assert "TOKEN-123" not in repr(ds.config) and "TOKEN-123" not in repr(ds)
+        srv.add_fault("/shard-000.tar", "403", times=None)
+        ds2 = DatagoDataset(cfg)
+        with pytest.warns(RuntimeWarning) as w:
+            list(ds2)
+        assert all("TOKEN-123" not in str(x.message) for x in w)
+        assert ds2.stats()["skipped"].get("http_4xx", 0) > 0
+
+
+def test_multi_dot_names_and_ranks(tmp_path):
+    shards = tmp_path / "s"
+    shards.mkdir()
+    data = encode(photo(64, 48, seed=3), "JPEG")
+    with tarfile.open(shards / "a.tar", "w") as tar:
+        for name in ("x/photo.v2.jpg", "x/photo.v2.json", "y/cat.jpg", "y/cat.cls",
+                     "z/dog.png", "z/dog.latent.npy", "w/readme.md"):
+            payload = data if name.endswith(".jpg") else (
+                encode(photo(30, 60, seed=1), "PNG") if name.endswith(".png") else b'{"a": 1}')
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    idx = build_index(str(shards / "a.tar"))
+    keys = {s["key"]: s for s in idx["samples"]}
+    assert keys["x/photo"]["main"] == "v2.jpg" and keys["y/cat"]["main"] == "jpg"
+    assert keys["z/dog"]["main"] == "png" and (keys["z/dog"]["width"], keys["z/dog"]["height"]) == (30, 60)
+    cfg = wds_cfg(str(shards / "a.tar"), batch_size=None, source={"cache_dir": str(tmp_path / "c")})
+    ds = DatagoDataset(cfg)
+    assert ds.stats()["listing"]["skipped"] == {"no_image": 1}      # readme.md alone
+    items = {it["id"]: it for it in ds}
+    assert set(items) == {"x/photo", "y/cat", "z/dog"}
+    assert items["y/cat"]["attributes"] == {"cls": '{"a": 1}'}
+    assert items["x/photo"]["attributes"] == {"v2": {"a": 1}}
+    # three ranks split the samples (single samples: one step each), every one once
+    seen = []
+    for r in range(3):
+        d = DatagoDataset(wds_cfg(str(shards / "a.tar"), batch_size=None,
+                                  source={"cache_dir": str(tmp_path / "c")}),
+                          detector=lambda r=r: ShardInfo(r, 3, 0, 1))
+        seen += [b["id"] for b in d]
+    assert sorted(seen) == ["x/photo", "y/cat", "z/dog"]
+
+
+def test_not_a_tar_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"this is not a tar archive" * 100)
+    from datago import DatagoError
+    with pytest.raises(DatagoError, match="not a readable tar shard"):
+        DatagoDataset(wds_cfg(str(bad), source={"cache_dir": str(tmp_path / "c")}))
