@@ -972,7 +972,7 @@ def bench_size(bench: Bench, names: List[str], rounds: int, workdir: Path,
     runs = {k: [t for t in times[k] if t is not None] for k in names}
     if any(runs.values()):
         bench.notes.append(
-            f"memory: peak over a pass of the summed RSS / PSS of this process and all its "
+            "memory: peak over a pass of the summed RSS / PSS of this process and all its "
             f"descendants (DataLoader workers; for (b) the reference's subprocess, sampled "
             f"over its whole life: start-up and drain included), median over rounds; at "
             f"the start of a pass (this process alone, torch imported, after gc + "

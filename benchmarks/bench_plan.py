@@ -206,7 +206,7 @@ def million_tables(rows: list) -> str:
             f"{'on' if r['sync'] else 'off'} | {r['num_steps']:,} | {r['best_s']:.3f} | "
             f"{r['first_s']:.3f} | {rss} | {r['tm_peak'] / MB:.1f} | "
             f"{r['plan_bytes'] / MB:.1f} | {r['num_padded']:,} | {r['dropped']:,} |")
-    lines += ["", f"| check (ranks 8, batch 32) | value | target | result |",
+    lines += ["", "| check (ranks 8, batch 32) | value | target | result |",
               "|---|---:|---:|---|"]
     for i, r in enumerate(rows):
         name = (f"{r['remainder']}, sync {'on' if r['sync'] else 'off'}"

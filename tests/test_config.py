@@ -399,7 +399,7 @@ def test_root_path_wrong_type(root, value, shown):
     ({"batch_size": 0}, "batch_size", "must be >= 1, got 0"),
     ({"num_threads": 0}, "num_threads", "must be >= 1, got 0"),
     ({"seed": -1}, "seed", "must be >= 0, got -1"),
-    ({"source_type": "ftp"}, "source_type", "must be one of 'file', 'index', got 'ftp'"),
+    ({"source_type": "ftp"}, "source_type", "must be one of 'file', 'index', 'webdataset', got 'ftp'"),
 ])
 def test_impossible_values(root, changes, path, message):
     d = full_config(root)
@@ -410,12 +410,12 @@ def test_impossible_values(root, changes, path, message):
     assert str(exc.value) == f"{path}: {message}"
 
 
-@pytest.mark.parametrize("source_type", ["db", "webdataset"])
+@pytest.mark.parametrize("source_type", ["db"])
 def test_later_sources_not_supported_yet(root, source_type):
     with pytest.raises(ConfigError) as exc:
         DatagoConfig.from_dict(set_key(full_config(root), "source_type", source_type))
     assert str(exc.value) == (f"source_type: {source_type!r} is not supported yet "
-                              f"(supported: 'file', 'index')")
+                              f"(supported: 'file', 'index', 'webdataset')")
 
 
 def test_missing_source_config(root):
@@ -488,7 +488,7 @@ def test_batch_size_needs_crop_and_resize(root, image_config):
     (lambda r: DatagoConfig(FileSourceConfig(r), loader=None), "loader",
      "must be a LoaderConfig, got NoneType"),
     (lambda r: DatagoConfig(FileSourceConfig(r), source_type="ftp"), "source_type",
-     "must be one of 'file', 'index', got 'ftp'"),
+     "must be one of 'file', 'index', 'webdataset', got 'ftp'"),
     (lambda r: DatagoConfig(FileSourceConfig(r), ImageConfig(crop_and_resize=False),
                             LoaderConfig(batch_size=4)), "batch_size", "crop_and_resize"),
     (lambda r: DatagoConfig(FileSourceConfig(r), None, LoaderConfig(batch_size=4)),

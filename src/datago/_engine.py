@@ -317,6 +317,19 @@ class _ErrorPolicy:
             warnings.warn(f"datago: skipping {err} (further '{err.reason}' skips are "
                           "counted in stats() without a warning)", RuntimeWarning, stacklevel=3)
 
+    def _good_slots(self, batch: "Batch") -> List[int]:
+        """Wait for a batch's tasks; the slots that succeeded (failures counted)."""
+        good = []
+        for slot, f in enumerate(batch.futures):
+            exc = f.exception()
+            if exc is None:
+                good.append(slot)
+            elif isinstance(exc, SampleError):
+                self._skip(exc)
+            else:
+                raise exc
+        return good
+
 
 class Engine(_ErrorPolicy):
     """Streaming mode: iterates batches (or samples) of sample references whose sizes
@@ -454,16 +467,7 @@ class Engine(_ErrorPolicy):
 
     def _finish(self, batch: Batch) -> Optional[dict]:
         """Wait for the batch's decodes, close up failed slots, build the output dict."""
-        good = []
-        for slot, f in enumerate(batch.futures):
-            exc = f.exception()
-            if exc is None:
-                good.append(slot)
-            elif isinstance(exc, SampleError):
-                self._skip(exc)
-            else:
-                raise exc
-        return _output(batch, good, self.stats)
+        return _output(batch, self._good_slots(batch), self.stats)
 
     # ------------------------------------------------------------------ per sample
     def _samples(self) -> Iterator[dict]:
@@ -638,15 +642,7 @@ class PlanEngine(_ErrorPolicy):
                     break
                 job, batch = inflight.popleft()
                 t0 = time.perf_counter()
-                good = []
-                for slot, f in enumerate(batch.futures):
-                    exc = f.exception()
-                    if exc is None:
-                        good.append(slot)
-                    elif isinstance(exc, SampleError):
-                        self._skip(exc)
-                    else:
-                        raise exc
+                good = self._good_slots(batch)
                 self.stats.add("t_wait", time.perf_counter() - t0)
                 padded = sum(1 for s in good if job.padded[s])
                 if padded:

@@ -90,6 +90,26 @@ def _check_choice(path: str, value: Any, choices) -> None:
         _fail(path, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def _check_layout(p: str, cfg) -> None:
+    """``rank`` / ``world_size`` of a source config (world_size 0 means: detect)."""
+    _check_int(f"{p}.rank", cfg.rank, minimum=0, optional=True)
+    _check_int(f"{p}.world_size", cfg.world_size, minimum=0, optional=True)
+    if cfg.world_size == 0:
+        object.__setattr__(cfg, "world_size", None)
+    if cfg.rank is not None and cfg.world_size is not None and cfg.rank >= cfg.world_size:
+        _fail(f"{p}.rank", f"must be < world_size ({cfg.world_size}), got {cfg.rank}")
+
+
+def _check_folder(p: str, cfg, name: str) -> None:
+    """An optional folder path (str or PathLike), stored as str."""
+    v = getattr(cfg, name)
+    if v is None:
+        return
+    if not isinstance(v, (str, os.PathLike)) or not str(v):
+        _fail(f"{p}.{name}", f"must be a folder path, got {v!r}")
+    object.__setattr__(cfg, name, os.fspath(v))
+
+
 @dataclass(frozen=True)
 class FileSourceConfig:
     """A local folder of images (reference ``source_type: "file"``)."""
@@ -124,16 +144,8 @@ class FileSourceConfig:
         _check_bool(f"{p}.random_sampling", self.random_sampling)
         _check_bool(f"{p}.scan_sizes", self.scan_sizes)
         _check_bool(f"{p}.sizes_cache", self.sizes_cache)
-        if self.cache_dir is not None:
-            if not isinstance(self.cache_dir, (str, os.PathLike)) or not str(self.cache_dir):
-                _fail(f"{p}.cache_dir", f"must be a folder path, got {self.cache_dir!r}")
-            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
-        _check_int(f"{p}.rank", self.rank, minimum=0, optional=True)
-        _check_int(f"{p}.world_size", self.world_size, minimum=0, optional=True)
-        if self.world_size == 0:
-            object.__setattr__(self, "world_size", None)
-        if self.rank is not None and self.world_size is not None and self.rank >= self.world_size:
-            _fail(f"{p}.rank", f"must be < world_size ({self.world_size}), got {self.rank}")
+        _check_folder(p, self, "cache_dir")
+        _check_layout(p, self)
 
 
 @dataclass(frozen=True)
@@ -190,16 +202,8 @@ class IndexSourceConfig:
                 _fail(f"{p}.{name}", f"must be a list of column names, got {v!r}")
         for name in ("random_sampling", "scan_sizes", "sizes_cache"):
             _check_bool(f"{p}.{name}", getattr(self, name))
-        _check_int(f"{p}.rank", self.rank, minimum=0, optional=True)
-        _check_int(f"{p}.world_size", self.world_size, minimum=0, optional=True)
-        if self.world_size == 0:
-            object.__setattr__(self, "world_size", None)
-        if self.rank is not None and self.world_size is not None and self.rank >= self.world_size:
-            _fail(f"{p}.rank", f"must be < world_size ({self.world_size}), got {self.rank}")
-        if self.cache_dir is not None:
-            if not isinstance(self.cache_dir, (str, os.PathLike)) or not str(self.cache_dir):
-                _fail(f"{p}.cache_dir", f"must be a folder path, got {self.cache_dir!r}")
-            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
+        _check_layout(p, self)
+        _check_folder(p, self, "cache_dir")
         _check_int(f"{p}.io_concurrency", self.io_concurrency, minimum=1, maximum=1024)
         _check_number(f"{p}.timeout_s", self.timeout_s)
         if self.max_failures is not None:
@@ -251,16 +255,9 @@ class WebDatasetSourceConfig:
         _check_int(f"{p}.concurrent_downloads", self.concurrent_downloads, minimum=0)
         if not isinstance(self.auth_token, str):
             _fail(f"{p}.auth_token", "must be a string")
-        _check_int(f"{p}.rank", self.rank, minimum=0, optional=True)
-        _check_int(f"{p}.world_size", self.world_size, minimum=0, optional=True)
-        if self.world_size == 0:
-            object.__setattr__(self, "world_size", None)
-        if self.rank is not None and self.world_size is not None and self.rank >= self.world_size:
-            _fail(f"{p}.rank", f"must be < world_size ({self.world_size}), got {self.rank}")
-        for name in ("index_dir", "cache_dir"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, (str, os.PathLike)) or not str(v)):
-                _fail(f"{p}.{name}", f"must be a folder path, got {v!r}")
+        _check_layout(p, self)
+        _check_folder(p, self, "index_dir")
+        _check_folder(p, self, "cache_dir")
         _check_int(f"{p}.io_concurrency", self.io_concurrency, minimum=1, maximum=1024,
                    optional=True)
         if self.io_concurrency is None:

@@ -43,7 +43,7 @@ a fingerprint of the data and config); see ``load_state_dict``.
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch

@@ -170,12 +170,15 @@ def _load_cache(path: str) -> Optional[Dict[str, np.ndarray]]:
     return {k: v[order] for k, v in d.items()}
 
 
-def _save_cache(path: str, arrays: Dict[str, np.ndarray]) -> None:
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".sizes-", suffix=".tmp", dir=folder)
+def atomic_write(path: str, write: Callable) -> None:
+    """``write(file)`` into a temporary file beside ``path``, then rename it over
+    ``path``: readers see the old file or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".datago-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, version=np.int64(_CACHE_VERSION), **arrays)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -183,6 +186,10 @@ def _save_cache(path: str, arrays: Dict[str, np.ndarray]) -> None:
         except OSError:
             pass
         raise
+
+
+def _save_cache(path: str, arrays: Dict[str, np.ndarray]) -> None:
+    atomic_write(path, lambda f: np.savez(f, version=np.int64(_CACHE_VERSION), **arrays))
 
 
 def scan_files(root: str, paths: Sequence[str], hashes: np.ndarray, *,

@@ -38,8 +38,7 @@ import json
 import os
 import re
 import tarfile
-import tempfile
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import xxhash
@@ -48,7 +47,7 @@ from datago.errors import ConfigError, DatagoError, DecodeError
 from datago.fetch import FetchError, Fetcher, Member, is_remote, redact
 from datago.sources.base import SampleRef, Source
 from datago.sources.filesystem import IMAGE_EXTENSIONS, MASK_NAMES
-from datago.sources.sizes import FORMATS, SizesIndex, default_cache_dir
+from datago.sources.sizes import FORMATS, SizesIndex, atomic_write, default_cache_dir
 
 __all__ = ["WebDatasetSource", "build_index", "expand_urls", "write_index"]
 
@@ -244,19 +243,7 @@ def write_index(url: str, out_dir: Optional[str] = None, fetcher: Optional[Fetch
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".idx-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda f: f.write(data))
 
 
 class WebDatasetSource(Source):
