@@ -674,3 +674,48 @@ class FaultServer:
                         pass
             else:
                 self._conns.discard(sock)
+
+
+class MotoS3:
+    """moto's S3-compatible server on a free loopback port (``python -m moto.server``),
+    with dummy credentials; ``env`` holds the AWS_* variables that point a client at it."""
+
+    def __init__(self, start_timeout: float = 30.0):
+        import subprocess
+        import sys
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", HOST,
+                                      "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if not wait_for_port(self.port, timeout=start_timeout, proc=self.proc):
+            err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
+            self.close()
+            raise RuntimeError(f"moto server did not start on port {self.port}: {err[-2000:]}")
+        self.env = {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_REGION": "us-east-1"}
+
+    def client(self):
+        import botocore.session
+        s = botocore.session.get_session()
+        return s.create_client("s3", endpoint_url=self.url, region_name="us-east-1",
+                               aws_access_key_id="testing",
+                               aws_secret_access_key="testing-secret")
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+        self.proc = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -80,7 +80,48 @@ Location = Union[str, Member]
 
 def is_remote(loc: Location) -> bool:
     url = loc.url if isinstance(loc, Member) else loc
-    return isinstance(url, str) and url.startswith(("http://", "https://"))
+    return isinstance(url, str) and url.startswith(("http://", "https://", "s3://"))
+
+
+class _S3:
+    """``s3://bucket/key`` to a signed HTTPS request: the standard AWS credential
+    chain and SigV4 from botocore; ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``
+    (path-style) for S3-compatible stores, region from ``AWS_REGION`` /
+    ``AWS_DEFAULT_REGION`` / the AWS config (default us-east-1)."""
+
+    def __init__(self):
+        try:
+            import botocore.session
+            from botocore.auth import S3SigV4Auth
+            from botocore.awsrequest import AWSRequest
+        except ImportError:
+            raise FetchError("s3:// locations need botocore (pip install botocore)",
+                             "read_error") from None
+        session = botocore.session.get_session()
+        self._creds = session.get_credentials()
+        self.region = (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+                       or session.get_config_variable("region") or "us-east-1")
+        self.endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3")
+                         or os.environ.get("AWS_ENDPOINT_URL") or "").rstrip("/")
+        self._auth, self._request = S3SigV4Auth, AWSRequest
+
+    def url(self, loc: str) -> str:
+        from urllib.parse import quote
+        bucket, _, key = loc[len("s3://"):].partition("/")
+        if not bucket or not key:
+            raise FetchError(f"{redact(loc)}: an S3 location is s3://bucket/key", "read_error",
+                             redact(loc))
+        key = quote(key, safe="/~")
+        if self.endpoint:
+            return f"{self.endpoint}/{bucket}/{key}"
+        return f"https://{bucket}.s3.{self.region}.amazonaws.com/{key}"
+
+    def sign(self, url: str, headers: Dict[str, str]) -> Dict[str, str]:
+        if self._creds is None:                       # anonymous access (public buckets)
+            return headers
+        req = self._request(method="GET", url=url, headers=dict(headers))
+        self._auth(self._creds.get_frozen_credentials(), "s3", self.region).add_auth(req)
+        return dict(req.headers.items())
 
 
 def redact(url: str) -> str:
@@ -136,6 +177,7 @@ class Fetcher:
         self._lock = threading.Lock()
         self._sleep = sleep
         self.retried: Dict[str, int] = {}          # retried failures by reason (this process)
+        self._s3: Optional[_S3] = None
 
     def __repr__(self) -> str:
         c = self.config
@@ -147,6 +189,7 @@ class Fetcher:
         state["_client"] = None
         state["_pid"] = None
         state["_lock"] = None
+        state["_s3"] = None
         return state
 
     def __setstate__(self, state):
@@ -171,7 +214,7 @@ class Fetcher:
         if isinstance(loc, Member):
             return self.read(Member(loc.url, loc.offset, min(loc.size, nbytes), loc.name))
         if is_remote(loc):
-            return self._http(loc, 0, nbytes, short_ok=True)
+            return self._http(loc, 0, nbytes, short_ok=True)   # also s3://
         try:
             with open(loc, "rb") as f:
                 return f.read(nbytes)
@@ -239,6 +282,16 @@ class Fetcher:
                     self.retried[r.reason] = self.retried.get(r.reason, 0) + 1
                 self._sleep(wait)
 
+    def prepare(self, url: str, headers: Dict[str, str]):
+        """(URL to request, headers) for a location: ``s3://`` becomes a signed HTTPS
+        request (signed per attempt: the signature carries the time)."""
+        if not url.startswith("s3://"):
+            return url, headers
+        if self._s3 is None:
+            self._s3 = _S3()
+        target = self._s3.url(url)
+        return target, self._s3.sign(target, headers)
+
     def _attempt(self, url: str, offset: Optional[int], size: Optional[int],
                  short_ok: bool = False) -> bytes:
         import httpx
@@ -246,8 +299,9 @@ class Fetcher:
         headers = {}
         if offset is not None:
             headers["Range"] = f"bytes={offset}-{offset + size - 1}"
+        target, headers = self.prepare(url, headers)
         try:
-            with client.stream("GET", url, headers=headers) as resp:
+            with client.stream("GET", target, headers=headers) as resp:
                 status = resp.status_code
                 if status >= 500:
                     raise _Retry("http_5xx", f"HTTP {status}", status)

@@ -176,7 +176,8 @@ def build_index(url: str, fetcher: Optional[Fetcher] = None,
                 ignored = 0
                 try:
                     client = fetcher._http_client()
-                    with client.stream("GET", url) as resp:
+                    target, headers = fetcher.prepare(url, {})
+                    with client.stream("GET", target, headers=headers) as resp:
                         status = resp.status_code
                         if 400 <= status < 500 and status != 429:
                             raise FetchError(f"{redact(url)}: HTTP {status}", "http_4xx",
