@@ -160,8 +160,8 @@ def test_index_errors_are_clear(tmp_path):
     write_csv(bad, [{"file": "a.jpg"}], ["file"])
     with pytest.raises(ConfigError, match=r"no column 'url' \(columns: file\)"):
         DatagoDataset(index_cfg(bad))
-    with pytest.raises(ConfigError, match="object disk cache is not built yet"):
-        DatagoDataset(index_cfg(bad, source={"cache_limit_bytes": 10}))
+    with pytest.raises(ConfigError, match="cache_limit_bytes: must be >= 1"):
+        DatagoDataset(index_cfg(bad, source={"cache_limit_bytes": 0}))
 
 
 def test_duplicates_and_empty_rows_are_counted(tree, tmp_path):
@@ -202,3 +202,46 @@ def test_index_config_round_trips():
     cfg = DatagoConfig.from_dict(d)
     assert DatagoConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.source.io_concurrency == 8 and cfg.source.mask_columns == ["seg"]
+
+
+def test_disk_cache_serves_the_second_epoch_and_counts_hits(tree, tmp_path):
+    root, ids = tree
+    (root / "list.txt").write_text("\n".join(ids))
+    try:
+        with Nginx(root) as n:
+            cfg = index_cfg(f"{n.url}/list.txt", remainder="drop",
+                            source={"cache_dir": str(tmp_path / "c"), "cache_limit_bytes": 10 ** 8})
+            ds = DatagoDataset(cfg)
+            first = by_id(ds)
+            before = len(n.access_log())
+            again = by_id(DatagoDataset(cfg))                # a new dataset: same cache folder
+            after = len(n.access_log())
+            st = ds.stats()["cache"]
+    finally:
+        (root / "list.txt").unlink()
+    assert first == again
+    # the second epoch read the images from the cache: only the index file was fetched
+    assert after - before == 1
+    assert st["misses"] > 0 and st["hits"] == 0
+    entries = list((tmp_path / "c" / "objects").rglob("*.bin"))
+    assert entries and all(".jpg" not in p.name and ".png" not in p.name for p in entries)
+
+
+def test_disk_cache_evicts_least_recently_used(tmp_path):
+    import os
+    from datago._diskcache import DiskCache
+    c = DiskCache(str(tmp_path), limit_bytes=10_000)
+    for i in range(8):
+        c.put(f"http://h/{i}", bytes([i]) * 1000)
+        t = 1_000_000 + i
+        os.utime(c._path(f"http://h/{i}"), (t, t))
+    assert c.get("http://h/0") == bytes([0]) * 1000          # touched: now the newest
+    for i in range(8, 12):
+        c.put(f"http://h/{i}", bytes([i]) * 1000)             # past the limit: evict
+    c.evict()
+    assert c.size() <= 9_000
+    assert c.get("http://h/0") is not None                    # recently used: kept
+    assert c.get("http://h/1") is None                        # least recently used: gone
+    assert c.hit_ratio() is not None
+    c.put("http://h/huge", b"x" * 20_000)                     # larger than the cache: skipped
+    assert c.get("http://h/huge") is None

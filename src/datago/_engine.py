@@ -42,7 +42,7 @@ REASONS = ("read_error", "decode_error", "too_large", "bad_attributes",
            "http_4xx", "http_5xx", "http_429", "timeout", "truncated", "reset", "connect",
            "wrong_content_type")
 COUNTERS = ("samples", "batches", "bytes", "dropped", "t_read", "t_decode", "t_wait",
-            "padded", "dropped_remainder", "early_flushed") + \
+            "padded", "dropped_remainder", "early_flushed", "cache_hits", "cache_misses") + \
     tuple(f"skipped_{r}" for r in REASONS)
 
 
@@ -95,6 +95,9 @@ def summarize(table: torch.Tensor) -> dict:
         "padded": int(v["padded"]),
         "dropped_remainder": int(v["dropped_remainder"]),
         "early_flushed": int(v["early_flushed"]),
+        "cache": {"hits": int(v["cache_hits"]), "misses": int(v["cache_misses"]),
+                  "hit_ratio": (v["cache_hits"] / (v["cache_hits"] + v["cache_misses"])
+                                if v["cache_hits"] + v["cache_misses"] else None)},
         "seconds": {"read": v["t_read"], "decode": v["t_decode"], "wait": v["t_wait"]},
     }
 

@@ -40,7 +40,7 @@ __all__ = ["DatagoConfig", "FileSourceConfig", "ImageConfig", "IndexSourceConfig
 # source_type -> its source_config dataclass (filled in below)
 SOURCE_CONFIGS: dict = {}
 # keys of remote sources that are not built yet: refused rather than ignored
-NOT_YET = {"cache_limit_bytes": "the object disk cache"}
+NOT_YET: dict = {}
 
 SUPPORTED_SOURCES = ("file", "index", "webdataset")
 LATER_SOURCES = ("db",)
@@ -179,6 +179,11 @@ class IndexSourceConfig:
     """Failed samples allowed per epoch and worker before the epoch fails: a count
     (>= 1) or a fraction (< 1) of the worker's samples; None: no limit."""
 
+    cache_limit_bytes: Optional[int] = None
+    """With it, remote bytes are kept in an LRU disk cache under ``cache_dir``
+    (default ``~/.cache/datago``) of at most this size, shared by the node's workers
+    and ranks; its hit ratio is in ``stats()["cache"]``."""
+
     _section = "source_config"
 
     def __post_init__(self):
@@ -208,6 +213,7 @@ class IndexSourceConfig:
         _check_number(f"{p}.timeout_s", self.timeout_s)
         if self.max_failures is not None:
             _check_number(f"{p}.max_failures", self.max_failures)
+        _check_int(f"{p}.cache_limit_bytes", self.cache_limit_bytes, minimum=1, optional=True)
 
 
 @dataclass(frozen=True)
@@ -239,6 +245,11 @@ class WebDatasetSourceConfig:
     """Kept for symmetry: shard indexes carry the sizes."""
     sizes_cache: bool = True
 
+    cache_limit_bytes: Optional[int] = None
+    """With it, remote bytes are kept in an LRU disk cache under ``cache_dir``
+    (default ``~/.cache/datago``) of at most this size, shared by the node's workers
+    and ranks; its hit ratio is in ``stats()["cache"]``."""
+
     _section = "source_config"
 
     def __post_init__(self):
@@ -266,6 +277,7 @@ class WebDatasetSourceConfig:
         _check_number(f"{p}.timeout_s", self.timeout_s)
         if self.max_failures is not None:
             _check_number(f"{p}.max_failures", self.max_failures)
+        _check_int(f"{p}.cache_limit_bytes", self.cache_limit_bytes, minimum=1, optional=True)
 
 
 @dataclass(frozen=True)

@@ -429,6 +429,9 @@ class DatagoDataset(IterableDataset):
         loader = self.config.loader
         num_threads = loader.num_threads or default_num_threads(info.num_workers)
         stats = Stats(self._stats[info.worker_id % MAX_WORKER_ROWS])
+        if self.fetcher.cache is not None:
+            self.fetcher.cache.on_lookup = lambda hit: stats.add("cache_hits" if hit else
+                                                                 "cache_misses")
         if self.mode == "stream":
             return self._stream(info, num_threads, stats)
         epoch = self.epoch
@@ -556,11 +559,20 @@ class DatagoDataset(IterableDataset):
                 f"batch_size={c.loader.batch_size}, mode={self.mode!r})")
 
 
+def _cache_kw(src) -> dict:
+    if not src.cache_limit_bytes:
+        return {}
+    from datago.sources.sizes import default_cache_dir
+    return {"cache_dir": src.cache_dir or os.path.dirname(default_cache_dir()),
+            "cache_limit_bytes": src.cache_limit_bytes}
+
+
 def _make_source(config: DatagoConfig):
     """(fetcher, source) for the config's source_type."""
     src = config.source
     if config.source_type == "index":
-        fetcher = Fetcher(FetchConfig(io_concurrency=src.io_concurrency, timeout_s=src.timeout_s))
+        fetcher = Fetcher(FetchConfig(io_concurrency=src.io_concurrency, timeout_s=src.timeout_s,
+                                      **_cache_kw(src)))
         return fetcher, IndexSource(src.index, url_column=src.url_column,
                                     width_column=src.width_column,
                                     height_column=src.height_column,
@@ -569,7 +581,7 @@ def _make_source(config: DatagoConfig):
     if config.source_type == "webdataset":
         headers = {"Authorization": f"Bearer {src.auth_token}"} if src.auth_token else {}
         fetcher = Fetcher(FetchConfig(io_concurrency=src.io_concurrency, timeout_s=src.timeout_s,
-                                      headers=headers))
+                                      headers=headers, **_cache_kw(src)))
         return fetcher, WebDatasetSource(src.url, reference_image_type=src.reference_image_type,
                                          index_dir=src.index_dir, cache_dir=src.cache_dir,
                                          fetcher=fetcher)

@@ -153,6 +153,9 @@ class FetchConfig:
     backoff_s: float = 0.2
     """First backoff; doubled per attempt (full jitter), at most ``backoff_max_s``."""
     backoff_max_s: float = 10.0
+    cache_dir: Optional[str] = None
+    """With ``cache_limit_bytes``: an on-disk LRU cache of remote bytes (``datago._diskcache``)."""
+    cache_limit_bytes: Optional[int] = None
     headers: Dict[str, str] = field(default_factory=dict, repr=False)
     """Extra request headers (e.g. ``Authorization``): never logged, never in a repr."""
     verify_tls: bool = True
@@ -178,6 +181,11 @@ class Fetcher:
         self._sleep = sleep
         self.retried: Dict[str, int] = {}          # retried failures by reason (this process)
         self._s3: Optional[_S3] = None
+        self.cache = None
+        c = self.config
+        if c.cache_dir and c.cache_limit_bytes:
+            from datago._diskcache import DiskCache
+            self.cache = DiskCache(c.cache_dir, c.cache_limit_bytes)
 
     def __repr__(self) -> str:
         c = self.config
@@ -197,15 +205,27 @@ class Fetcher:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ public
-    def read(self, loc: Location) -> bytes:
-        """The bytes at ``loc``; ``FetchError`` when they cannot be had."""
+    def read(self, loc: Location, cache: bool = True) -> bytes:
+        """The bytes at ``loc``; ``FetchError`` when they cannot be had.  ``cache``:
+        may come from / go to the disk cache (not for files that change, like indexes)."""
         if isinstance(loc, Member):
             if is_remote(loc.url):
-                return self._http(loc.url, loc.offset, loc.size)
+                return self._cached(loc.url, loc.offset, loc.size, cache)
             return self._local(loc.url, loc.offset, loc.size)
         if is_remote(loc):
-            return self._http(loc, None, None)
+            return self._cached(loc, None, None, cache)
         return self._local(loc, None, None)
+
+    def _cached(self, url: str, offset: Optional[int], size: Optional[int],
+                use: bool = True) -> bytes:
+        if self.cache is None or not use:
+            return self._http(url, offset, size)
+        key = url if offset is None else f"{url}#{offset}+{size}"
+        data = self.cache.get(key)
+        if data is None or (size is not None and len(data) != size):
+            data = self._http(url, offset, size)
+            self.cache.put(key, data)
+        return data
 
     def head(self, loc: Location, whole: bool = False, nbytes: int = 65536) -> bytes:
         """The first ``nbytes`` at ``loc`` (fewer when it is shorter), or all of it."""

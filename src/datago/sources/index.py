@@ -167,7 +167,7 @@ class IndexSource(Source):
         seen = set()
         url_col = url_column
         for name in self.files:
-            data = self.fetcher.read(name)
+            data = self.fetcher.read(name, cache=False)
             first = True
             for row in read_rows(data, name, url_col):
                 if first:

@@ -324,7 +324,7 @@ class WebDatasetSource(Source):
     def _try_read(self, loc: str) -> Optional[bytes]:
         if is_remote(loc):
             try:
-                return self.fetcher.read(loc)
+                return self.fetcher.read(loc, cache=False)
             except FetchError as e:
                 if e.reason == "http_4xx":
                     return None
