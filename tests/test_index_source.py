@@ -160,6 +160,15 @@ def test_index_errors_are_clear(tmp_path):
     write_csv(bad, [{"file": "a.jpg"}], ["file"])
     with pytest.raises(ConfigError, match=r"no column 'url' \(columns: file\)"):
         DatagoDataset(index_cfg(bad))
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("url\ncaf\xe9.jpg\n".encode("latin-1"))
+    from datago import DatagoError
+    with pytest.raises(DatagoError, match=r"latin.csv: not a readable index file \(UnicodeDecodeError"):
+        DatagoDataset(index_cfg(latin))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"url": "a.jpg"}\n{"url": \n')
+    with pytest.raises(DatagoError, match="broken.jsonl: line 2 is not JSON"):
+        DatagoDataset(index_cfg(broken))
     with pytest.raises(ConfigError, match="cache_limit_bytes: must be >= 1"):
         DatagoDataset(index_cfg(bad, source={"cache_limit_bytes": 0}))
 

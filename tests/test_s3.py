@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-pytest.importorskip("botocore")
-pytest.importorskip("moto")
+import botocore  # noqa: F401  (test dependencies: setup.sh installs them; fail if absent)
+import moto  # noqa: F401
 
-from datago import DatagoDataset                               # noqa: E402
-from datago.fetch import FetchError, Fetcher, Member          # noqa: E402
-from servers import MotoS3                                     # noqa: E402
-from test_webdataset import IMAGE, by_key, make_folder, make_shards, wds_cfg  # noqa: E402
+from datago import DatagoDataset
+from datago.fetch import FetchError, Fetcher, Member
+from servers import MotoS3
+from test_webdataset import IMAGE, by_key, make_folder, make_shards, wds_cfg
 
 
 @pytest.fixture(scope="module")

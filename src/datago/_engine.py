@@ -606,7 +606,8 @@ class PlanEngine(_ErrorPolicy):
         out.set_running_or_notify_cancel()
 
         def decoded(f: Future) -> None:
-            exc = f.exception()
+            exc = f.exception() if not f.cancelled() else SampleError(ref.id, "read_error",
+                                                                       RuntimeError("cancelled"))
             if exc is None:
                 out.set_result(None)
             else:
@@ -634,13 +635,17 @@ class PlanEngine(_ErrorPolicy):
         if self.io_threads:
             self._io = ThreadPoolExecutor(self.io_threads, thread_name_prefix="datago-io")
         inflight: deque = deque()
+
+        def refill() -> None:
+            while len(inflight) < self.prefetch:
+                job = next(self.jobs, None)
+                if job is None:
+                    break
+                inflight.append((job, self._submit(pool, job)))
+
         try:
             while True:
-                while len(inflight) < self.prefetch:
-                    job = next(self.jobs, None)
-                    if job is None:
-                        break
-                    inflight.append((job, self._submit(pool, job)))
+                refill()
                 if not inflight:
                     break
                 job, batch = inflight.popleft()
@@ -652,14 +657,8 @@ class PlanEngine(_ErrorPolicy):
                     self.stats.add("padded", padded)
                 out = _output(batch, good, self.stats, job.step)
                 del batch
-                # refill before yielding, so that the threads keep ``prefetch`` batches
-                # going while the consumer holds this one
-                while len(inflight) < self.prefetch:
-                    job = next(self.jobs, None)
-                    if job is None:
-                        break
-                    inflight.append((job, self._submit(pool, job)))
-                yield out
+                refill()        # the threads keep ``prefetch`` batches going while the
+                yield out       # consumer holds this one
         finally:
             for _, b in inflight:
                 for f in b.futures:

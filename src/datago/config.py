@@ -100,6 +100,16 @@ def _check_layout(p: str, cfg) -> None:
         _fail(f"{p}.rank", f"must be < world_size ({cfg.world_size}), got {cfg.rank}")
 
 
+def _check_remote(p: str, cfg) -> None:
+    """The keys every remote source shares (io_concurrency, timeout_s, max_failures,
+    cache_limit_bytes)."""
+    _check_int(f"{p}.io_concurrency", cfg.io_concurrency, minimum=1, maximum=1024)
+    _check_number(f"{p}.timeout_s", cfg.timeout_s)
+    if cfg.max_failures is not None:
+        _check_number(f"{p}.max_failures", cfg.max_failures)
+    _check_int(f"{p}.cache_limit_bytes", cfg.cache_limit_bytes, minimum=1, optional=True)
+
+
 def _check_folder(p: str, cfg, name: str) -> None:
     """An optional folder path (str or PathLike), stored as str."""
     v = getattr(cfg, name)
@@ -178,7 +188,6 @@ class IndexSourceConfig:
     max_failures: Optional[float] = None
     """Failed samples allowed per epoch and worker before the epoch fails: a count
     (>= 1) or a fraction (< 1) of the worker's samples; None: no limit."""
-
     cache_limit_bytes: Optional[int] = None
     """With it, remote bytes are kept in an LRU disk cache under ``cache_dir``
     (default ``~/.cache/datago``) of at most this size, shared by the node's workers
@@ -209,11 +218,7 @@ class IndexSourceConfig:
             _check_bool(f"{p}.{name}", getattr(self, name))
         _check_layout(p, self)
         _check_folder(p, self, "cache_dir")
-        _check_int(f"{p}.io_concurrency", self.io_concurrency, minimum=1, maximum=1024)
-        _check_number(f"{p}.timeout_s", self.timeout_s)
-        if self.max_failures is not None:
-            _check_number(f"{p}.max_failures", self.max_failures)
-        _check_int(f"{p}.cache_limit_bytes", self.cache_limit_bytes, minimum=1, optional=True)
+        _check_remote(p, self)
 
 
 @dataclass(frozen=True)
@@ -241,14 +246,8 @@ class WebDatasetSourceConfig:
     """Requests in flight per DataLoader worker (default 64)."""
     timeout_s: float = 30.0
     max_failures: Optional[float] = None
-    scan_sizes: bool = True
-    """Kept for symmetry: shard indexes carry the sizes."""
-    sizes_cache: bool = True
-
     cache_limit_bytes: Optional[int] = None
-    """With it, remote bytes are kept in an LRU disk cache under ``cache_dir``
-    (default ``~/.cache/datago``) of at most this size, shared by the node's workers
-    and ranks; its hit ratio is in ``stats()["cache"]``."""
+    """``timeout_s``, ``max_failures``, ``cache_limit_bytes``: as in ``IndexSourceConfig``."""
 
     _section = "source_config"
 
@@ -261,23 +260,17 @@ class WebDatasetSourceConfig:
             _fail(f"{p}.url", f"must be a shard URL/path/pattern or a list of them, got {u!r}")
         if not isinstance(self.reference_image_type, str) or not self.reference_image_type:
             _fail(f"{p}.reference_image_type", f"must be an extension, got {self.reference_image_type!r}")
-        for name in ("random_sampling", "scan_sizes", "sizes_cache"):
-            _check_bool(f"{p}.{name}", getattr(self, name))
+        _check_bool(f"{p}.random_sampling", self.random_sampling)
         _check_int(f"{p}.concurrent_downloads", self.concurrent_downloads, minimum=0)
         if not isinstance(self.auth_token, str):
             _fail(f"{p}.auth_token", "must be a string")
         _check_layout(p, self)
         _check_folder(p, self, "index_dir")
         _check_folder(p, self, "cache_dir")
-        _check_int(f"{p}.io_concurrency", self.io_concurrency, minimum=1, maximum=1024,
-                   optional=True)
         if self.io_concurrency is None:
             object.__setattr__(self, "io_concurrency",
                                self.concurrent_downloads if self.concurrent_downloads else 64)
-        _check_number(f"{p}.timeout_s", self.timeout_s)
-        if self.max_failures is not None:
-            _check_number(f"{p}.max_failures", self.max_failures)
-        _check_int(f"{p}.cache_limit_bytes", self.cache_limit_bytes, minimum=1, optional=True)
+        _check_remote(p, self)
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ from datago.config import DatagoConfig
 from datago.errors import ConfigError, DatagoError
 from datago.plan import EpochPlan, plan_epoch, resume_plan
 from datago.sharding import ShardDetector, ShardInfo, local_world_size, shard_hash
-from datago.fetch import FetchConfig, Fetcher, is_remote
+from datago.fetch import FetchConfig, Fetcher
 from datago.sources.filesystem import FileListing
 from datago.sources.index import IndexSource
 from datago.sources.webdataset import WebDatasetSource
@@ -158,6 +158,8 @@ class DatagoDataset(IterableDataset):
                                   dtype=torch.float64).share_memory_()
         self.buckets = self.config.buckets
         self.sizes: Optional[SizesIndex] = None
+        # remote bytes get IO threads and are scanned through the fetch layer
+        self._remote = self.listing.kind != "file" and self.listing.remote()
         self.mode = "stream"
         if loader.batch_size is None:
             self.mode = "samples"
@@ -169,11 +171,10 @@ class DatagoDataset(IterableDataset):
                 self.sizes = known
             else:
                 locs = [self.listing.main_location(i) for i in range(n)]
-                remote = any(is_remote(x) for x in locs)
                 self.sizes = scan_files(
                     self.listing.root, locs, self._hashes, cache_dir=src.cache_dir,
-                    use_cache=src.sizes_cache, head=self.fetcher.head if remote else None,
-                    threads=getattr(src, "io_concurrency", None) if remote else None)
+                    use_cache=src.sizes_cache, head=self.fetcher.head if self._remote else None,
+                    threads=src.io_concurrency if self._remote else None)
             include = self.sizes.readable
             self._bucket_of = _bucket_indices(self.sizes.width, self.sizes.height,
                                               self.buckets, include)
@@ -181,7 +182,6 @@ class DatagoDataset(IterableDataset):
             include = np.ones(n, dtype=bool)
             self._bucket_of = np.zeros(n, dtype=np.int64)
         self._items = np.flatnonzero(include)
-        self._remote = self.listing.kind != "file" and self.listing.remote()
         self._plan_cache: Optional[Tuple[tuple, EpochPlan]] = None
         self._progress: Optional[dict] = None              # worker-side position (state_dict)
         self._resolve(confident_only=True)
@@ -328,8 +328,9 @@ class DatagoDataset(IterableDataset):
         which is where torchdata's ``StatefulDataLoader`` asks) it is exact.  In the
         main process of a DataLoader with workers the dataset cannot see which
         prefetched batches the trainer consumed: use ``StatefulDataLoader``, the
-        Lightning ``DatagoDataModule``, or save ``{"epoch": e, "step":
-        batch["step"] + 1}`` yourself.
+        Lightning ``DatagoDataModule``, or save ``ds.state_for(batch["step"] + 1)``
+        after the last batch consumed (this method then raises ``StateError``
+        saying so).
         """
         if self.mode == "stream":
             raise StateError("a streaming DatagoDataset (scan_sizes=false) cannot be resumed")

@@ -36,7 +36,7 @@ from urllib.parse import urljoin
 import numpy as np
 
 from datago.errors import ConfigError, DatagoError
-from datago.fetch import Fetcher, is_remote
+from datago.fetch import Fetcher, is_remote, redact
 from datago.sources.base import SampleRef, Source
 from datago.sources.sizes import SizesIndex
 
@@ -109,17 +109,26 @@ def _rows_text(data: bytes, column: str) -> Iterator[Dict[str, Any]]:
 
 
 def read_rows(data: bytes, name: str, column: str) -> Iterator[Dict[str, Any]]:
-    """Rows of one index file (``name`` decides the format by its extension)."""
+    """Rows of one index file (``name`` decides the format by its extension);
+    ``DatagoError`` naming the file when it cannot be parsed."""
     lower = name.lower().split("?")[0]
     if lower.endswith(".csv"):
-        return _rows_csv(data, ",")
-    if lower.endswith(".tsv"):
-        return _rows_csv(data, "\t")
-    if lower.endswith((".jsonl", ".ndjson")):
-        return _rows_jsonl(data, name)
-    if lower.endswith(".parquet"):
-        return _rows_parquet(data, name)
-    return _rows_text(data, column)
+        rows = _rows_csv(data, ",")
+    elif lower.endswith(".tsv"):
+        rows = _rows_csv(data, "\t")
+    elif lower.endswith((".jsonl", ".ndjson")):
+        rows = _rows_jsonl(data, name)
+    elif lower.endswith(".parquet"):
+        rows = _rows_parquet(data, name)
+    else:
+        rows = _rows_text(data, column)
+    try:
+        yield from rows
+    except DatagoError:
+        raise
+    except (UnicodeDecodeError, csv.Error, ValueError, OSError) as e:   # pyarrow's too
+        raise DatagoError(f"{redact(name)}: not a readable index file "
+                          f"({type(e).__name__}: {e})") from None
 
 
 def _expand(index) -> List[str]:
