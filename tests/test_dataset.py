@@ -131,8 +131,8 @@ def test_iteration_yields_exactly_the_shard(tree):
         for worker in range(2):
             info = ShardInfo(rank, 3, worker, 2)
             ds = DatagoDataset(config(root, STREAM, batch_size=5), detector=lambda info=info: info)
-            with pytest.warns(RuntimeWarning, match="streaming mode"):
-                mine = ids_of(ds)
+            ds._stream_steps = lambda info: None        # one pass (as on a single rank)
+            mine = ids_of(ds)
             assert sorted(mine) == sorted(i for i in ids if info.owns(i))
             got.extend(mine)
     assert sorted(got) == ids
@@ -200,10 +200,13 @@ def test_rank_from_environment(tree, monkeypatch):
     assert [b for _, b, _ in got0] == [b for _, b, _ in got]
     flat = [i for _, _, b in got0 + got for i in b]
     check_covered_once_plus_pads(flat, ids, ds.stats()["padded"] + ds0.stats()["padded"])
-    # streaming mode reads the same environment: rank 1's hash shard
-    with pytest.warns(RuntimeWarning, match="streaming mode"):
-        streamed = ids_of(DatagoDataset(config(root, STREAM, batch_size=8)))
-    assert sorted(streamed) == sorted(i for i in ids if ShardInfo(1, 2).owns(i))
+    # streaming mode reads the same environment: rank 1's hash shard, and as many
+    # batches as every other rank (samples // (world_size * batch_size))
+    sds = DatagoDataset(config(root, STREAM, batch_size=8))
+    streamed = list(sds)
+    assert len(streamed) == len(sds) == len(ids) // 16
+    assert [int(b["step"]) for b in streamed] == list(range(len(ids) // 16))
+    assert {i for b in streamed for i in b["id"]} <= {i for i in ids if ShardInfo(1, 2).owns(i)}
 
 
 _DIST_SCRIPT = textwrap.dedent("""
@@ -305,7 +308,7 @@ def test_drop_last_drops_and_counts(tree):
     st = ds.stats()
     assert st["samples"] + st["dropped_last"] == len(ids)
     assert st["dropped_last"] > 0
-    with pytest.raises(TypeError, match="streams"):
+    with pytest.raises(TypeError, match="one pass"):
         len(ds)                                     # unknown in advance
 
 

@@ -31,6 +31,7 @@ from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequenc
 import numpy as np
 import torch
 
+from datago import _shm
 from datago.buckets import nearest_bucket
 from datago.errors import DatagoError, DecodeError, ImageTooLargeError
 from datago.image import DEFAULT_MAX_PIXELS, decode, decode_to_bucket, read_header
@@ -42,7 +43,9 @@ REASONS = ("read_error", "decode_error", "too_large", "bad_attributes",
            "http_4xx", "http_5xx", "http_429", "timeout", "truncated", "reset", "connect",
            "wrong_content_type")
 COUNTERS = ("samples", "batches", "bytes", "dropped", "t_read", "t_decode", "t_wait",
-            "padded", "dropped_remainder", "early_flushed", "cache_hits", "cache_misses") + \
+            "padded", "dropped_remainder", "early_flushed", "cache_hits", "cache_misses",
+            "shm_created", "shm_reused", "shm_unpooled", "shards_failed",
+            "stream_ignored_members", "stream_too_large_members", "stream_no_image") + \
     tuple(f"skipped_{r}" for r in REASONS)
 
 
@@ -98,6 +101,12 @@ def summarize(table: torch.Tensor) -> dict:
         "cache": {"hits": int(v["cache_hits"]), "misses": int(v["cache_misses"]),
                   "hit_ratio": (v["cache_hits"] / (v["cache_hits"] + v["cache_misses"])
                                 if v["cache_hits"] + v["cache_misses"] else None)},
+        "streaming": {"shards_failed": int(v["shards_failed"]),
+                      "no_image": int(v["stream_no_image"]),
+                      "ignored_members": int(v["stream_ignored_members"]),
+                      "too_large_members": int(v["stream_too_large_members"])},
+        "shared_buffers": {"created": int(v["shm_created"]), "reused": int(v["shm_reused"]),
+                           "unpooled": int(v["shm_unpooled"])},
         "seconds": {"read": v["t_read"], "decode": v["t_decode"], "wait": v["t_wait"]},
     }
 
@@ -168,20 +177,19 @@ def _in_worker() -> bool:
     return get_worker_info() is not None
 
 
-def _alloc(shape, shared: bool, zero: bool = True) -> torch.Tensor:
+def _alloc(shape, shared: bool, zero: bool = True, stats: Optional[Stats] = None) -> torch.Tensor:
     """A uint8 tensor for a batch (zero-filled unless ``zero=False``).
 
     In a DataLoader worker it lives directly in shared memory, so that sending the
     batch to the main process does not copy it (torch would otherwise copy every
-    batch into shared memory: 100 MB per batch at 1024 buckets).  Elsewhere it
-    comes from the allocator, which reuses the pages of earlier batches (an
-    ``mmap`` per batch was measured: 4x the page faults, ~9% more CPU)."""
-    n = 1
-    for d in shape:
-        n *= d
-    if shared and n:
-        storage = torch.UntypedStorage._new_shared(n)              # fresh pages are zero
-        return torch.empty(0, dtype=torch.uint8).set_(storage).view(*shape)
+    batch into shared memory: 100 MB per batch at 1024 buckets); the segments are
+    recycled once the trainer lets go of them (``_shm``).  Elsewhere it comes from
+    the allocator, which reuses the pages of earlier batches."""
+    if shared and all(shape):
+        t, how = _shm.alloc(shape, zero)
+        if stats is not None:
+            stats.add(f"shm_{how}")
+        return t
     return torch.zeros(shape, dtype=torch.uint8) if zero else torch.empty(shape, dtype=torch.uint8)
 
 
@@ -189,12 +197,14 @@ class Batch:
     """Preallocated tensors of one bucket and the samples assigned to their slots."""
 
     def __init__(self, bucket: Tuple[int, int], capacity: int, shared: bool = False,
-                 mask_names: Iterable[str] = (), image_names: Iterable[str] = ()):
+                 mask_names: Iterable[str] = (), image_names: Iterable[str] = (),
+                 stats: Optional[Stats] = None):
         self.bucket = bucket                      # (width, height)
         self.capacity = capacity
         self.shared = shared
+        self.stats = stats
         w, h = bucket
-        self.image = _alloc((capacity, h, w, 3), shared, zero=False)
+        self.image = _alloc((capacity, h, w, 3), shared, zero=False, stats=stats)
         self._image_np = self.image.numpy()
         self.masks: Dict[str, torch.Tensor] = {}
         self.images: Dict[str, torch.Tensor] = {}
@@ -210,7 +220,7 @@ class Batch:
     def _table(self, kind: str, table: Dict[str, torch.Tensor], name: str, channels: int) -> None:
         if name not in table:
             w, h = self.bucket
-            table[name] = _alloc((self.capacity, h, w, channels), self.shared)
+            table[name] = _alloc((self.capacity, h, w, channels), self.shared, stats=self.stats)
             self.present[(kind, name)] = np.zeros(self.capacity, dtype=bool)
 
     @property
@@ -420,7 +430,8 @@ class Engine(_ErrorPolicy):
                             closed.append(open_batches.pop(fullest))
                             order.remove(fullest)
                             self.stats.add("early_flushed")
-                        batch = open_batches[bucket] = Batch(bucket, self.batch_size, self._shared)
+                        batch = open_batches[bucket] = Batch(bucket, self.batch_size, self._shared,
+                                                                     stats=self.stats)
                         order.append(bucket)
                     slot = batch.assign(loaded)
                     with self._cond:
@@ -589,7 +600,8 @@ class PlanEngine(_ErrorPolicy):
     def _submit(self, pool: ThreadPoolExecutor, job: Job) -> Batch:
         masks = {n for r in job.refs for n, _ in r.masks}
         images = {n for r in job.refs for n, _ in r.images}
-        batch = Batch(job.bucket, len(job.refs), self._shared, sorted(masks), sorted(images))
+        batch = Batch(job.bucket, len(job.refs), self._shared, sorted(masks), sorted(images),
+                      stats=self.stats)
         batch.samples = [None] * len(job.refs)
         batch.meta = [None] * len(job.refs)
         if self._io is None:

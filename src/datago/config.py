@@ -242,6 +242,9 @@ class WebDatasetSourceConfig:
     """Folder of the shard indexes (``datago index --out``); else next to the shards."""
     cache_dir: Optional[str] = None
     """Where indexes built by streaming a shard are kept (default ``~/.cache/datago``)."""
+    streaming: bool = False
+    """Read the shards as streams, without indexes: each (rank, worker) streams its
+    own shards, no epoch plan (see ``DatagoDataset``: ``steps_per_epoch``)."""
     io_concurrency: Optional[int] = None
     """Requests in flight per DataLoader worker (default 64)."""
     timeout_s: float = 30.0
@@ -261,6 +264,7 @@ class WebDatasetSourceConfig:
         if not isinstance(self.reference_image_type, str) or not self.reference_image_type:
             _fail(f"{p}.reference_image_type", f"must be an extension, got {self.reference_image_type!r}")
         _check_bool(f"{p}.random_sampling", self.random_sampling)
+        _check_bool(f"{p}.streaming", self.streaming)
         _check_int(f"{p}.concurrent_downloads", self.concurrent_downloads, minimum=0)
         if not isinstance(self.auth_token, str):
             _fail(f"{p}.auth_token", "must be a string")
@@ -360,6 +364,13 @@ class LoaderConfig:
     max_open_batches: int = 8
     """Streaming mode (scan_sizes=false): open per-bucket batches per worker; when a
     sample needs one more, the fullest is yielded early (counted)."""
+    steps_per_epoch: Optional[int] = None
+    """Streaming modes: every rank yields exactly this many batches per epoch (its
+    samples are read again, reshuffled, when they run out first), so no rank waits
+    for another at the end of an epoch.  None: one pass over each rank's samples,
+    and with more than one rank the number is counted (folder: the listing;
+    WebDataset: the shard indexes, built by a first pass when missing) as
+    samples // (world_size * batch_size)."""
 
     _section = ""
 
@@ -376,6 +387,7 @@ class LoaderConfig:
         _check_choice(f"{p}remainder", self.remainder, REMAINDER)
         _check_int(f"{p}prefetch_batches", self.prefetch_batches, minimum=1)
         _check_int(f"{p}max_open_batches", self.max_open_batches, minimum=1)
+        _check_int(f"{p}steps_per_epoch", self.steps_per_epoch, minimum=1, optional=True)
 
 
 @dataclass(frozen=True)

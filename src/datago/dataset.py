@@ -59,7 +59,7 @@ from datago.sharding import ShardDetector, ShardInfo, local_world_size, shard_ha
 from datago.fetch import FetchConfig, Fetcher
 from datago.sources.filesystem import FileListing
 from datago.sources.index import IndexSource
-from datago.sources.webdataset import WebDatasetSource
+from datago.sources.webdataset import WebDatasetSource, assign_shards
 from datago.sources.sizes import SizesIndex, scan_files
 
 __all__ = ["DatagoDataset", "StateError", "default_num_threads"]
@@ -161,7 +161,13 @@ class DatagoDataset(IterableDataset):
         # remote bytes get IO threads and are scanned through the fetch layer
         self._remote = self.listing.kind != "file" and self.listing.remote()
         self.mode = "stream"
-        if loader.batch_size is None:
+        self._total: Optional[int] = None                  # streaming: samples, when counted
+        if getattr(src, "streaming", False):
+            self.mode = "shards"                           # WebDataset shards as streams
+            include = np.zeros(0, dtype=bool)
+            self._bucket_of = np.zeros(0, dtype=np.int64)
+            self.listing.shard_sizes(src.io_concurrency)
+        elif loader.batch_size is None:
             self.mode = "samples"
             include = np.ones(n, dtype=bool)
             self._bucket_of = np.zeros(n, dtype=np.int64)
@@ -185,6 +191,8 @@ class DatagoDataset(IterableDataset):
         self._plan_cache: Optional[Tuple[tuple, EpochPlan]] = None
         self._progress: Optional[dict] = None              # worker-side position (state_dict)
         self._resolve(confident_only=True)
+        if self.mode in ("stream", "shards") and self._dist is not None and self._dist[1] > 1:
+            self._stream_steps(ShardInfo(0, self._dist[1], 0, 1))   # count in the trainer
 
     # ------------------------------------------------------------------ layout
     def _resolve(self, confident_only: bool = False) -> None:
@@ -296,10 +304,14 @@ class DatagoDataset(IterableDataset):
         ``batch_size``), counted like ``batch["step"]`` -- a resumed epoch keeps its
         length and yields the steps from the resume point on (as trainers that
         restore their own batch counter expect)."""
-        if self.mode == "stream":
-            raise TypeError("a DatagoDataset without a sizes scan (scan_sizes=false) "
-                            "streams: its length is not known in advance")
         info = self._info()
+        if self.mode in ("stream", "shards"):
+            steps = self._stream_steps(info)
+            if steps is None:
+                raise TypeError("a streaming DatagoDataset on one rank without "
+                                "steps_per_epoch makes one pass: its length is not known "
+                                "in advance")
+            return steps
         p = self.plan(world_size=info.world_size)
         return p.offset + p.num_steps
 
@@ -332,8 +344,9 @@ class DatagoDataset(IterableDataset):
         after the last batch consumed (this method then raises ``StateError``
         saying so).
         """
-        if self.mode == "stream":
-            raise StateError("a streaming DatagoDataset (scan_sizes=false) cannot be resumed")
+        if self.mode in ("stream", "shards"):
+            raise StateError("a streaming DatagoDataset (scan_sizes=false, or WebDataset "
+                             "streaming=true) cannot be resumed")
         info = self._info()
         prog = self._progress
         if prog is None and not _in_worker() and int(self._shared[-2]):
@@ -375,8 +388,9 @@ class DatagoDataset(IterableDataset):
         whose fingerprint differs (other files, sizes or plan settings) raises
         ``StateError`` naming what changed.
         """
-        if self.mode == "stream":
-            raise StateError("a streaming DatagoDataset (scan_sizes=false) cannot be resumed")
+        if self.mode in ("stream", "shards"):
+            raise StateError("a streaming DatagoDataset (scan_sizes=false, or WebDataset "
+                             "streaming=true) cannot be resumed")
         if not isinstance(state, dict):
             raise StateError(f"state must be a dict, got {type(state).__name__}")
         for key in ("epoch", "step"):
@@ -433,7 +447,7 @@ class DatagoDataset(IterableDataset):
         if self.fetcher.cache is not None:
             self.fetcher.cache.on_lookup = lambda hit: stats.add("cache_hits" if hit else
                                                                  "cache_misses")
-        if self.mode == "stream":
+        if self.mode in ("stream", "shards"):
             return self._stream(info, num_threads, stats)
         epoch = self.epoch
         wres, self._worker_resume = self._worker_resume, None
@@ -517,14 +531,17 @@ class DatagoDataset(IterableDataset):
             yield out
 
     # ------------------------------------------------------------------ streaming
-    def shard_indices(self, info: ShardInfo, epoch: Optional[int] = None) -> np.ndarray:
+    def shard_indices(self, info: ShardInfo, epoch: Optional[int] = None,
+                      cycle: int = 0) -> np.ndarray:
         """Streaming mode: listing indices a (rank, worker) reads in one epoch, in
-        reading order (membership by id hash, see ``datago.sharding``)."""
+        reading order (membership by id hash, see ``datago.sharding``); ``cycle``:
+        the pass over them (``steps_per_epoch`` reads them again, reshuffled)."""
         n = len(self.listing)
         loader = self.config.loader
         epoch = self.epoch if epoch is None else epoch
         if self.config.source.random_sampling:
-            order = np.random.default_rng([loader.seed, epoch]).permutation(n)
+            seed = [loader.seed, epoch] + ([cycle] if cycle else [])
+            order = np.random.default_rng(seed).permutation(n)
         else:
             order = np.arange(n)
         shard = (self._hashes % np.uint64(info.num_shards)).astype(np.int64)
@@ -534,23 +551,119 @@ class DatagoDataset(IterableDataset):
             of_rank = of_rank[:loader.limit]
         return of_rank[shard[of_rank] % info.num_workers == info.worker_id]
 
+    def _stream_steps(self, info: ShardInfo) -> Optional[int]:
+        """Streaming modes: batches each rank yields per epoch (None: one pass)."""
+        loader = self.config.loader
+        if loader.steps_per_epoch is not None:
+            return loader.steps_per_epoch
+        if info.world_size == 1:
+            return None
+        if self._total is None:
+            self._total = (self.listing.count_samples() if self.mode == "shards"
+                           else len(self.listing))
+        return max(1, self._total // (info.world_size * (loader.batch_size or 1)))
+
+    def shard_assignment(self, info: ShardInfo, epoch: Optional[int] = None,
+                         cycle: int = 0) -> Tuple[List[int], bool]:
+        """WebDataset streaming: (the shards a (rank, worker) streams, in order;
+        whether it keeps only the samples whose id hashes to it).  Whole shards,
+        balanced by size, when there are at least as many as ranks x workers; else
+        every reader streams every shard and filters.  The assignment is the
+        epoch's; a later ``cycle`` (``steps_per_epoch``) reshuffles its order."""
+        loader = self.config.loader
+        epoch = self.epoch if epoch is None else epoch
+        n = len(self.listing.shards)
+        shuffle = self.config.source.random_sampling
+        order = (np.random.default_rng([loader.seed, epoch]).permutation(n).tolist()
+                 if shuffle else list(range(n)))
+        filtered = n < info.num_shards
+        if not filtered:         # the epoch's assignment; later passes only reorder it
+            order = assign_shards(self.listing.shard_sizes(), info.num_shards, order)[info.shard]
+        if shuffle and cycle:
+            order = [order[i] for i in
+                     np.random.default_rng([loader.seed, epoch, cycle]).permutation(len(order))]
+        return order, filtered
+
+    def _stream_refs(self, info: ShardInfo, cycle: int, stats: Stats,
+                     on_error: str) -> Iterator:
+        """One pass over this reader's samples (SampleRefs)."""
+        if self.mode == "stream":
+            for i in self.shard_indices(info, cycle=cycle):
+                yield self.listing.ref(int(i))
+            return
+        shards, filtered = self.shard_assignment(info, cycle=cycle)
+        if filtered and cycle == 0 and info.shard == 0:
+            import warnings
+            warnings.warn(f"datago: {len(self.listing.shards)} shards for {info.world_size} "
+                          f"rank(s) x {info.num_workers} worker(s): every worker streams every "
+                          f"shard ({sum(self.listing.shard_sizes()) / 1e6:.0f} MB) and keeps "
+                          f"the samples whose id hashes to it (1/{info.num_shards}); use at "
+                          f"least {info.num_shards} shards to download each once",
+                          RuntimeWarning, stacklevel=2)
+        counts: dict = {}
+        for s in shards:
+            try:
+                for ref in self.listing.stream_refs(s, counts):
+                    if filtered and shard_hash(ref.id) % info.num_shards != info.shard:
+                        continue
+                    yield ref
+            except DatagoError as e:                 # FetchError included
+                stats.add("shards_failed")
+                if on_error == "raise":
+                    raise
+                import warnings
+                warnings.warn(f"datago: shard {s} failed, the rest of it is not read this "
+                              f"pass (counted in stats()['streaming']): {e}", RuntimeWarning,
+                              stacklevel=2)
+            finally:
+                for key, v in counts.items():
+                    stats.add(f"stream_{key}", v)
+                counts.clear()
+
     def _stream(self, info: ShardInfo, num_threads: int, stats: Stats) -> Iterator[dict]:
         loader = self.config.loader
-        if info.world_size > 1:
-            import warnings
-            warnings.warn("datago: streaming mode (scan_sizes=false) does not give every rank "
-                          "the same number of batches; DDP can hang at the end of an epoch",
-                          RuntimeWarning, stacklevel=3)
-        indices = self.shard_indices(info)
-        refs = (self.listing.ref(int(i)) for i in indices)
-        engine = Engine(refs, image_cfg=self.config.image, buckets=self.buckets,
+        steps = self._stream_steps(info)           # None only on a single rank
+        quota = None if steps is None else len(range(info.worker_id, steps, info.num_workers))
+        engine: Optional[Engine] = None
+
+        def refs():
+            cycle = 0
+            while True:
+                n, failed = 0, engine.failures
+                for ref in self._stream_refs(info, cycle, stats, loader.on_error):
+                    n += 1
+                    yield ref
+                if quota is None:
+                    return
+                if n == 0 or engine.failures - failed >= n:
+                    raise DatagoError(
+                        f"rank {info.rank} worker {info.worker_id}: a whole pass over its "
+                        f"samples gave {'none' if n == 0 else 'only failures'}, so it cannot "
+                        f"yield steps_per_epoch={steps} batches (check the source, or use "
+                        f"fewer ranks/workers than {'samples' if n == 0 else 'failures'})")
+                cycle += 1
+
+        engine = Engine(refs(), image_cfg=self.config.image, buckets=self.buckets,
                         batch_size=loader.batch_size, drop_last=loader.drop_last,
-                        num_threads=num_threads, buffer=loader.samples_buffer_size,
+                        num_threads=max(num_threads, self._io_threads()),
+                        buffer=max(loader.samples_buffer_size, self._io_threads()),
                         on_error=loader.on_error, stats=stats,
                         max_open=loader.max_open_batches, prefetch=loader.prefetch_batches,
                         read=self.fetcher.read,
                         max_failures=getattr(self.config.source, "max_failures", None))
-        return iter(engine)
+        if quota is None:
+            yield from engine
+            return
+        it = iter(engine)
+        try:
+            for k in range(quota):
+                out = next(it, None)
+                if out is None:                      # pragma: no cover - refs() never ends
+                    raise DatagoError(f"the stream ended after {k} of {quota} batches")
+                out["step"] = info.worker_id + k * info.num_workers
+                yield out
+        finally:
+            it.close()
 
     def __repr__(self) -> str:
         c = self.config
@@ -585,7 +698,7 @@ def _make_source(config: DatagoConfig):
                                       headers=headers, **_cache_kw(src)))
         return fetcher, WebDatasetSource(src.url, reference_image_type=src.reference_image_type,
                                          index_dir=src.index_dir, cache_dir=src.cache_dir,
-                                         fetcher=fetcher)
+                                         fetcher=fetcher, streaming=src.streaming)
     return Fetcher(), FileListing(src.root_path)
 
 

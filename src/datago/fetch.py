@@ -39,12 +39,12 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Union
+from typing import Dict, Iterator, Optional, Union
 from urllib.parse import urlsplit, urlunsplit
 
 from datago.errors import DatagoError
 
-__all__ = ["FetchConfig", "FetchError", "Fetcher", "Member", "is_remote", "redact"]
+__all__ = ["FetchConfig", "FetchError", "Fetcher", "Inline", "Member", "is_remote", "redact"]
 
 
 class FetchError(DatagoError, OSError):
@@ -75,10 +75,22 @@ class Member:
         return f"{redact(self.url)}[{self.offset}:{self.offset + self.size}]"
 
 
-Location = Union[str, Member]
+@dataclass(frozen=True)
+class Inline:
+    """Bytes already in memory: a member of an archive read as a stream."""
+    data: bytes = field(repr=False)
+    name: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.name or 'inline'} ({len(self.data)} bytes, streamed)"
+
+
+Location = Union[str, Member, Inline]
 
 
 def is_remote(loc: Location) -> bool:
+    if isinstance(loc, Inline):
+        return False
     url = loc.url if isinstance(loc, Member) else loc
     return isinstance(url, str) and url.startswith(("http://", "https://", "s3://"))
 
@@ -208,6 +220,8 @@ class Fetcher:
     def read(self, loc: Location, cache: bool = True) -> bytes:
         """The bytes at ``loc``; ``FetchError`` when they cannot be had.  ``cache``:
         may come from / go to the disk cache (not for files that change, like indexes)."""
+        if isinstance(loc, Inline):
+            return loc.data
         if isinstance(loc, Member):
             if is_remote(loc.url):
                 return self._cached(loc.url, loc.offset, loc.size, cache)
@@ -281,26 +295,35 @@ class Fetcher:
 
     def _http(self, url: str, offset: Optional[int], size: Optional[int],
               short_ok: bool = False) -> bytes:
+        return self._retrying(url, lambda: self._attempt(url, offset, size, short_ok))
+
+    def _retrying(self, url: str, attempt_fn):
+        """``attempt_fn()`` until it does not raise ``_Retry``, within the retries and
+        the deadline (jittered exponential backoff, ``Retry-After`` honoured)."""
         c = self.config
-        shown = redact(url)
         t0 = time.monotonic()
         attempt = 0
         while True:
             try:
-                return self._attempt(url, offset, size, short_ok)
+                return attempt_fn()
             except _Retry as r:
                 attempt += 1
-                elapsed = time.monotonic() - t0
-                wait = min(c.backoff_max_s, c.backoff_s * 2 ** (attempt - 1)) * random.random()
-                if r.wait is not None:
-                    wait = max(wait, min(r.wait, c.backoff_max_s))
-                if attempt > c.retries or elapsed + wait >= c.deadline_s:
-                    why = "retries" if attempt > c.retries else f"the {c.deadline_s:g} s deadline"
-                    raise FetchError(f"{shown}: {r} (gave up after {attempt} attempts: {why})",
-                                     r.reason, shown, r.status, attempt) from None
-                with self._lock:
-                    self.retried[r.reason] = self.retried.get(r.reason, 0) + 1
-                self._sleep(wait)
+                self._backoff(r, attempt, time.monotonic() - t0, redact(url))
+
+    def _backoff(self, r: "_Retry", attempt: int, elapsed: float, shown: str) -> None:
+        """Sleep before retry number ``attempt``, or raise ``FetchError`` when the
+        retries or the deadline are spent."""
+        c = self.config
+        wait = min(c.backoff_max_s, c.backoff_s * 2 ** (attempt - 1)) * random.random()
+        if r.wait is not None:
+            wait = max(wait, min(r.wait, c.backoff_max_s))
+        if attempt > c.retries or elapsed + wait >= c.deadline_s:
+            why = "retries" if attempt > c.retries else f"the {c.deadline_s:g} s deadline"
+            raise FetchError(f"{shown}: {r} (gave up after {attempt} attempts: {why})",
+                             r.reason, shown, r.status, attempt) from None
+        with self._lock:
+            self.retried[r.reason] = self.retried.get(r.reason, 0) + 1
+        self._sleep(wait)
 
     def prepare(self, url: str, headers: Dict[str, str]):
         """(URL to request, headers) for a location: ``s3://`` becomes a signed HTTPS
@@ -311,6 +334,36 @@ class Fetcher:
             self._s3 = _S3()
         target = self._s3.url(url)
         return target, self._s3.sign(target, headers)
+
+    @staticmethod
+    def _check(resp, url: str) -> None:
+        """Raise ``_Retry`` / ``FetchError`` for a response that carries no data."""
+        status = resp.status_code
+        if status >= 500:
+            raise _Retry("http_5xx", f"HTTP {status}", status)
+        if status == 429:
+            raise _Retry("http_429", "HTTP 429 Too Many Requests", status,
+                         _retry_after(resp.headers.get("retry-after")))
+        if status >= 400:
+            raise FetchError(f"{redact(url)}: HTTP {status}", "http_4xx", redact(url), status)
+        ctype = resp.headers.get("content-type", "").lower()
+        if ctype.startswith("text/html"):
+            raise FetchError(f"{redact(url)}: got an HTML page ({ctype}), not data",
+                             "wrong_content_type", redact(url), status)
+
+    @staticmethod
+    def _transport(e: Exception) -> "_Retry":
+        """The retryable failure an httpx transport error stands for."""
+        import httpx
+        if isinstance(e, httpx.TimeoutException):
+            return _Retry("timeout", f"timed out ({type(e).__name__})")
+        if isinstance(e, httpx.RemoteProtocolError):
+            text = str(e)
+            reason = "truncated" if "complete message body" in text else "reset"
+            return _Retry(reason, text.split("(")[0].strip() or reason)
+        if isinstance(e, httpx.ConnectError):
+            return _Retry("connect", f"cannot connect: {_short(e)}")
+        return _Retry("reset", f"connection error: {_short(e)}")
 
     def _attempt(self, url: str, offset: Optional[int], size: Optional[int],
                  short_ok: bool = False) -> bytes:
@@ -323,36 +376,104 @@ class Fetcher:
         try:
             with client.stream("GET", target, headers=headers) as resp:
                 status = resp.status_code
-                if status >= 500:
-                    raise _Retry("http_5xx", f"HTTP {status}", status)
                 if status == 416 and short_ok:
                     return b""                        # an empty object
-                if status == 429:
-                    raise _Retry("http_429", "HTTP 429 Too Many Requests", status,
-                                 _retry_after(resp.headers.get("retry-after")))
-                if status >= 400:
-                    raise FetchError(f"{redact(url)}: HTTP {status}", "http_4xx", redact(url), status)
-                ctype = resp.headers.get("content-type", "").lower()
-                if ctype.startswith("text/html"):
-                    raise FetchError(f"{redact(url)}: got an HTML page ({ctype}), not data",
-                                     "wrong_content_type", redact(url), status)
+                self._check(resp, url)
                 data = resp.read()
-        except httpx.TimeoutException as e:
-            raise _Retry("timeout", f"timed out ({type(e).__name__})") from None
-        except httpx.RemoteProtocolError as e:
-            text = str(e)
-            reason = "truncated" if "complete message body" in text else "reset"
-            raise _Retry(reason, text.split("(")[0].strip() or reason) from None
-        except httpx.ConnectError as e:
-            raise _Retry("connect", f"cannot connect: {_short(e)}") from None
         except httpx.TransportError as e:
-            raise _Retry("reset", f"connection error: {_short(e)}") from None
+            raise self._transport(e) from None
         if offset is not None:
             if status == 200:                 # the server ignored Range: cut it ourselves
                 data = data[offset:offset + size]
             if len(data) != size and not (short_ok and len(data) < size):
                 raise _Retry("truncated", f"expected {size} bytes, got {len(data)}", status)
         return data
+
+    # ------------------------------------------------------------------ streams
+    def size(self, loc: str) -> int:
+        """The size in bytes of a file or object (a one-byte ranged GET for URLs)."""
+        if not is_remote(loc):
+            try:
+                return os.path.getsize(loc)
+            except OSError as e:
+                raise FetchError(f"cannot read {loc}: {e.strerror or e}", "read_error",
+                                 loc) from None
+
+        def attempt() -> int:
+            import httpx
+            target, headers = self.prepare(loc, {"Range": "bytes=0-0"})
+            try:
+                with self._http_client().stream("GET", target, headers=headers) as resp:
+                    if resp.status_code == 416:
+                        return 0
+                    self._check(resp, loc)
+                    total = resp.headers.get("content-range", "").rpartition("/")[2]
+                    if resp.status_code == 206 and total.isdigit():
+                        return int(total)
+                    length = resp.headers.get("content-length", "")
+                    if resp.status_code == 200 and length.isdigit():
+                        return int(length)
+            except httpx.TransportError as e:
+                raise self._transport(e) from None
+            raise FetchError(f"{redact(loc)}: the server gives no size", "read_error", redact(loc))
+
+        return self._retrying(loc, attempt)
+
+    def stream(self, loc: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The bytes of a file or object as chunks, never all in memory.  A remote
+        stream that breaks (reset, truncated, timeout, 5xx) is resumed where it
+        stopped with a ``Range`` request (or by skipping what was already read when
+        the server ignores ranges), under the retry policy; the retry count starts
+        over whenever data arrived, and ``deadline_s`` does not apply (a shard may
+        take long).  ``FetchError`` when it cannot be completed."""
+        if not is_remote(loc):
+            try:
+                with open(loc, "rb") as f:
+                    while True:
+                        data = f.read(chunk_size)
+                        if not data:
+                            return
+                        yield data
+            except OSError as e:
+                raise FetchError(f"cannot read {loc}: {e.strerror or e}", "read_error",
+                                 loc) from None
+        import httpx
+        shown = redact(loc)
+        pos, attempt = 0, 0
+        while True:
+            got = 0
+            try:
+                headers = {"Accept-Encoding": "identity"}
+                if pos:
+                    headers["Range"] = f"bytes={pos}-"
+                target, headers = self.prepare(loc, headers)
+                with self._http_client().stream("GET", target, headers=headers) as resp:
+                    if resp.status_code == 416 and pos:
+                        return                        # it ended exactly where it broke
+                    self._check(resp, loc)
+                    skip = pos if resp.status_code == 200 else 0
+                    for data in resp.iter_raw():          # as it arrives
+                        if skip:
+                            cut = min(skip, len(data))
+                            data, skip = data[cut:], skip - cut
+                            if not data:
+                                continue
+                        pos += len(data)
+                        got += len(data)
+                        yield data
+                    if skip:
+                        raise _Retry("truncated", f"the stream ended before byte {pos}")
+                return
+            except httpx.TransportError as e:
+                r = self._transport(e)
+            except _Retry as e:
+                r = e
+            if got:
+                attempt = 0                           # progress: a fresh budget
+            attempt += 1
+            with self._lock:
+                self.retried["resumed"] = self.retried.get("resumed", 0) + 1
+            self._backoff(r, attempt, 0.0, shown)
 
 
 def _retry_after(value: Optional[str]) -> Optional[float]:

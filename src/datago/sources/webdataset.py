@@ -38,21 +38,24 @@ import json
 import os
 import re
 import tarfile
-from typing import Dict, Iterable, List, Optional, Tuple
+import zlib
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import xxhash
 
 from datago.errors import ConfigError, DatagoError, DecodeError
-from datago.fetch import FetchError, Fetcher, Member, is_remote, redact
+from datago.fetch import FetchError, Fetcher, Inline, Member, is_remote, redact
 from datago.sources.base import SampleRef, Source
 from datago.sources.filesystem import IMAGE_EXTENSIONS, MASK_NAMES
 from datago.sources.sizes import FORMATS, SizesIndex, atomic_write, default_cache_dir
 
-__all__ = ["WebDatasetSource", "build_index", "expand_urls", "write_index"]
+__all__ = ["WebDatasetSource", "assign_shards", "build_index", "expand_urls", "iter_shard",
+           "write_index"]
 
 INDEX_SUFFIX = ".idx.json"
 INDEX_VERSION = 1
+MAX_MEMBER_BYTES = 1 << 30        # a streamed member is held in memory: larger ones are skipped
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
@@ -140,6 +143,90 @@ class _Stream(io.RawIOBase):
         return n
 
 
+def _open_stream(url: str, fetcher: Fetcher) -> tarfile.TarFile:
+    """The shard as a streamed tar (``fetcher.stream``: local reads, or HTTP/S3 resumed
+    by ``Range`` when the connection breaks); ``.tar.gz``/``.tgz`` decompressed."""
+    raw = io.BufferedReader(_Stream(fetcher.stream(url)), 1 << 20)
+    mode = "r|gz" if url.split("?")[0].endswith((".tar.gz", ".tgz")) else "r|"
+    return tarfile.open(fileobj=raw, mode=mode)
+
+
+def _ignored(key: str, ext: str) -> bool:
+    """Members that are no sample's: no extension, hidden files, ``__key__``-style."""
+    base = key.rpartition("/")[2]
+    return not ext or not base or base.startswith(".") or key.startswith("__")
+
+
+def iter_shard(url: str, fetcher: Optional[Fetcher] = None,
+               counts: Optional[Dict[str, int]] = None) -> Iterator[Tuple[str, Dict[str, bytes]]]:
+    """``(key, {extension: bytes})`` for each sample of a shard, read as a stream
+    (consecutive members sharing a key form a sample, as WebDataset writes them).
+    ``counts`` (optional) gets ``ignored_members``.  ``FetchError`` when the bytes
+    cannot be had, ``DatagoError`` when they are not a tar."""
+    fetcher = fetcher or Fetcher()
+    key, parts = None, {}
+    try:
+        with _open_stream(url, fetcher) as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                k, ext = _split(info.name)
+                why = "ignored_members" if _ignored(k, ext) else \
+                    "too_large_members" if info.size > MAX_MEMBER_BYTES else None
+                if why is not None:
+                    if counts is not None:
+                        counts[why] = counts.get(why, 0) + 1
+                    continue
+                if k != key:
+                    if key is not None:
+                        yield key, parts
+                    key, parts = k, {}
+                f = tar.extractfile(info)
+                parts[ext] = f.read() if f is not None else b""
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise DatagoError(f"{redact(url)}: not a readable tar shard ({e})") from None
+    if key is not None:
+        yield key, parts
+
+
+def make_ref(key: str, locs: Dict[str, object], main: str) -> SampleRef:
+    """The ``SampleRef`` of a sample from the locations of its members by extension
+    (``main``: the main image's extension); the member conventions of the module
+    docstring."""
+    masks, images, texts = [], [], []
+    for ext in sorted(e for e in locs if e != main):
+        loc = locs[ext]
+        low = ext.lower()
+        last = low.rsplit(".", 1)[-1]
+        middle = ext.rsplit(".", 1)[0] if "." in ext else ""
+        if _image_ext(ext):
+            if middle.lower() in MASK_NAMES:
+                masks.append((middle.lower(), loc))
+            else:
+                images.append((middle or low, loc))
+        elif last in ("json", "txt", "cls"):
+            texts.append((middle or ("" if last == "json" else last), loc))
+    return SampleRef(key, locs[main], tuple(masks), tuple(images), tuple(texts))
+
+
+def assign_shards(sizes: List[int], slots: int, order: Iterable[int]) -> List[List[int]]:
+    """Whole shards to ``slots`` readers (rank x worker), balanced by size: the
+    largest first (ties in ``order``, e.g. an epoch's shuffle), each to the reader
+    with the fewest bytes so far (ties: the lowest slot); each reader's shards then
+    in ``order``.  Every shard goes to exactly one reader; needs len(sizes) >= slots
+    for every reader to get one."""
+    import heapq
+    rank_of = {s: i for i, s in enumerate(order)}
+    by_size = sorted(rank_of, key=lambda s: (-sizes[s], rank_of[s]))
+    heap = [(0, slot) for slot in range(slots)]
+    out: List[List[int]] = [[] for _ in range(slots)]
+    for s in by_size:
+        load, slot = heapq.heappop(heap)
+        out[slot].append(s)
+        heapq.heappush(heap, (load + max(0, int(sizes[s])), slot))
+    return [sorted(x, key=rank_of.__getitem__) for x in out]
+
+
 def build_index(url: str, fetcher: Optional[Fetcher] = None,
                 reference_image_type: str = "jpg") -> dict:
     """Stream one shard and return its index (see the module docstring)."""
@@ -156,7 +243,7 @@ def build_index(url: str, fetcher: Optional[Fetcher] = None,
             if not info.isfile():
                 continue
             key, ext = _split(info.name)
-            if not ext or key.startswith("__") or os.path.basename(key).startswith("."):
+            if _ignored(key, ext):
                 ignored += 1
                 continue
             if key not in members:
@@ -168,38 +255,9 @@ def build_index(url: str, fetcher: Optional[Fetcher] = None,
                 heads[(key, ext)] = f.read(65536) if f is not None else b""
 
     try:
-        if is_remote(url):
-            import httpx
-            attempts = fetcher.config.retries + 1
-            for attempt in range(attempts):          # a broken stream starts over
-                members.clear(), heads.clear(), order.clear()
-                ignored = 0
-                try:
-                    client = fetcher._http_client()
-                    target, headers = fetcher.prepare(url, {})
-                    with client.stream("GET", target, headers=headers) as resp:
-                        status = resp.status_code
-                        if 400 <= status < 500 and status != 429:
-                            raise FetchError(f"{redact(url)}: HTTP {status}", "http_4xx",
-                                             redact(url), status)
-                        if status >= 400:
-                            raise httpx.HTTPStatusError(f"HTTP {status}", request=resp.request,
-                                                        response=resp)
-                        with tarfile.open(fileobj=io.BufferedReader(
-                                _Stream(resp.iter_bytes()), 1 << 20), mode="r|") as tar:
-                            scan(tar)
-                    break
-                except (httpx.HTTPError, tarfile.ReadError, EOFError) as e:
-                    if attempt + 1 == attempts:
-                        raise FetchError(f"{redact(url)}: streaming the shard failed "
-                                         f"{attempts} times, last: {type(e).__name__}",
-                                         "reset", redact(url)) from None
-                    fetcher._sleep(min(fetcher.config.backoff_max_s,
-                                       fetcher.config.backoff_s * 2 ** attempt))
-        else:
-            with tarfile.open(url, mode="r:") as tar:
-                scan(tar)
-    except (tarfile.TarError, EOFError) as e:
+        with _open_stream(url, fetcher) as tar:
+            scan(tar)
+    except (tarfile.TarError, EOFError, zlib.error) as e:
         raise DatagoError(f"{redact(url)}: not a readable tar shard ({e})") from None
     except OSError as e:
         if isinstance(e, FetchError):
@@ -253,19 +311,23 @@ class WebDatasetSource(Source):
     kind = "webdataset"
 
     def __init__(self, url, *, reference_image_type: str = "jpg", index_dir: Optional[str] = None,
-                 cache_dir: Optional[str] = None, fetcher: Optional[Fetcher] = None):
+                 cache_dir: Optional[str] = None, fetcher: Optional[Fetcher] = None,
+                 streaming: bool = False):
         self.shards = expand_urls(url)
         self.reference_image_type = reference_image_type
         self.fetcher = fetcher or Fetcher()
         self.root = "|".join(self.shards)
         self.skipped: Dict[str, int] = {}
         self.built = 0                       # shard indexes built by streaming (this run)
+        self.streaming = streaming
+        self._index_dir = index_dir
+        self._cache = os.path.join(cache_dir or os.path.dirname(default_cache_dir()), "wds-index")
+        self._shard_sizes: Optional[List[int]] = None
         keys, shard_of, parts = [], [], []
         width, height, fmt = [], [], []
         seen = set()
-        cache = os.path.join(cache_dir or os.path.dirname(default_cache_dir()), "wds-index")
-        for s, shard in enumerate(self.shards):
-            idx = self._index(shard, index_dir, cache)
+        for s, shard in enumerate([] if streaming else self.shards):
+            idx = self._index(shard, index_dir, self._cache)
             if idx.get("ignored"):
                 self._count("ignored_members", int(idx["ignored"]))
             for smp in idx["samples"]:
@@ -291,6 +353,47 @@ class WebDatasetSource(Source):
         self._sizes = SizesIndex(np.asarray(width, dtype=np.int32),
                                  np.asarray(height, dtype=np.int32),
                                  np.asarray(fmt, dtype=np.uint8))
+
+    # ------------------------------------------------------------------ streaming
+    def shard_sizes(self, threads: int = 16) -> List[int]:
+        """Bytes per shard (a stat, or a one-byte ranged GET), to balance the
+        assignment; a shard whose size cannot be had counts as the median."""
+        if self._shard_sizes is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            def one(shard):
+                try:
+                    return self.fetcher.size(shard)
+                except (FetchError, OSError):
+                    return None
+            with ThreadPoolExecutor(max(1, min(threads, len(self.shards)))) as pool:
+                got = list(pool.map(one, self.shards))
+            known = sorted(g for g in got if g is not None)
+            median = known[len(known) // 2] if known else 1
+            self._shard_sizes = [median if g is None else g for g in got]
+        return self._shard_sizes
+
+    def count_samples(self) -> int:
+        """Samples in all shards, from their indexes (built by streaming a shard
+        that has none, and cached): the first pass of a streaming epoch."""
+        total = 0
+        for shard in self.shards:
+            idx = self._index(shard, self._index_dir, self._cache)
+            total += sum(1 for smp in idx["samples"] if smp.get("main") is not None)
+        return total
+
+    def stream_refs(self, shard: int, counts: Dict[str, int]) -> Iterator[SampleRef]:
+        """The samples of shard number ``shard`` as it streams by, their bytes in
+        memory (``Inline``); samples without an image are counted in ``counts``."""
+        url = self.shards[shard]
+        for key, parts in iter_shard(url, self.fetcher, counts):
+            main = _main_of(parts, self.reference_image_type)
+            if main is None:
+                counts["no_image"] = counts.get("no_image", 0) + 1
+                continue
+            name = key.rsplit("/", 1)[-1]
+            locs = {ext: Inline(data, f"{name}.{ext}") for ext, data in parts.items()}
+            yield make_ref(key, locs, main)
 
     def _count(self, reason: str, n: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + n
@@ -351,24 +454,8 @@ class WebDatasetSource(Source):
 
     def ref(self, i: int) -> SampleRef:
         exts = self._parts[i]
-        main = exts["__main__"]
-        masks, images, texts = [], [], []
-        for ext in sorted(e for e in exts if e not in ("__main__", main)):
-            loc = self._member(i, ext)
-            low = ext.lower()
-            last = low.rsplit(".", 1)[-1]
-            if _image_ext(ext):
-                middle = ext.rsplit(".", 1)[0] if "." in ext else ""
-                if middle.lower() in MASK_NAMES:
-                    masks.append((middle.lower(), loc))
-                else:
-                    images.append((middle or low, loc))
-            elif last in ("json", "txt", "cls"):
-                middle = ext.rsplit(".", 1)[0] if "." in ext else ""
-                name = middle or ("" if last == "json" else last)
-                texts.append((name, loc))
-        return SampleRef(self._keys[i], self._member(i, main), tuple(masks), tuple(images),
-                         tuple(texts))
+        locs = {e: self._member(i, e) for e in exts if e != "__main__"}
+        return make_ref(self._keys[i], locs, exts["__main__"])
 
     def remote(self) -> bool:
         return any(is_remote(s) for s in self.shards)

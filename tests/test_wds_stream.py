@@ -1,0 +1,234 @@
+"""WebDataset shards read as streams (``streaming: true``): whole shards per
+(rank, worker) balanced by size, the hash-filter fallback, ``steps_per_epoch``,
+and broken streams resumed by Range."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import warnings
+
+import numpy as np
+import pytest
+from torch.utils.data import DataLoader
+
+from datago import DatagoDataset, DatagoError
+from datago.fetch import FetchConfig, FetchError, Fetcher
+from datago.sharding import ShardInfo
+from datago.sources.webdataset import assign_shards, iter_shard
+from servers import FaultServer, Nginx
+from test_webdataset import by_key, make_folder, make_shards, wds_cfg
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    base = tmp_path_factory.mktemp("wds_stream")
+    samples = make_folder(base / "folder", n=40)
+    pattern = make_shards(base / "shards", samples, n_shards=8)
+    return base, samples, pattern
+
+
+def stream_cfg(url, **kw):
+    src = {"streaming": True}
+    src.update(kw.pop("source", {}))
+    return wds_cfg(url, source=src, **kw)
+
+
+def fixed(rank, world, worker=0, workers=1):
+    return lambda: ShardInfo(rank, world, worker, workers)
+
+
+# ----------------------------------------------------------------------------- assignment
+
+@pytest.mark.parametrize("world", range(1, 9))
+@pytest.mark.parametrize("workers", range(0, 4))
+def test_assignment_is_disjoint_complete_and_balanced(world, workers):
+    rng = np.random.default_rng(world * 10 + workers)
+    n = 40
+    sizes = rng.integers(1, 1000, n).tolist()
+    slots = world * max(1, workers)
+    order = rng.permutation(n).tolist()
+    out = assign_shards(sizes, slots, order)
+    flat = [s for x in out for s in x]
+    assert sorted(flat) == list(range(n))                  # each shard exactly once
+    assert all(out) and len(out) == slots                   # every reader gets one
+    loads = [sum(sizes[s] for s in x) for x in out]
+    assert max(loads) - min(loads) <= max(sizes)            # greedy bound
+    for x in out:                                           # each reader's shards in `order`
+        assert x == sorted(x, key=order.index)
+
+
+def test_every_reader_gets_its_own_shards(data):
+    base, samples, pattern = data
+    for world, workers in [(1, 1), (2, 2), (3, 1), (4, 2)]:
+        seen = []
+        for r in range(world):
+            for w in range(workers):
+                ds = DatagoDataset(stream_cfg(pattern), detector=fixed(r, world, w, workers))
+                shards, filtered = ds.shard_assignment(ShardInfo(r, world, w, workers))
+                assert not filtered
+                seen += shards
+        assert sorted(seen) == list(range(8))
+
+
+# ----------------------------------------------------------------------------- samples
+
+def test_one_rank_streams_what_the_folder_source_gives(data):
+    base, samples, pattern = data
+    folder = {"source_config": {"root_path": str(base / "folder"), "scan_sizes": False},
+              "image_config": wds_cfg("x")["image_config"], "batch_size": 3, "seed": 2}
+    want = by_key(DatagoDataset(folder), strip_ext=True)
+    ds = DatagoDataset(stream_cfg(pattern))
+    assert ds.mode == "shards" and ds.listing.built == 0
+    got = by_key(ds)
+    assert set(got) == {k for k, _ in samples} == set(want)
+    for key in got:
+        assert got[key][1:] == want[key][1:], key           # pixels, crop, attributes, masks
+    assert ds.stats()["streaming"]["shards_failed"] == 0
+
+
+def test_ranks_and_workers_split_the_samples_exactly(data):
+    base, samples, pattern = data
+    ids = []
+    for r in range(2):
+        ds = DatagoDataset(stream_cfg(pattern, source={"rank": r, "world_size": 2},
+                                      steps_per_epoch=None, drop_last=False))
+        ds._stream_steps = lambda info: None               # one pass: every sample once
+        for b in DataLoader(ds, batch_size=None, num_workers=2):
+            ids += b["id"]
+    assert sorted(ids) == sorted(k for k, _ in samples)
+
+
+def test_fewer_shards_than_readers_filters_by_hash_and_warns(data, tmp_path):
+    base, samples, _ = data
+    one = make_shards(tmp_path / "s", samples, n_shards=2)
+    ids = []
+    for r in range(3):
+        ds = DatagoDataset(stream_cfg(one), detector=fixed(r, 3))
+        ds._stream_steps = lambda info: None
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            ids += [i for b in ds for i in b["id"]]
+        msg = " ".join(str(x.message) for x in w)
+        if r == 0:
+            assert "2 shards for 3 rank(s) x 1 worker(s): every worker streams every shard" in msg
+    assert sorted(ids) == sorted(k for k, _ in samples)
+
+
+@pytest.mark.parametrize("steps", [2, 9])
+def test_steps_per_epoch_is_exact_on_every_rank(data, steps):
+    """Each rank yields exactly steps_per_epoch batches, numbered 0..steps-1, reading
+    its shards again (reshuffled) when they run out first."""
+    _, samples, pattern = data
+    for r in range(4):
+        ds = DatagoDataset(stream_cfg(pattern, steps_per_epoch=steps, batch_size=4,
+                                      source={"random_sampling": True, "rank": r,
+                                              "world_size": 4}))
+        assert len(ds) == steps
+        got = list(DataLoader(ds, batch_size=None, num_workers=2))
+        assert [int(b["step"]) for b in got] == list(range(steps))
+        assert all(len(b["id"]) == 4 for b in got)
+        mine = {i for b in got for i in b["id"]}
+        shards = [s for w in range(2) for s in ds.shard_assignment(ShardInfo(r, 4, w, 2))[0]]
+        of_rank = {k for s in shards for k, _ in samples[s::8]}
+        assert len(of_rank) == 10
+        # 10 samples per rank (in several buckets, so even 2 steps may need a second
+        # pass to fill a bucket); 9 steps of 4 read all of them, some again
+        assert mine <= of_rank and (steps == 2 or mine == of_rank)
+
+
+def test_steps_default_to_samples_over_ranks_with_an_index_pass(data, tmp_path):
+    base, samples, pattern = data
+    ds = DatagoDataset(stream_cfg(pattern, batch_size=4,
+                                  source={"cache_dir": str(tmp_path / "c")}),
+                       detector=fixed(1, 2))
+    assert len(ds) == 40 // (2 * 4)
+    assert ds.listing.built == 8                      # the counting pass built the indexes
+    assert len(list(ds)) == 5
+
+
+def test_a_source_without_samples_for_a_rank_raises_instead_of_spinning(tmp_path):
+    samples = make_folder(tmp_path / "f", n=2)
+    pattern = make_shards(tmp_path / "s", samples, n_shards=1)
+    ds = DatagoDataset(stream_cfg(pattern, steps_per_epoch=3, batch_size=1),
+                       detector=fixed(0, 1))
+    got = list(ds)                                    # 2 samples, 3 steps: a second pass
+    assert len(got) == 3
+    empty = tmp_path / "empty.tar"
+    with tarfile.open(empty, "w") as tar:
+        info = tarfile.TarInfo("readme.md")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    ds = DatagoDataset(stream_cfg(str(empty), steps_per_epoch=3, batch_size=1))
+    with pytest.raises(DatagoError, match="a whole pass over its samples gave none"):
+        list(ds)
+    assert ds.stats()["streaming"]["no_image"] >= 1
+
+
+# ----------------------------------------------------------------------------- faults
+
+def test_broken_streams_resume_by_range(data):
+    base, samples, _ = data
+    with FaultServer(base / "shards") as srv:
+        url = f"{srv.url}/shard-{{000..007}}.tar"
+        ds = DatagoDataset(stream_cfg(url, source={"timeout_s": 1.0}))   # probes sizes
+        for s, kind in [(1, "reset"), (2, "truncate"), (3, "stall_body"), (4, "503")]:
+            srv.add_fault(f"/shard-{s:03d}.tar", kind, times=1, fraction=0.6, stall_s=3)
+        ids = [i for b in ds for i in b["id"]]
+        assert sorted(ids) == sorted(k for k, _ in samples)        # all, exactly once
+        assert ds.stats()["streaming"]["shards_failed"] == 0
+        # (the one-byte ranges are the size probes of the assignment)
+        ranged = [r for r in srv.log if r.range and r.range != "bytes=0-0" and r.path in
+                  ("/shard-001.tar", "/shard-002.tar", "/shard-003.tar")]
+        assert {r.path for r in ranged} == {"/shard-001.tar", "/shard-002.tar", "/shard-003.tar"}
+        assert all(r.range.startswith("bytes=") and r.range.endswith("-") and
+                   int(r.range[6:-1]) > 0 for r in ranged)
+        assert not [f for f in srv.pending_faults() if f.remaining]
+
+
+def test_stream_equals_the_file_after_resumes(data):
+    base, _, _ = data
+    path = base / "shards" / "shard-005.tar"
+    with FaultServer(base / "shards") as srv:
+        srv.add_fault("/shard-005.tar", "reset", times=3, fraction=0.3)
+        f = Fetcher(FetchConfig(backoff_s=0.01))
+        assert b"".join(f.stream(f"{srv.url}/shard-005.tar", chunk_size=4096)) == path.read_bytes()
+        assert f.retried.get("resumed", 0) >= 2
+        assert f.size(f"{srv.url}/shard-005.tar") == path.stat().st_size
+
+
+def test_a_dead_shard_is_counted_or_raised(data):
+    base, samples, _ = data
+    with FaultServer(base / "shards") as srv:
+        url = f"{srv.url}/shard-{{000..007}}.tar"
+        srv.add_fault("/shard-006.tar", "404", times=None)
+        ds = DatagoDataset(stream_cfg(url))           # its size probe fails too: the median
+        with pytest.warns(RuntimeWarning, match=r"shard 6 failed.*HTTP 404"):
+            ids = [i for b in ds for i in b["id"]]
+        assert sorted(ids) == sorted(k for j, (k, _) in enumerate(samples) if j % 8 != 6)
+        assert ds.stats()["streaming"]["shards_failed"] == 1
+        with pytest.raises(FetchError, match="HTTP 404"):
+            list(DatagoDataset(stream_cfg(url, on_error="raise")))
+
+
+def test_over_nginx(data):
+    base, samples, _ = data
+    with Nginx(base / "shards") as ng:
+        ds = DatagoDataset(stream_cfg(f"{ng.url}/shard-{{000..007}}.tar"))
+        assert sorted(i for b in ds for i in b["id"]) == sorted(k for k, _ in samples)
+
+
+def test_iter_shard_groups_members_and_skips_huge_ones(tmp_path, monkeypatch):
+    import datago.sources.webdataset as wds
+    p = tmp_path / "a.tar"
+    with tarfile.open(p, "w") as tar:
+        for name, payload in [("a/x.jpg", b"1"), ("a/x.json", b"{}"), ("b.y.jpg", b"2"),
+                              ("big.jpg", b"3" * 100), (".hidden.jpg", b"4")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    monkeypatch.setattr(wds, "MAX_MEMBER_BYTES", 50)
+    counts = {}
+    got = list(iter_shard(str(p), counts=counts))
+    assert got == [("a/x", {"jpg": b"1", "json": b"{}"}), ("b", {"y.jpg": b"2"})]
+    assert counts == {"too_large_members": 1, "ignored_members": 1}
