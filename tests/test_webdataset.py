@@ -20,6 +20,12 @@ from servers import FaultServer, Nginx
 IMAGE = {"crop_and_resize": True, "default_image_size": 64, "downsampling_ratio": 16}
 
 
+def npy_bytes(arr) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
 def make_folder(root, n=30):
     """A folder of samples with sidecars; returns [(key, {ext: bytes})]."""
     rng = np.random.default_rng(1)
@@ -200,7 +206,9 @@ def test_multi_dot_names_and_ranks(tmp_path):
         for name in ("x/photo.v2.jpg", "x/photo.v2.json", "y/cat.jpg", "y/cat.cls",
                      "z/dog.png", "z/dog.latent.npy", "w/readme.md"):
             payload = data if name.endswith(".jpg") else (
-                encode(photo(30, 60, seed=1), "PNG") if name.endswith(".png") else b'{"a": 1}')
+                encode(photo(30, 60, seed=1), "PNG") if name.endswith(".png") else
+                npy_bytes(np.arange(6, dtype=np.float32).reshape(2, 3))
+                if name.endswith(".npy") else b'{"a": 1}')
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
@@ -215,6 +223,7 @@ def test_multi_dot_names_and_ranks(tmp_path):
     assert set(items) == {"x/photo", "y/cat", "z/dog"}
     assert items["y/cat"]["attributes"] == {"cls": '{"a": 1}'}
     assert items["x/photo"]["attributes"] == {"v2": {"a": 1}}
+    assert items["z/dog"]["latents"]["latent"].tolist() == [[0, 1, 2], [3, 4, 5]]
     # three ranks split the samples (single samples: one step each), every one once
     seen = []
     for r in range(3):

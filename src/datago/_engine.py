@@ -20,6 +20,7 @@ collection, an exception) shuts the pool down; no thread outlives it.
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
@@ -38,7 +39,7 @@ from datago.image import DEFAULT_MAX_PIXELS, decode, decode_to_bucket, read_head
 from datago.sources.filesystem import SampleRef
 
 # skip reasons, in the order of the stats counters
-REASONS = ("read_error", "decode_error", "too_large", "bad_attributes",
+REASONS = ("read_error", "decode_error", "too_large", "bad_attributes", "bad_latent",
            # remote locations (datago.fetch)
            "http_4xx", "http_5xx", "http_429", "timeout", "truncated", "reset", "connect",
            "wrong_content_type")
@@ -112,11 +113,12 @@ def summarize(table: torch.Tensor) -> dict:
 
 
 class _Loaded:
-    __slots__ = ("ref", "data", "info", "masks", "images", "attributes", "nbytes")
+    __slots__ = ("ref", "data", "info", "masks", "images", "attributes", "nbytes", "latents")
 
-    def __init__(self, ref, data, info, masks, images, attributes, nbytes):
+    def __init__(self, ref, data, info, masks, images, attributes, nbytes, latents=()):
         self.ref, self.data, self.info = ref, data, info
         self.masks, self.images, self.attributes, self.nbytes = masks, images, attributes, nbytes
+        self.latents = latents                  # [(name, ndarray)]
 
 
 def _read(path) -> bytes:
@@ -130,25 +132,43 @@ def _is_json(loc) -> bool:
 
 
 def fetch_parts(ref: SampleRef, stats: Stats, read=_read) -> tuple:
-    """The bytes of a sample's files: (main, masks, images, texts) (IO thread)."""
+    """The bytes of a sample's files: (main, masks, images, texts, latents) (IO thread)."""
     t0 = time.perf_counter()
     try:
         data = read(ref.path)
         masks = [(name, read(p)) for name, p in ref.masks]
         images = [(name, read(p)) for name, p in ref.images]
         texts = [(name, read(p), p) for name, p in ref.texts]
+        latents = [(name, read(p)) for name, p in ref.latents]
     except OSError as e:
         raise SampleError(ref.id, getattr(e, "reason", "read_error"), e) from None
     finally:
         stats.add("t_read", time.perf_counter() - t0)
-    return data, masks, images, texts
+    return data, masks, images, texts, latents
+
+
+def _parse_npy(raw: bytes) -> np.ndarray:
+    """A ``.npy`` file's array (no pickles), in native byte order."""
+    arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    if not isinstance(arr, np.ndarray):
+        raise ValueError("not a .npy array")
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return arr
 
 
 def load(ref: SampleRef, stats: Stats, read=_read, parts: Optional[tuple] = None) -> _Loaded:
     """Read a sample's files (unless ``parts`` has them) and its image header."""
-    data, masks, images, texts = parts if parts is not None else fetch_parts(ref, stats, read)
+    data, masks, images, texts, raw_latents = \
+        parts if parts is not None else fetch_parts(ref, stats, read)
     nbytes = len(data) + sum(len(b) for _, b in masks) + sum(len(b) for _, b in images) \
-        + sum(len(b) for _, b, _ in texts)
+        + sum(len(b) for _, b, _ in texts) + sum(len(b) for _, b in raw_latents)
+    latents = []
+    for name, raw in raw_latents:
+        try:
+            latents.append((name, _parse_npy(raw)))
+        except (ValueError, OSError, EOFError) as e:
+            raise SampleError(ref.id, "bad_latent", f"latent {name!r}: {e}") from None
     attributes = dict(ref.attributes) if ref.attributes else {}
     try:
         for name, raw, p in texts:
@@ -169,7 +189,7 @@ def load(ref: SampleRef, stats: Stats, read=_read, parts: Optional[tuple] = None
         raise SampleError(ref.id, "too_large", e) from None
     except DecodeError as e:
         raise SampleError(ref.id, "decode_error", e) from None
-    return _Loaded(ref, data, info, masks, images, attributes, nbytes)
+    return _Loaded(ref, data, info, masks, images, attributes, nbytes, latents)
 
 
 def _in_worker() -> bool:
@@ -293,12 +313,42 @@ def _output(batch: Batch, good: List[int], stats: Stats, step: Optional[int] = N
         "attributes": [s.attributes for s in samples],
         "masks": {k: t[:n].permute(0, 3, 1, 2) for k, t in batch.masks.items()},
         "additional_images": {k: t[:n].permute(0, 3, 1, 2) for k, t in batch.images.items()},
+        "latents": collate_latents([s.latents for s in samples]),
     }
     if step is not None:
         out["step"] = step
     if batch.present:
         out["present"] = {f"{kind}/{name}": torch.from_numpy(p[:n].copy())
                           for (kind, name), p in batch.present.items()}
+    return out
+
+
+def _latent_tensor(arr: np.ndarray):
+    """A latent as a tensor (sharing its memory), or the array where torch has no
+    such dtype."""
+    try:
+        return torch.from_numpy(arr)
+    except TypeError:
+        return arr
+
+
+def collate_latents(per_sample: List[list]) -> Dict[str, object]:
+    """``{name: (B, ...) tensor}`` for latents every sample has with one shape and
+    dtype; else ``{name: [tensor or None per sample]}`` (ragged or missing)."""
+    names: List[str] = []
+    for lat in per_sample:
+        for name, _ in lat:
+            if name not in names:
+                names.append(name)
+    out: Dict[str, object] = {}
+    for name in names:
+        arrays = [dict(lat).get(name) for lat in per_sample]
+        first = arrays[0]
+        if first is not None and all(a is not None and a.shape == first.shape
+                                     and a.dtype == first.dtype for a in arrays):
+            out[name] = _latent_tensor(np.stack(arrays))
+        else:
+            out[name] = [None if a is None else _latent_tensor(a) for a in arrays]
     return out
 
 
@@ -543,6 +593,7 @@ class Engine(_ErrorPolicy):
                 "masks": {k: t[0].permute(2, 0, 1) for k, t in batch.masks.items()},
                 "additional_images": {k: t[0].permute(2, 0, 1) for k, t in batch.images.items()},
             }
+        out["latents"] = {name: _latent_tensor(a) for name, a in loaded.latents}
         if step is not None:
             out["step"] = step
         self.stats.add("samples", 1)

@@ -17,6 +17,8 @@ same bucket at every step, resumable.
             batch["masks"]          # {name: uint8 (B, 1, H, W)}, nearest-neighbour resized
             batch["additional_images"]  # {name: uint8 (B, 3, H, W)}
             batch["present"]        # {"mask/<name>" or "image/<name>": bool (B,)}, when any
+            batch["latents"]        # {name: (B, ...) tensor} from .npy parts; a list
+                                    # (None where missing) when shapes or dtypes differ
 
 Give DataLoader ``batch_size=None``: the dataset batches (one bucket per batch)
 and decodes straight into the batch tensors, so there is no collate copy.  With

@@ -27,6 +27,7 @@ class SampleRef:
     images: Tuple[Tuple[str, Any], ...] = ()      # (name, location): additional images
     texts: Tuple[Tuple[str, Any], ...] = ()       # (attribute name or "" to merge, location)
     attributes: Optional[Mapping[str, Any]] = None   # known up front (an index's columns)
+    latents: Tuple[Tuple[str, Any], ...] = ()     # (name, location) of .npy arrays
 
 
 class Source:

@@ -16,6 +16,8 @@ name: ``a/b/cat01.jpg``, ``a/b/cat01.mask.png`` and ``a/b/cat01.txt`` share the 
 * ``<key>.json`` is parsed and, when it is an object, merged into the sample's
   attributes; ``<key>.txt`` becomes ``attributes["txt"]``; ``<key>.<name>.txt`` /
   ``<key>.<name>.json`` become ``attributes[name]``;
+* ``<key>.npy`` / ``<key>.<name>.npy`` are latents (NumPy arrays) named ``"npy"`` /
+  ``name`` (``batch["latents"]``);
 * a group with no ``<key>.<ext>`` image but other images takes the first of them
   (in name order, masks excepted) as its main image, so multi-dot names such as
   ``photo.v2.jpg`` are never lost; a group with no image at all is counted as
@@ -48,17 +50,18 @@ __all__ = ["FileListing", "SampleRef", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 TEXT_EXTENSIONS = ("txt", "json")
+LATENT_EXTENSIONS = ("npy",)
 MASK_NAMES = ("mask", "seg")
 
 # A pattern describes a sample's files by their suffix after the key.
-# (main_suffix, ((kind, name, suffix), ...)) with kind in "mask", "image", "text".
+# (main_suffix, ((kind, name, suffix), ...)) with kind in "mask", "image", "text", "latent".
 Pattern = Tuple[str, Tuple[Tuple[str, str, str], ...]]
 
 
 def _pattern(files: Tuple[str, ...]) -> Tuple[Optional[Pattern], int]:
     """Pattern of one key's files (their suffixes after the key) and the number of files
     it ignores (other extensions); the pattern is None when there is no image."""
-    mains, images, texts = [], [], []
+    mains, images, texts, latents = [], [], [], []
     ignored = 0
     for rest in files:
         ext = rest.rsplit(".", 1)[-1].lower()
@@ -66,6 +69,8 @@ def _pattern(files: Tuple[str, ...]) -> Tuple[Optional[Pattern], int]:
             (images if "." in rest else mains).append(rest)
         elif ext in TEXT_EXTENSIONS:
             texts.append(rest)
+        elif ext in LATENT_EXTENSIONS:
+            latents.append(rest)
         else:
             ignored += 1
     if not mains:
@@ -85,6 +90,9 @@ def _pattern(files: Tuple[str, ...]) -> Tuple[Optional[Pattern], int]:
     for rest in texts:
         middle, _, ext = rest.rpartition(".")
         parts.append(("text", middle if middle else ("txt" if ext.lower() == "txt" else ""), rest))
+    for rest in latents:
+        middle, _, ext = rest.rpartition(".")
+        parts.append(("latent", middle or ext.lower(), rest))
     return (mains[0], tuple(parts)), ignored
 
 
@@ -147,11 +155,12 @@ class FileListing(Source):
         key = self.key(i)
         main, parts = self._patterns[self._pattern_idx[i]]
         base = os.path.join(self.root, key)
-        masks, images, texts = [], [], []
+        groups: Dict[str, list] = {"mask": [], "image": [], "text": [], "latent": []}
         for kind, name, suffix in parts:
-            p = f"{base}.{suffix}"
-            (masks if kind == "mask" else images if kind == "image" else texts).append((name, p))
-        return SampleRef(f"{key}.{main}", f"{base}.{main}", tuple(masks), tuple(images), tuple(texts))
+            groups[kind].append((name, f"{base}.{suffix}"))
+        return SampleRef(f"{key}.{main}", f"{base}.{main}", tuple(groups["mask"]),
+                         tuple(groups["image"]), tuple(groups["text"]),
+                         latents=tuple(groups["latent"]))
 
     def memory_bytes(self) -> int:
         """Approximate memory held by the listing."""

@@ -11,9 +11,9 @@ key form one sample, as in the folder source: ``<key>.<reference_image_type>``
 (else the first of jpg, jpeg, png, webp, bmp, gif) is the main image;
 ``<key>.mask.<img>`` / ``<key>.seg.<img>`` are masks; ``<key>.<name>.<img>``
 additional images; ``<key>.json`` is merged into the attributes,
-``<key>.txt``/``.cls`` and ``<key>.<name>.txt|json`` become attributes.  The
-sample id is the key.  Other members (``npy`` latents, ...) are not read yet and
-are counted per shard in the index (``ignored``).
+``<key>.txt``/``.cls`` and ``<key>.<name>.txt|json`` become attributes,
+``<key>.npy``/``<key>.<name>.npy`` latents (NumPy arrays, ``batch["latents"]``).
+The sample id is the key.  Other members are listed in the index but not read.
 
 The index
 ---------
@@ -193,7 +193,7 @@ def make_ref(key: str, locs: Dict[str, object], main: str) -> SampleRef:
     """The ``SampleRef`` of a sample from the locations of its members by extension
     (``main``: the main image's extension); the member conventions of the module
     docstring."""
-    masks, images, texts = [], [], []
+    masks, images, texts, latents = [], [], [], []
     for ext in sorted(e for e in locs if e != main):
         loc = locs[ext]
         low = ext.lower()
@@ -206,7 +206,10 @@ def make_ref(key: str, locs: Dict[str, object], main: str) -> SampleRef:
                 images.append((middle or low, loc))
         elif last in ("json", "txt", "cls"):
             texts.append((middle or ("" if last == "json" else last), loc))
-    return SampleRef(key, locs[main], tuple(masks), tuple(images), tuple(texts))
+        elif last == "npy":
+            latents.append((middle or last, loc))
+    return SampleRef(key, locs[main], tuple(masks), tuple(images), tuple(texts),
+                     latents=tuple(latents))
 
 
 def assign_shards(sizes: List[int], slots: int, order: Iterable[int]) -> List[List[int]]:
