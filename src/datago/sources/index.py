@@ -16,27 +16,34 @@ an ``http(s)://`` URL; relative paths resolve against the index file's folder
 A text list (any other extension) has one location per line; blank lines and
 lines starting with ``#`` are skipped.  Rows without a location are counted
 (``skipped["no_location"]``), and so are repeated ids (``skipped["duplicate_id"]``,
-the first row wins).  Parquet needs ``pyarrow`` (read a row group at a time).
+the first row wins).  Parquet needs ``pyarrow``.
 
-Memory: ids, locations and attribute JSON are kept in byte blobs with offsets
-(about the size of the index's own text), not as Python objects per row.
+Memory: index files are read as streams (a Parquet file a row group at a time;
+a remote one is spooled to a temporary file first, since Parquet needs to
+seek), never whole; ids, locations, attribute JSON and mask/image columns are
+kept in byte blobs with offsets (about the size of the index's own text) plus
+12 bytes per row (an id hash for finding duplicates, width, height), not as
+Python objects per row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob as _glob
 import io
 import json
 import os
+import tempfile
 from array import array
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Sequence, Union
 from urllib.parse import urljoin
 
 import numpy as np
+import xxhash
 
 from datago.errors import ConfigError, DatagoError
-from datago.fetch import Fetcher, is_remote, redact
+from datago.fetch import FetchError, Fetcher, is_remote, redact
 from datago.sources.base import SampleRef, Source
 from datago.sources.sizes import SizesIndex
 
@@ -62,6 +69,15 @@ class _Blob:
     def get(self, i: int) -> str:
         return self._buf[self._off[i]:self._off[i + 1]].decode("utf-8", "surrogatepass")
 
+    def subset(self, keep: np.ndarray) -> "_Blob":
+        """A blob of the strings at the (sorted) indices ``keep``."""
+        out = _Blob()
+        for i in keep:
+            out._buf += self._buf[self._off[int(i)]:self._off[int(i) + 1]]
+            out._off.append(len(out._buf))
+        out.freeze()
+        return out
+
     def __len__(self) -> int:
         return len(self._off) - 1
 
@@ -69,14 +85,14 @@ class _Blob:
         return len(self._buf) + 8 * len(self._off)
 
 
-def _rows_csv(data: bytes, delimiter: str) -> Iterator[Dict[str, Any]]:
-    text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", newline="")
+def _rows_csv(f: BinaryIO, delimiter: str) -> Iterator[Dict[str, Any]]:
+    text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
     for row in csv.DictReader(text, delimiter=delimiter):
         yield {k: v for k, v in row.items() if k is not None and v not in (None, "")}
 
 
-def _rows_jsonl(data: bytes, name: str) -> Iterator[Dict[str, Any]]:
-    for n, line in enumerate(io.BytesIO(data), 1):
+def _rows_jsonl(f: BinaryIO, name: str) -> Iterator[Dict[str, Any]]:
+    for n, line in enumerate(f, 1):
         line = line.strip()
         if not line:
             continue
@@ -89,46 +105,75 @@ def _rows_jsonl(data: bytes, name: str) -> Iterator[Dict[str, Any]]:
         yield row
 
 
-def _rows_parquet(data: bytes, name: str) -> Iterator[Dict[str, Any]]:
+def _rows_parquet(f: BinaryIO, name: str) -> Iterator[Dict[str, Any]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise ConfigError(f"source_config.index: {name} is Parquet, which needs pyarrow "
                           "(pip install pyarrow)") from None
-    f = pq.ParquetFile(io.BytesIO(data))
-    for batch in f.iter_batches():
-        for row in batch.to_pylist():
-            yield {k: v for k, v in row.items() if v is not None}
+    pf = pq.ParquetFile(f)
+    for group in range(pf.num_row_groups):              # one row group in memory at a time
+        for batch in pf.iter_batches(batch_size=65536, row_groups=[group]):
+            for row in batch.to_pylist():
+                yield {k: v for k, v in row.items() if v is not None}
 
 
-def _rows_text(data: bytes, column: str) -> Iterator[Dict[str, Any]]:
-    for line in data.decode("utf-8-sig").splitlines():
-        line = line.strip()
+def _rows_text(f: BinaryIO, column: str) -> Iterator[Dict[str, Any]]:
+    for n, raw in enumerate(f):
+        line = raw.decode("utf-8-sig" if n == 0 else "utf-8").strip()
         if line and not line.startswith("#"):
             yield {column: line}
 
 
-def read_rows(data: bytes, name: str, column: str) -> Iterator[Dict[str, Any]]:
-    """Rows of one index file (``name`` decides the format by its extension);
-    ``DatagoError`` naming the file when it cannot be parsed."""
+def read_rows(f: Union[bytes, BinaryIO], name: str, column: str) -> Iterator[Dict[str, Any]]:
+    """Rows of one index file, read as a stream from the binary file ``f`` (or
+    bytes); ``name`` decides the format by its extension.  ``DatagoError`` naming
+    the file when it cannot be parsed."""
+    if isinstance(f, (bytes, bytearray)):
+        f = io.BytesIO(f)
     lower = name.lower().split("?")[0]
     if lower.endswith(".csv"):
-        rows = _rows_csv(data, ",")
+        rows = _rows_csv(f, ",")
     elif lower.endswith(".tsv"):
-        rows = _rows_csv(data, "\t")
+        rows = _rows_csv(f, "\t")
     elif lower.endswith((".jsonl", ".ndjson")):
-        rows = _rows_jsonl(data, name)
+        rows = _rows_jsonl(f, name)
     elif lower.endswith(".parquet"):
-        rows = _rows_parquet(data, name)
+        rows = _rows_parquet(f, name)
     else:
-        rows = _rows_text(data, column)
+        rows = _rows_text(f, column)
     try:
         yield from rows
     except DatagoError:
         raise
     except (UnicodeDecodeError, csv.Error, ValueError, OSError) as e:   # pyarrow's too
+        if isinstance(e, FetchError):
+            raise
         raise DatagoError(f"{redact(name)}: not a readable index file "
                           f"({type(e).__name__}: {e})") from None
+
+
+@contextlib.contextmanager
+def _open_index(name: str, fetcher: Fetcher):
+    """A binary file over an index file: local files directly; remote ones streamed
+    (Parquet, which needs to seek, spooled to a temporary file first)."""
+    if not is_remote(name):
+        try:
+            f = open(name, "rb")
+        except OSError as e:
+            raise DatagoError(f"cannot read index file {name}: {e.strerror or e}") from None
+        with f:
+            yield f
+        return
+    if name.lower().split("?")[0].endswith(".parquet"):
+        with tempfile.TemporaryFile() as tmp:
+            for chunk in fetcher.stream(name):
+                tmp.write(chunk)
+            tmp.seek(0)
+            yield tmp
+        return
+    from datago.sources.webdataset import _Stream
+    yield io.BufferedReader(_Stream(fetcher.stream(name)), 1 << 20)
 
 
 def _expand(index) -> List[str]:
@@ -169,52 +214,74 @@ class IndexSource(Source):
         self.root = "|".join(os.path.abspath(f) if not is_remote(f) else f for f in self.files)
         self.fetcher = fetcher or Fetcher()
         self.skipped: Dict[str, int] = {}
-        self._ids, self._locs, self._attrs = _Blob(), _Blob(), _Blob()
-        self._parts: List[Tuple[Tuple[Tuple[str, str], ...], Tuple[Tuple[str, str], ...]]] = []
-        self._part_idx = array("i")
+        self._ids, self._locs, self._attrs, self._parts = _Blob(), _Blob(), _Blob(), _Blob()
+        hashes = array("Q")                  # xxh64 of each id: duplicates found after reading
         width, height = array("i"), array("i")
-        seen = set()
         url_col = url_column
+        mask_cols = mask_columns if mask_columns is not None else ("mask",)
         for name in self.files:
-            data = self.fetcher.read(name, cache=False)
             first = True
-            for row in read_rows(data, name, url_col):
-                if first:
-                    first = False
-                    if url_col not in row and url_column == "url" and "path" in row:
-                        url_col = "path"
-                    elif url_col not in row and not _is_text(name):
-                        raise ConfigError(
-                            f"source_config.url_column: {name} has no column {url_column!r} "
-                            f"(columns: {', '.join(map(str, row))})")
-                loc = row.pop(url_col, None)
-                if loc is None or str(loc) == "":
-                    self._count("no_location")
-                    continue
-                sid = str(loc)
-                if sid in seen:
-                    self._count("duplicate_id")
-                    continue
-                seen.add(sid)
-                masks = tuple((c, _resolve(name, str(row.pop(c)))) for c in
-                              (mask_columns if mask_columns is not None else ("mask",)) if c in row)
-                images = tuple((c, _resolve(name, str(row.pop(c)))) for c in image_columns if c in row)
-                w, h = row.pop(width_column, None), row.pop(height_column, None)
-                width.append(_as_int(w))
-                height.append(_as_int(h))
-                self._ids.add(sid)
-                self._locs.add(_resolve(name, sid))
-                self._attrs.add(json.dumps(row, default=str) if row else "")
-                if masks or images:
-                    self._part_idx.append(len(self._parts))
-                    self._parts.append((masks, images))
-                else:
-                    self._part_idx.append(-1)
-        del seen
-        for b in (self._ids, self._locs, self._attrs):
+            with _open_index(name, self.fetcher) as f:
+                for row in read_rows(f, name, url_col):
+                    if first:
+                        first = False
+                        if url_col not in row and url_column == "url" and "path" in row:
+                            url_col = "path"
+                        elif url_col not in row and not _is_text(name):
+                            raise ConfigError(
+                                f"source_config.url_column: {name} has no column "
+                                f"{url_column!r} (columns: {', '.join(map(str, row))})")
+                    loc = row.pop(url_col, None)
+                    if loc is None or str(loc) == "":
+                        self._count("no_location")
+                        continue
+                    sid = str(loc)
+                    masks = [(c, _resolve(name, str(row.pop(c)))) for c in mask_cols if c in row]
+                    images = [(c, _resolve(name, str(row.pop(c)))) for c in image_columns
+                              if c in row]
+                    w, h = row.pop(width_column, None), row.pop(height_column, None)
+                    width.append(_as_int(w))
+                    height.append(_as_int(h))
+                    hashes.append(xxhash.xxh64_intdigest(sid.encode("utf-8", "surrogatepass")))
+                    self._ids.add(sid)
+                    resolved = _resolve(name, sid)
+                    self._locs.add("" if resolved == sid else resolved)   # URLs: stored once
+                    self._attrs.add(json.dumps(row, default=str) if row else "")
+                    self._parts.add(json.dumps([masks, images]) if masks or images else "")
+        for b in (self._ids, self._locs, self._attrs, self._parts):
             b.freeze()
         self._width = np.frombuffer(width, dtype=np.int32).copy() if len(width) else np.zeros(0, np.int32)
         self._height = np.frombuffer(height, dtype=np.int32).copy() if len(height) else np.zeros(0, np.int32)
+        del width, height
+        self._drop_duplicates(np.frombuffer(hashes, dtype=np.uint64) if len(hashes)
+                              else np.zeros(0, np.uint64))
+
+    def _drop_duplicates(self, hashes: np.ndarray) -> None:
+        """Leave out rows whose id came before (the first row wins), counted.  Ids
+        are compared by a 64-bit hash first (no set of a million strings), then as
+        strings where hashes collide."""
+        order = np.argsort(hashes, kind="stable")
+        sh = hashes[order]
+        same = np.flatnonzero(sh[1:] == sh[:-1])
+        if not len(same):
+            return
+        drop = set()
+        for start in np.unique(np.searchsorted(sh, sh[same])):
+            group = order[start:start + int(np.searchsorted(sh, sh[start], "right") - start)]
+            firsts: Dict[str, int] = {}
+            for i in sorted(int(x) for x in group):
+                sid = self._ids.get(i)
+                if sid in firsts:
+                    drop.add(i)
+                else:
+                    firsts[sid] = i
+        if not drop:
+            return
+        self.skipped["duplicate_id"] = self.skipped.get("duplicate_id", 0) + len(drop)
+        keep = np.setdiff1d(np.arange(len(hashes)), np.fromiter(drop, dtype=np.int64))
+        for attr in ("_ids", "_locs", "_attrs", "_parts"):
+            setattr(self, attr, getattr(self, attr).subset(keep))
+        self._width, self._height = self._width[keep], self._height[keep]
 
     def _count(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -226,13 +293,15 @@ class IndexSource(Source):
         return self._ids.get(i)
 
     def main_location(self, i: int) -> str:
-        return self._locs.get(i)
+        return self._locs.get(i) or self._ids.get(i)
 
     def ref(self, i: int) -> SampleRef:
-        k = self._part_idx[i]
-        masks, images = self._parts[k] if k >= 0 else ((), ())
+        parts = self._parts.get(i)
+        masks, images = json.loads(parts) if parts else ((), ())
+        masks = tuple(tuple(m) for m in masks)
+        images = tuple(tuple(m) for m in images)
         attrs = self._attrs.get(i)
-        return SampleRef(self._ids.get(i), self._locs.get(i), masks, images, (),
+        return SampleRef(self._ids.get(i), self.main_location(i), masks, images, (),
                          json.loads(attrs) if attrs else None)
 
     def known_sizes(self) -> Optional[SizesIndex]:
@@ -242,7 +311,7 @@ class IndexSource(Source):
 
     def memory_bytes(self) -> int:
         return (self._ids.nbytes() + self._locs.nbytes() + self._attrs.nbytes()
-                + self._width.nbytes + self._height.nbytes + 4 * len(self._part_idx))
+                + self._parts.nbytes() + self._width.nbytes + self._height.nbytes)
 
 
 def _is_text(name: str) -> bool:
