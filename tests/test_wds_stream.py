@@ -232,3 +232,31 @@ def test_iter_shard_groups_members_and_skips_huge_ones(tmp_path, monkeypatch):
     got = list(iter_shard(str(p), counts=counts))
     assert got == [("a/x", {"jpg": b"1", "json": b"{}"}), ("b", {"y.jpg": b"2"})]
     assert counts == {"too_large_members": 1, "ignored_members": 1}
+
+
+def test_streamed_shards_go_to_the_disk_cache(data, tmp_path):
+    """With cache_limit_bytes, a shard streamed to its end is kept; the next epoch
+    reads it from disk (no request), and gives the same samples."""
+    base, samples, _ = data
+    with FaultServer(base / "shards") as srv:
+        url = f"{srv.url}/shard-{{000..007}}.tar"
+        cfg = stream_cfg(url, source={"cache_dir": str(tmp_path / "c"),
+                                      "cache_limit_bytes": 50_000_000})
+        ds = DatagoDataset(cfg)
+        first = by_key(ds)
+        gets = [r for r in srv.log if r.range is None]
+        assert len(gets) == 8 and ds.stats()["cache"]["misses"] == 8
+        ds.reset_stats()
+        again = by_key(DatagoDataset(cfg))
+        assert again == first and len(first) == len(samples)
+        assert [r for r in srv.log if r.range is None] == gets     # nothing streamed again
+        # what is cached is whole shards; a stream abandoned midway keeps nothing
+        import glob
+        shards = {p.read_bytes() for p in (base / "shards").glob("*.tar")}
+        cached = glob.glob(str(tmp_path / "c" / "objects" / "*" / "*.bin"))
+        assert len(cached) == 8 and all(open(c, "rb").read() in shards for c in cached)
+        f = Fetcher(FetchConfig(cache_dir=str(tmp_path / "d"), cache_limit_bytes=50_000_000))
+        stream = f.stream(f"{srv.url}/shard-000.tar", chunk_size=1024)
+        next(stream)
+        stream.close()
+        assert not glob.glob(str(tmp_path / "d" / "objects" / "*" / "*"))

@@ -59,6 +59,42 @@ class DiskCache:
             self.on_lookup(True)
         return data
 
+    def _lookup(self, hit: bool) -> None:
+        with self._lock:
+            if hit:
+                self.hits += 1
+            else:
+                self.misses += 1
+        if self.on_lookup is not None:
+            self.on_lookup(hit)
+
+    def open(self, key: str):
+        """The entry as an open binary file (a hit), or None (a miss)."""
+        path = self._path(key)
+        try:
+            f = open(path, "rb")
+            os.utime(path)
+        except OSError:
+            self._lookup(False)
+            return None
+        self._lookup(True)
+        return f
+
+    def writer(self, key: str) -> "_Writer":
+        """``with cache.writer(key) as w: w.write(chunk)...``: the entry appears when
+        the block ends without an exception, and only if it stayed within the
+        limit; a failed disk write stops caching, never the caller."""
+        return _Writer(self, key)
+
+    def _account(self, n: int) -> None:
+        with self._lock:
+            self._written += n
+            due = self._written >= max(1, self.limit // 16)
+            if due:
+                self._written = 0
+        if due:
+            self.evict()
+
     def put(self, key: str, data: bytes) -> None:
         if len(data) > self.limit:
             return
@@ -66,13 +102,7 @@ class DiskCache:
             atomic_write(self._path(key), lambda f: f.write(data))
         except OSError:
             return                                  # a full or read-only disk: no caching
-        with self._lock:
-            self._written += len(data)
-            due = self._written >= max(1, self.limit // 16)
-            if due:
-                self._written = 0
-        if due:
-            self.evict()
+        self._account(len(data))
 
     def size(self) -> int:
         total = 0
@@ -113,3 +143,57 @@ class DiskCache:
         n = self.hits + self.misses
         return self.hits / n if n else None
 
+
+
+class _Writer:
+    """A streamed cache entry (see ``DiskCache.writer``)."""
+
+    def __init__(self, cache: DiskCache, key: str):
+        self.cache, self.path = cache, cache._path(key)
+        self.n = 0
+        self._f = None
+        self._tmp = None
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self._tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            self._f = open(self._tmp, "wb")
+        except OSError:
+            self._f = None
+
+    def __enter__(self) -> "_Writer":
+        return self
+
+    def write(self, data: bytes) -> None:
+        if self._f is None:
+            return
+        self.n += len(data)
+        try:
+            if self.n > self.cache.limit:
+                raise OSError("larger than the cache")
+            self._f.write(data)
+        except OSError:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+            try:
+                os.unlink(self._tmp)
+            except OSError:
+                pass
+
+    def __exit__(self, exc_type, *_) -> None:
+        if self._f is None:
+            return
+        if exc_type is not None:
+            self._drop()
+            return
+        try:
+            self._f.close()
+            self._f = None
+            os.replace(self._tmp, self.path)
+        except OSError:
+            self._drop()
+            return
+        self.cache._account(self.n)

@@ -419,13 +419,29 @@ class Fetcher:
 
         return self._retrying(loc, attempt)
 
-    def stream(self, loc: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    def stream(self, loc: str, chunk_size: int = 1 << 20, cache: bool = True) -> Iterator[bytes]:
         """The bytes of a file or object as chunks, never all in memory.  A remote
         stream that breaks (reset, truncated, timeout, 5xx) is resumed where it
         stopped with a ``Range`` request (or by skipping what was already read when
         the server ignores ranges), under the retry policy; the retry count starts
         over whenever data arrived, and ``deadline_s`` does not apply (a shard may
-        take long).  ``FetchError`` when it cannot be completed."""
+        take long).  ``FetchError`` when it cannot be completed.  With the disk
+        cache, a remote object is read from it when there, else written to it as
+        it streams by (kept only when the stream completes)."""
+        if cache and self.cache is not None and is_remote(loc):
+            f = self.cache.open(loc)
+            if f is not None:
+                with f:
+                    while True:
+                        data = f.read(chunk_size)
+                        if not data:
+                            return
+                        yield data
+            with self.cache.writer(loc) as w:
+                for data in self.stream(loc, chunk_size, cache=False):
+                    w.write(data)
+                    yield data
+            return
         if not is_remote(loc):
             try:
                 with open(loc, "rb") as f:

@@ -167,13 +167,13 @@ def _open_index(name: str, fetcher: Fetcher):
         return
     if name.lower().split("?")[0].endswith(".parquet"):
         with tempfile.TemporaryFile() as tmp:
-            for chunk in fetcher.stream(name):
+            for chunk in fetcher.stream(name, cache=False):
                 tmp.write(chunk)
             tmp.seek(0)
             yield tmp
         return
     from datago.sources.webdataset import _Stream
-    yield io.BufferedReader(_Stream(fetcher.stream(name)), 1 << 20)
+    yield io.BufferedReader(_Stream(fetcher.stream(name, cache=False)), 1 << 20)
 
 
 def _expand(index) -> List[str]:

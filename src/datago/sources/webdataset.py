@@ -32,6 +32,7 @@ names, so nothing in a tar chooses a path on disk).
 
 from __future__ import annotations
 
+import contextlib
 import glob as _glob
 import io
 import json
@@ -143,12 +144,18 @@ class _Stream(io.RawIOBase):
         return n
 
 
-def _open_stream(url: str, fetcher: Fetcher) -> tarfile.TarFile:
+@contextlib.contextmanager
+def _open_stream(url: str, fetcher: Fetcher, cache: bool = False):
     """The shard as a streamed tar (``fetcher.stream``: local reads, or HTTP/S3 resumed
-    by ``Range`` when the connection breaks); ``.tar.gz``/``.tgz`` decompressed."""
-    raw = io.BufferedReader(_Stream(fetcher.stream(url)), 1 << 20)
+    by ``Range`` when the connection breaks); ``.tar.gz``/``.tgz`` decompressed.
+    The stream is read to its end after the tar's end marker (record padding), so
+    a ``cache``d stream counts as complete."""
+    raw = io.BufferedReader(_Stream(fetcher.stream(url, cache=cache)), 1 << 20)
     mode = "r|gz" if url.split("?")[0].endswith((".tar.gz", ".tgz")) else "r|"
-    return tarfile.open(fileobj=raw, mode=mode)
+    with tarfile.open(fileobj=raw, mode=mode) as tar:
+        yield tar
+    while raw.read(1 << 20):
+        pass
 
 
 def _ignored(key: str, ext: str) -> bool:
@@ -166,7 +173,7 @@ def iter_shard(url: str, fetcher: Optional[Fetcher] = None,
     fetcher = fetcher or Fetcher()
     key, parts = None, {}
     try:
-        with _open_stream(url, fetcher) as tar:
+        with _open_stream(url, fetcher, cache=True) as tar:
             for info in tar:
                 if not info.isfile():
                     continue
