@@ -175,3 +175,83 @@ def test_a_forked_process_makes_its_own_client(nginx):
     os.waitpid(pid, 0)
     assert os.read(r, 1) == b"1"
     assert f.read(f"{nginx.url}/a.bin") == BODY
+
+
+def test_redirects_are_followed_and_credentials_stay_on_their_host(files):
+    """A 302 within the host keeps the Authorization header; one to another host
+    (another port) drops it; a redirect loop is an error naming it."""
+    import http.server
+    import threading
+    with FaultServer(files) as target:
+        class Redirect(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                to = {"/same": "/a.bin", "/other": f"{target.url}/a.bin",
+                      "/loop": "/loop"}.get(self.path)
+                if self.path == "/a.bin":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(BODY)))
+                    self.end_headers()
+                    self.wfile.write(BODY)
+                    seen.append(self.headers.get("Authorization"))
+                    return
+                self.send_response(302)
+                self.send_header("Location", to)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        seen = []
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        base = f"http://127.0.0.1:{srv.server_address[1]}"
+        try:
+            f = fast(headers={"Authorization": "Bearer SECRET-1"})
+            assert f.read(f"{base}/same") == BODY and seen == ["Bearer SECRET-1"]
+            assert f.read(f"{base}/other") == BODY
+            assert target.log[-1].headers.get("Authorization") is None
+            with pytest.raises(FetchError, match="redirects") as e:
+                f.read(f"{base}/loop")
+            assert "SECRET" not in str(e.value)
+        finally:
+            srv.shutdown()
+            srv.server_close()
+
+
+def test_tls_is_verified_by_default(files, tmp_path):
+    """An HTTPS server with a self-signed certificate: refused by default (the error
+    names the certificate), read with verify_tls=False."""
+    import http.server
+    import shutil
+    import ssl
+    import subprocess
+    import threading
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"],
+                   check=True, capture_output=True)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(files), **kw)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{srv.server_address[1]}/a.bin"
+    try:
+        with pytest.raises(FetchError) as e:
+            fast(retries=1).read(url)
+        assert e.value.reason == "connect" and "certificate" in str(e.value).lower()
+        assert fast(verify_tls=False).read(url) == BODY
+    finally:
+        srv.shutdown()
+        srv.server_close()

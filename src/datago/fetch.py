@@ -6,7 +6,9 @@ a byte range of either (a member of an archive at a known offset).
     data = fetcher.read(Member("https://host/shard-000.tar", offset=1536, size=48213))
 
 Remote reads go through one shared ``httpx`` client per process (a keep-alive
-pool sized to ``io_concurrency``; TLS verified).  Failures are classified once,
+pool sized to ``io_concurrency``; TLS verified), whose transport is the
+standard library's ``http.client`` (``datago._http``: ~5x less CPU per request
+than httpx's pure-Python HTTP/1.1 parser).  Failures are classified once,
 here:
 
 ===================  ============================  =====================
@@ -34,6 +36,7 @@ never appear in messages or reprs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import threading
@@ -173,6 +176,9 @@ class FetchConfig:
     verify_tls: bool = True
 
 
+_MAX_REDIRECTS = 10
+
+
 class _Retry(Exception):
     def __init__(self, reason: str, message: str, status: Optional[int] = None,
                  wait: Optional[float] = None):
@@ -188,6 +194,7 @@ class Fetcher:
     def __init__(self, config: Optional[FetchConfig] = None, *, sleep=time.sleep):
         self.config = config or FetchConfig()
         self._client = None
+        self._transport = None
         self._pid = None
         self._lock = threading.Lock()
         self._sleep = sleep
@@ -207,6 +214,7 @@ class Fetcher:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_client"] = None
+        state["_transport"] = None
         state["_pid"] = None
         state["_lock"] = None
         state["_s3"] = None
@@ -260,6 +268,7 @@ class Fetcher:
             if self._client is not None and self._pid == os.getpid():
                 self._client.close()
             self._client = None
+            self._transport = None
 
     # ------------------------------------------------------------------ local
     @staticmethod
@@ -284,14 +293,57 @@ class Fetcher:
             with self._lock:
                 if self._client is None or self._pid != pid:
                     import httpx
+                    from datago._http import StdlibTransport, env_proxies
                     c = self.config
+                    kw = {}
+                    self._transport = None
+                    if not env_proxies():          # (httpx's own transport handles proxies)
+                        self._transport = kw["transport"] = StdlibTransport(
+                            timeout=c.timeout_s, verify=c.verify_tls, max_idle=c.io_concurrency)
                     self._client = httpx.Client(
                         limits=httpx.Limits(max_connections=c.io_concurrency,
                                             max_keepalive_connections=c.io_concurrency),
                         timeout=httpx.Timeout(c.timeout_s), follow_redirects=True,
-                        verify=c.verify_tls, headers=dict(c.headers))
+                        verify=c.verify_tls, headers=dict(c.headers), **kw)
                     self._pid = pid
         return self._client
+
+    def _get(self, url: str, headers: Dict[str, str], partial: bool = False):
+        """A streamed GET: a context manager giving the ``httpx.Response``.  With the
+        standard-library transport the request goes to it directly (redirects
+        followed here, the Authorization header dropped when one leaves the host),
+        skipping the client's cookie and auth machinery (~0.3 ms per request).
+        ``partial``: the body is consumed as it arrives (a stream)."""
+        client = self._http_client()
+        if self._transport is None:
+            return client.stream("GET", url, headers=headers)
+        return self._direct(url, headers, partial)
+
+    @contextlib.contextmanager
+    def _direct(self, url: str, headers: Dict[str, str], partial: bool):
+        import httpx
+        merged = {**self.config.headers, **headers}
+        for _ in range(_MAX_REDIRECTS + 1):
+            req = httpx.Request("GET", url, headers=merged,
+                                extensions={"partial_reads": True} if partial else None)
+            resp = self._transport.handle_request(req)
+            location = resp.headers.get("location")
+            if resp.status_code in (301, 302, 303, 307, 308) and location:
+                resp.close()
+                new = req.url.join(location)
+                if new.scheme not in ("http", "https"):
+                    break
+                if (new.scheme, new.host, new.port) != (req.url.scheme, req.url.host, req.url.port):
+                    merged = {k: v for k, v in merged.items() if k.lower() != "authorization"}
+                url = str(new)
+                continue
+            try:
+                yield resp
+            finally:
+                resp.close()
+            return
+        raise FetchError(f"{redact(url)}: more than {_MAX_REDIRECTS} redirects", "http_4xx",
+                         redact(url))
 
     def _http(self, url: str, offset: Optional[int], size: Optional[int],
               short_ok: bool = False) -> bytes:
@@ -352,7 +404,7 @@ class Fetcher:
                              "wrong_content_type", redact(url), status)
 
     @staticmethod
-    def _transport(e: Exception) -> "_Retry":
+    def _transport_failure(e: Exception) -> "_Retry":
         """The retryable failure an httpx transport error stands for."""
         import httpx
         if isinstance(e, httpx.TimeoutException):
@@ -368,20 +420,19 @@ class Fetcher:
     def _attempt(self, url: str, offset: Optional[int], size: Optional[int],
                  short_ok: bool = False) -> bytes:
         import httpx
-        client = self._http_client()
         headers = {}
         if offset is not None:
             headers["Range"] = f"bytes={offset}-{offset + size - 1}"
         target, headers = self.prepare(url, headers)
         try:
-            with client.stream("GET", target, headers=headers) as resp:
+            with self._get(target, headers) as resp:
                 status = resp.status_code
                 if status == 416 and short_ok:
                     return b""                        # an empty object
                 self._check(resp, url)
                 data = resp.read()
         except httpx.TransportError as e:
-            raise self._transport(e) from None
+            raise self._transport_failure(e) from None
         if offset is not None:
             if status == 200:                 # the server ignored Range: cut it ourselves
                 data = data[offset:offset + size]
@@ -403,7 +454,7 @@ class Fetcher:
             import httpx
             target, headers = self.prepare(loc, {"Range": "bytes=0-0"})
             try:
-                with self._http_client().stream("GET", target, headers=headers) as resp:
+                with self._get(target, headers) as resp:
                     if resp.status_code == 416:
                         return 0
                     self._check(resp, loc)
@@ -414,7 +465,7 @@ class Fetcher:
                     if resp.status_code == 200 and length.isdigit():
                         return int(length)
             except httpx.TransportError as e:
-                raise self._transport(e) from None
+                raise self._transport_failure(e) from None
             raise FetchError(f"{redact(loc)}: the server gives no size", "read_error", redact(loc))
 
         return self._retrying(loc, attempt)
@@ -463,7 +514,7 @@ class Fetcher:
                 if pos:
                     headers["Range"] = f"bytes={pos}-"
                 target, headers = self.prepare(loc, headers)
-                with self._http_client().stream("GET", target, headers=headers) as resp:
+                with self._get(target, headers, partial=True) as resp:
                     if resp.status_code == 416 and pos:
                         return                        # it ended exactly where it broke
                     self._check(resp, loc)
@@ -481,7 +532,7 @@ class Fetcher:
                         raise _Retry("truncated", f"the stream ended before byte {pos}")
                 return
             except httpx.TransportError as e:
-                r = self._transport(e)
+                r = self._transport_failure(e)
             except _Retry as e:
                 r = e
             if got:

@@ -1,0 +1,205 @@
+"""An ``httpx`` transport over the standard library's ``http.client``.
+
+The fetch layer sends every request through one ``httpx.Client`` (headers,
+timeouts, redirects, the exception types it classifies).  httpx's own transport
+parses HTTP/1.1 in pure Python (``h11``): measured on loopback nginx, 1.3-1.9 ms
+of CPU per 300 KB image, against 0.3 ms for ``http.client``, whose response
+reading is done in C -- at 2 cores that is a quarter of the decode budget.  This
+transport keeps ``http.client`` connections alive in a pool (per scheme, host
+and port; at most ``max_idle`` idle ones kept) and maps its failures onto
+httpx's exceptions, so everything above it is unchanged:
+
+==================================  ================================
+``http.client`` / socket            httpx
+==================================  ================================
+connect refused / unreachable       ``ConnectError``
+timeout while connecting            ``ConnectTimeout``
+timeout while reading               ``ReadTimeout``
+body shorter than Content-Length    ``RemoteProtocolError`` ("peer closed
+                                    connection without sending complete
+                                    message body")
+closed before / reset during        ``RemoteProtocolError`` / ``ReadError``
+==================================  ================================
+
+A request on a kept-alive connection that the server closed meanwhile (it
+fails before any byte of a response) is sent once more on a new connection.
+Environment proxies (``HTTP(S)_PROXY``, ``ALL_PROXY``) are not handled here:
+the fetch layer then uses httpx's default transport.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+import threading
+from typing import Dict, List, Optional, Tuple
+
+import httpx
+
+__all__ = ["StdlibTransport", "env_proxies"]
+
+CHUNK = 1 << 20
+
+
+def env_proxies() -> bool:
+    import urllib.request
+    return any(k in ("http", "https", "all") for k in urllib.request.getproxies())
+
+
+class _Body(httpx.SyncByteStream):
+    """A response body read from its connection; the connection goes back to the
+    pool once the body is read to its end."""
+
+    def __init__(self, transport: "StdlibTransport", key, conn, resp, request):
+        self._t, self._key, self._conn, self._resp, self._request = \
+            transport, key, conn, resp, request
+
+    def __iter__(self):
+        resp = self._resp
+        # a stream (``extensions["partial_reads"]``) gets what has arrived, so a
+        # broken one loses little; a whole body is read in large pieces
+        read = resp.read1 if self._request.extensions.get("partial_reads") else resp.read
+        try:
+            while True:
+                data = read(CHUNK)
+                if not data:
+                    break
+                yield data
+            if resp.length:              # read(amt) ends quietly where the peer closed
+                raise http.client.IncompleteRead(b"", resp.length)
+        except http.client.IncompleteRead:
+            self._discard()
+            raise httpx.RemoteProtocolError(
+                "peer closed connection without sending complete message body "
+                "(incomplete read)", request=self._request) from None
+        except socket.timeout:
+            self._discard()
+            raise httpx.ReadTimeout("timed out reading the body", request=self._request) from None
+        except (OSError, http.client.HTTPException) as e:
+            self._discard()
+            raise httpx.ReadError(f"{type(e).__name__}: {e}", request=self._request) from None
+        self._release()
+
+    def _release(self) -> None:
+        if self._conn is None:
+            return
+        conn, self._conn = self._conn, None
+        if self._resp.will_close or not self._resp.isclosed():
+            conn.close()
+        else:
+            self._t._put(self._key, conn)
+
+    def _discard(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            if self._resp.isclosed():
+                self._release()
+            else:                              # closed before the end: cannot reuse
+                self._discard()
+
+
+class StdlibTransport(httpx.BaseTransport):
+    """See the module docstring."""
+
+    def __init__(self, *, timeout: float, verify: bool = True, max_idle: int = 64):
+        self.timeout = timeout
+        self.max_idle = max_idle
+        self._idle: Dict[Tuple[str, str, int], List[http.client.HTTPConnection]] = {}
+        self._lock = threading.Lock()
+        self._ssl: Optional[ssl.SSLContext] = None
+        self._verify = verify
+
+    def _context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            ctx = ssl.create_default_context()
+            if not self._verify:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            self._ssl = ctx
+        return self._ssl
+
+    def _get(self, key):
+        with self._lock:
+            pool = self._idle.get(key)
+            if pool:
+                return pool.pop(), True
+        scheme, host, port = key
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(host, port, timeout=self.timeout,
+                                               context=self._context())
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        return conn, False
+
+    def _put(self, key, conn) -> None:
+        with self._lock:
+            pool = self._idle.setdefault(key, [])
+            if sum(len(p) for p in self._idle.values()) < self.max_idle:
+                pool.append(conn)
+                return
+        conn.close()
+
+    def _timeout(self, request: httpx.Request, what: str) -> Optional[float]:
+        t = request.extensions.get("timeout", {}).get(what)
+        return self.timeout if t is None else t
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        scheme = url.scheme
+        if scheme not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(f"unsupported scheme {scheme!r}", request=request)
+        key = (scheme, url.host, url.port or (443 if scheme == "https" else 80))
+        target = url.raw_path.decode("ascii")
+        body = request.read() if request.method not in ("GET", "HEAD") else None
+        for attempt in range(2):
+            conn, reused = self._get(key)
+            connected = conn.sock is not None
+            try:
+                if not connected:
+                    conn.timeout = self._timeout(request, "connect")
+                    conn.connect()
+                conn.sock.settimeout(self._timeout(request, "read"))
+                conn.putrequest(request.method, target, skip_host=True, skip_accept_encoding=True)
+                for k, v in request.headers.raw:
+                    conn.putheader(k, v)
+                conn.endheaders(body)
+                resp = conn.getresponse()
+            except socket.timeout:
+                conn.close()
+                if not connected:
+                    raise httpx.ConnectTimeout("timed out connecting", request=request) from None
+                raise httpx.ReadTimeout("timed out waiting for the response",
+                                        request=request) from None
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                conn.close()
+                if reused and attempt == 0:
+                    continue                      # a stale kept-alive connection: once more
+                if isinstance(e, http.client.RemoteDisconnected):
+                    raise httpx.RemoteProtocolError("Server disconnected without sending a "
+                                                    "response.", request=request) from None
+                raise httpx.ReadError(f"{type(e).__name__}: {e}", request=request) from None
+            except ssl.SSLError as e:
+                conn.close()
+                raise httpx.ConnectError(f"TLS: {e}", request=request) from None
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                if not connected:
+                    raise httpx.ConnectError(f"{type(e).__name__}: {e}", request=request) from None
+                raise httpx.ReadError(f"{type(e).__name__}: {e}", request=request) from None
+            headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.getheaders()]
+            return httpx.Response(resp.status, headers=headers,
+                                  stream=_Body(self, key, conn, resp, request),
+                                  extensions={"http_version": b"HTTP/1.1"}, request=request)
+        raise AssertionError("unreachable")               # pragma: no cover
+
+    def close(self) -> None:
+        with self._lock:
+            pools, self._idle = self._idle, {}
+        for pool in pools.values():
+            for conn in pool:
+                conn.close()
