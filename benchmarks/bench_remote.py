@@ -1,0 +1,956 @@
+#!/usr/bin/env python
+"""Remote sources (issue 9): DatagoDataset over nginx on loopback -- the corpus as
+files (``source_type: "index"``) and as 20 WebDataset shards -- against the local
+folder, the reference Rust datago's webdataset source, a plain httpx + Pillow
+loop, and the index source behind 50 ms of injected latency.
+
+    python benchmarks/bench_remote.py CORPUS_DIR [--limit N] [--rounds R]
+                                      [--io-concurrency K] [--latency-ms 50]
+                                      [--ref-venv /tmp/datago_ref] [--no-ref]
+                                      [--out FILE.md]
+
+The images are the .jpg/.jpeg/.png files under CORPUS_DIR (recursive, sorted,
+hidden files skipped; ``--limit`` keeps the first N, for every variant; read once
+before timing, which also warms the page cache).  Buckets
+``make_buckets(512, 16, 0.5, 2.0)``, batches of 32 images of one bucket.  Set-up,
+untimed, in a temporary folder:
+
+* ``index.csv``: ``url,width,height`` per image, the URL on nginx serving
+  CORPUS_DIR, width/height the displayed size (after EXIF orientation) from
+  ``datago.read_header(...).display_size`` (what the sizes scan stores);
+  ``index_nosize.csv`` (``url`` only), and one ``url,width,height`` CSV per fault
+  server;
+* ``shards/shard-000000.tar`` .. ``shard-000019.tar``: the N images in sorted
+  order, cut into 20 contiguous runs (plain ustar tars written with ``tarfile``;
+  member name = the corpus-relative path, i.e. ``<key>.<ext>`` with the key the
+  path without its extension), and each shard's index written next to it by
+  ``datago.sources.webdataset.write_index`` (``<shard>.idx.json``, which nginx
+  serves too);
+* servers: two ``tests/servers.Nginx`` (a real nginx, one process, sendfile),
+  one serving CORPUS_DIR, one the shards; two ``tests/servers.FaultServer``
+  (Python, threaded, HTTP/1.1 keep-alive) serving CORPUS_DIR, one with
+  ``latency_s=0``, one with ``latency_s=0.05`` (``--latency-ms``) before every
+  response.  The fault servers run in subprocesses of their own, so that their
+  Python threads do not share this process's GIL with the loader.
+
+Variants (one pass = the whole list once):
+
+(L) local folder: DatagoDataset ``source_type: "file"`` over the N files (the
+    corpus folder, or a folder of symlinks to the first N), DataLoader(batch_size=
+    None, num_workers=0);
+(N) index over nginx: DatagoDataset ``source_type: "index"`` on ``index.csv``
+    (``url_column: "url"``; sizes from the CSV, so no header is read at
+    construction), ``io_concurrency`` K (``--io-concurrency``; default: the
+    config's default, 64), DataLoader(batch_size=None, num_workers=0): one GET per
+    image through datago's fetch layer (``datago.fetch``, its pooled keep-alive
+    connections), on IO threads separate from the decode threads;
+(W) WebDataset over nginx: DatagoDataset ``source_type: "webdataset"``, ``url``
+    ``http://127.0.0.1:PORT/shard-{000000..000019}.tar``, the same K, num_workers=0:
+    the 20 ``.idx.json`` are fetched at construction, then each member is one HTTP
+    Range request;
+(R) the reference Rust datago (PyPI), in its own venv (``--ref-venv``; ``--no-ref``
+    skips it), run as a subprocess with bench_loader's helper: DatagoClient with
+    ``source_type: "webdataset"`` on the same shard URL pattern
+    (``reference_image_type: "jpg"``, ``random_sampling: false``, rank 0 of 1,
+    ``concurrent_downloads`` left at its default), the same image_config as
+    bench_loader gives it, ``limit`` = N; every sample converted with
+    ``s.image.to_numpy_array()``; it times itself from its first get_sample() to
+    the N-th sample (import, DatagoClient() and start() excluded);
+(H) plain httpx + Pillow: bench_loader's Pillow dataset (Image.open, exif_transpose,
+    convert("RGB"), LANCZOS cover resize, centre crop, CHW uint8 tensor) over the
+    URLs of ``index.csv``, each image fetched by ``httpx.Client.get`` (one client
+    per DataLoader worker, made on first use), bench_loader's bucket batch sampler
+    (buckets from the headers, untimed), DataLoader(num_workers=2), default collate;
+(F0), (F50) index over the fault server with 0 / 50 ms latency per request: (N)'s
+    config on the fault servers' CSVs.
+
+Before each pass of (N), (W), (F0), (F50) the dataset's ``Fetcher`` is closed
+(untimed), so that the pass starts with an empty connection pool: the servers
+close connections idle for 60 s, other passes keep them idle longer than that,
+and datago's HTTP transport retries a request that fails on a stale pooled
+connection on another pooled one, just as stale, so the failure reaches the
+fetch layer as ``reset`` and costs a backoff (a datago bug, see RESULTS.md).
+
+The machine is shared and noisy, so variants are interleaved: R rounds, each
+running every variant once in an order that rotates between rounds; every
+variant gets an untimed warm-up (two batches; the reference: 32 samples) before
+the first round.  Reported: median img/s per variant (min..max), and each ratio
+computed per round, then its median, against its target: N/L and W/L >= 0.9
+("from nginx >= 0.9x the local-folder speed"), W/R >= 2, F50/F0 >= 0.8 (IO
+concurrency hides latency).  Once, untimed: the construction time of (N) when
+the CSV has no width/height (``index_nosize.csv``, ``sizes_cache: false``: every
+header is read through HTTP, 64 KiB Range requests), checked against the CSV's
+sizes; and the fetch layer alone: every main image of (N) and of (W) read by the
+dataset's own ``Fetcher`` from ``io_concurrency`` threads, nothing decoded (req/s,
+CPU ms per request of this process).
+
+Checks (anything off is listed under "Problems"): (L)/(N)/(W)/(F*) with
+bench_loader's ``Bench.pass_datago``: every expected sample delivered at least
+once and no other, delivered = N + ``stats()["padded"]`` (``remainder="pad"``
+completes each bucket's last batch), repeats == padded == the plan's padded
+slots, ``stats()["skipped"]`` empty, batch["step"] 0..len(ds)-1 in order, each
+batch's shape and bucket against the headers of its images; (H): the sample
+count and each batch's shape; (R): N samples, no duplicates, every id a corpus
+image; and no fetch retried by datago's ``Fetcher`` (``fetcher.retried``): these
+servers inject no faults.
+
+Also per pass: cores used by this process and its DataLoader workers (ours; for
+(R) the reference's process), by the servers (nginx / fault server processes,
+from /proc/<pid>/stat), by everything else (others) and stolen (steal); HTTP
+requests nginx logged during the pass; for datago, ``stats()["seconds"]``
+divided by the pass's wall time: ``read`` sums each sample's fetch time, so
+read/wall is the average number of fetches in flight, decode/wall the average
+number of decodes running; CPU ms per image = ours x wall / images delivered.
+Memory: bench_loader's sampler (``_common.TreeMemorySampler``, peak of the summed
+RSS / PSS of this process and its descendants every 50 ms), with the server
+processes left out of the tree and children read from each process's main thread
+only (see ``_loader_tree``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import faulthandler
+import gc
+import io
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional
+
+import numpy as np
+import PIL
+import torch
+from torch.utils.data import DataLoader
+
+import _common
+from _common import TreeMemorySampler, cpu_counters, cpu_model, version
+from bench_loader import (BATCH, DISTURBED_OTHERS, DISTURBED_STEAL, HANG_DUMP_S,
+                          MEM_INTERVAL, PIL_WORKERS, PSS_DUTY, Bench, PILBucketDataset,
+                          Reference, _malloc_trim, _mb, _own_cpu, datago, DatagoDataset,
+                          datago_config, default_num_threads, link_view, load_corpus,
+                          ref_config)
+
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path.insert(0, str(TESTS))
+from servers import HOST, Nginx, find_nginx          # noqa: E402
+
+SIZE, RATIO = 512, 16
+SHARDS = 20
+WARMUP_BATCHES = 2
+WARMUP_REF = 32
+
+VARIANT_NAMES = ("L", "N", "W", "R", "H", "F0", "F50")
+
+# (label, numerator, denominator, target or None)
+RATIOS = [
+    ("N/L", "N", "L", 0.9),
+    ("W/L", "W", "L", 0.9),
+    ("W/R", "W", "R", 2.0),
+    ("F50/F0", "F50", "F0", 0.8),
+    ("N/H", "N", "H", None),
+    ("W/H", "W", "H", None),
+    ("W/N", "W", "N", None),
+    ("F0/N", "F0", "N", None),
+    ("R/L", "R", "L", None),
+    ("H/L", "H", "L", None),
+]
+
+
+def variants(latency_ms: float) -> Dict[str, str]:
+    return {
+        "L": "local folder: DatagoDataset file source, DataLoader(num_workers=0)",
+        "N": "nginx, index source (CSV url,width,height), num_workers=0",
+        "W": f"nginx, webdataset source ({SHARDS} shards, Range reads), num_workers=0",
+        "R": "reference datago (Rust, PyPI), webdataset source, same shard URLs, subprocess",
+        "H": f"httpx + Pillow, DataLoader(num_workers={PIL_WORKERS})",
+        "F0": "fault server 0 ms, index source, num_workers=0",
+        "F50": f"fault server {latency_ms:g} ms per request, index source, num_workers=0",
+    }
+
+
+# --------------------------------------------------------------------------- servers
+
+FAULT_HOST = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+from servers import FaultServer
+srv = FaultServer(sys.argv[2], latency_s=float(sys.argv[3]))
+print(srv.port, flush=True)
+sys.stdin.read()                 # until the benchmark closes the pipe (or dies)
+srv.close()
+'''
+
+
+class FaultProcess:
+    """``tests/servers.FaultServer(root, latency_s)`` in a subprocess of its own."""
+
+    def __init__(self, root: Path, latency_s: float):
+        self.proc = subprocess.Popen([sys.executable, "-c", FAULT_HOST, str(TESTS), str(root),
+                                      repr(latency_s)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.close()
+            raise RuntimeError(f"FaultServer subprocess did not start (printed {line!r})")
+        self.port = int(line)
+        self.url = f"http://{HOST}:{self.port}"
+        self.pid = self.proc.pid
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+SERVER_PIDS: set = set()
+_tree = _common.process_tree
+_LEADER_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+
+
+def _loader_tree(root: Optional[int] = None) -> List[int]:
+    """The process tree the memory sampler sums: ``root`` and its descendants,
+    without the server processes (our children, but not the loader).  Children
+    are read from each process's main thread only (every process this benchmark
+    starts -- DataLoader workers, the reference's subprocess -- is started from
+    its main thread): ``_common.process_tree`` reads one ``children`` file per
+    thread, which with datago's ~65 IO threads cost the sampler ~0.14 cores and
+    the loader the GIL, every 50 ms."""
+    root = os.getpid() if root is None else root
+    if not _LEADER_CHILDREN:
+        return [p for p in _tree(root) if p not in SERVER_PIDS]
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid in SERVER_PIDS:
+            continue
+        tree.append(pid)
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                todo += [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            pass
+    return tree
+
+
+_common.process_tree = _loader_tree          # TreeMemorySampler looks it up at each sample
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a live process, from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        rest = stat[stat.rindex(")") + 2:].split()
+        return (int(rest[11]) + int(rest[12])) / _TICK
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def servers_cpu() -> float:
+    return sum(_proc_cpu(p) for p in SERVER_PIDS)
+
+
+def nginx_requests(ng: Nginx) -> int:
+    """Requests nginx has logged (lines of its access log)."""
+    try:
+        with open(ng.dir / "access.log", "rb") as f:
+            return f.read().count(b"\n")
+    except OSError:
+        return 0
+
+
+# --------------------------------------------------------------------------- (H) httpx + Pillow
+
+_HTTP: dict = {"pid": None, "client": None}
+
+
+def _http_client():
+    """One httpx.Client per process (each DataLoader worker makes its own)."""
+    if _HTTP["pid"] != os.getpid():
+        import httpx
+        _HTTP["client"] = httpx.Client(timeout=30.0)
+        _HTTP["pid"] = os.getpid()
+    return _HTTP["client"]
+
+
+class URLFiles:
+    """URLs whose items are the fetched bytes as file objects, so that bench_loader's
+    ``PILBucketDataset`` (``Image.open(self.files[i])``) reads them unchanged."""
+
+    def __init__(self, urls: List[str]):
+        self.urls = urls
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+    def __getitem__(self, i: int) -> io.BytesIO:
+        resp = _http_client().get(self.urls[i])
+        resp.raise_for_status()
+        return io.BytesIO(resp.content)
+
+
+# --------------------------------------------------------------------------- set-up
+
+def key_of(rel: str) -> str:
+    """WebDataset key of a member named ``rel``: its path up to the first dot of the
+    file name (see datago.sources.webdataset)."""
+    folder, _, base = rel.rpartition("/")
+    stem = base.partition(".")[0]
+    return f"{folder}/{stem}" if folder else stem
+
+
+def write_csv(path: Path, urls: List[str], sizes: Optional[List[tuple]]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["url", "width", "height"] if sizes else ["url"])
+        for k, u in enumerate(urls):
+            w.writerow([u, *sizes[k]] if sizes else [u])
+    return path
+
+
+def write_shards(root: Path, rel: List[str], out: Path, count: int) -> List[Path]:
+    """``count`` ustar shards of the files ``rel`` (sorted, contiguous runs), member
+    name = the relative path; each shard's index written next to it."""
+    from datago.sources.webdataset import write_index
+    out.mkdir(parents=True)
+    paths = []
+    for s, idx in enumerate(np.array_split(np.arange(len(rel)), count)):
+        path = out / f"shard-{s:06d}.tar"
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in idx:
+                src = (root / rel[i]).resolve()
+                ti = tar.gettarinfo(str(src), arcname=rel[i])
+                ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = int(ti.mtime), 0, 0, "", ""
+                with open(src, "rb") as f:
+                    tar.addfile(ti, f)
+        write_index(str(path))
+        paths.append(path)
+    return paths
+
+
+class Pass(NamedTuple):
+    """One timed pass.  ``ours``/``servers``/``others``/``steal``: cores used on
+    average by this process and its workers (for (R): the reference's process), by
+    the server processes, by everything else, and stolen by the hypervisor.
+    ``requests``: HTTP requests nginx logged (None: not nginx).  ``inflight``:
+    (fetches, decodes) running on average, from ``stats()["seconds"]`` (datago only).
+    ``rss``/``pss``: peaks of the loader's process tree (bytes)."""
+    wall: float
+    n: int
+    mp: float
+    ours: float
+    servers: float
+    others: float
+    steal: float
+    first: float
+    rss: int
+    pss: int
+    padded: Optional[int]
+    requests: Optional[int]
+    inflight: Optional[tuple]
+    mem_cpu: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.wall
+
+    @property
+    def disturbed(self) -> bool:
+        return self.others > DISTURBED_OTHERS or self.steal > DISTURBED_STEAL
+
+    @property
+    def cpu_ms(self) -> float:
+        """CPU milliseconds of the loader's processes per delivered image."""
+        return self.ours * self.wall / self.n * 1e3 if self.n else float("nan")
+
+
+class RemoteBench(Bench):
+    """bench_loader's Bench (its (L) dataset is ``self.ds``; its checks) plus the
+    remote variants.  Sample ids of (N)/(F*) are URLs and of (W) keys: they are
+    added to ``bucket_of`` / ``mp_of`` as aliases of the relative paths, so that
+    ``pass_datago`` checks them against the same headers."""
+
+    def __init__(self, corpus, n, data_root, ref, workdir: Path, io_concurrency, latency_s):
+        super().__init__(SIZE, corpus, n, data_root, ref)
+        self.workdir = workdir
+        self._relabel: Optional[tuple] = None
+        self.io_concurrency = io_concurrency
+        self.latency_s = latency_s
+        self.expected_ids: Dict[str, set] = {"L": self.expected}
+        self.datasets: Dict[str, DatagoDataset] = {"L": self.ds}
+        self.nginx: Dict[str, Nginx] = {}
+        self.faults: Dict[str, FaultProcess] = {}
+        self.t_build: Dict[str, float] = {}
+        self.seconds: Dict[str, List[dict]] = {}
+        self.fetch_cpu_ms: Dict[str, float] = {}
+
+    # ---------------------------------------------------------------- set-up
+    def problem(self, text: str) -> None:
+        if self._relabel and text.startswith(self._relabel[0]):
+            text = self._relabel[1] + text[len(self._relabel[0]):]
+        super().problem(text)
+
+    def alias(self, ids: Dict[str, str]) -> set:
+        """``{new id: relative path}`` -> the set of new ids (added to the lookups)."""
+        for i, r in ids.items():
+            self.bucket_of[i] = self.bucket_of[r]
+            self.mp_of[i] = self.mp_of[r]
+        return set(ids)
+
+    def source_cfg(self, **kw) -> dict:
+        if self.io_concurrency is not None:
+            kw["io_concurrency"] = self.io_concurrency
+        return kw
+
+    def build(self, name: str, source_type: str, source_config: dict) -> DatagoDataset:
+        cfg = datago_config(self.data_root, SIZE, RATIO, None)
+        cfg["source_type"], cfg["source_config"] = source_type, source_config
+        t0 = time.perf_counter()
+        ds = DatagoDataset(cfg)
+        self.t_build[name] = time.perf_counter() - t0
+        return ds
+
+    def setup(self, names: List[str]) -> None:
+        c, rel = self.corpus, self.rel
+        sizes = [c.infos[r].display_size for r in rel]
+        ng = self.nginx["corpus"] = Nginx(c.root).start()
+        SERVER_PIDS.add(ng.proc.pid)
+        urls = {f"{ng.url}/{r}": r for r in rel}
+        csv_path = write_csv(self.workdir / "index.csv", list(urls), sizes)
+        self.nosize_csv = write_csv(self.workdir / "index_nosize.csv", list(urls), None)
+        self.expected_ids["N"] = self.expected_ids["H"] = self.alias(urls)
+        self.datasets["N"] = self.build("N", "index", self.source_cfg(
+            index=str(csv_path), url_column="url"))
+        # (H): bench_loader's Pillow dataset over the same URLs, same batches as (a)
+        self.h_ds = PILBucketDataset(URLFiles(list(urls)), self.buckets)
+        # shards
+        t0 = time.perf_counter()
+        shard_dir = self.workdir / "shards"
+        k = min(SHARDS, self.n)
+        self.shard_paths = write_shards(c.root, rel, shard_dir, k)
+        self.t_shards = time.perf_counter() - t0
+        ngs = self.nginx["shards"] = Nginx(shard_dir).start()
+        SERVER_PIDS.add(ngs.proc.pid)
+        self.shard_url = f"{ngs.url}/shard-{{{0:06d}..{k - 1:06d}}}.tar"
+        self.expected_ids["W"] = self.alias({key_of(r): r for r in rel})
+        self.datasets["W"] = self.build("W", "webdataset", self.source_cfg(
+            url=self.shard_url, reference_image_type="jpg"))
+        self.stem_of = {}
+        for r in rel:                                  # the reference's sample id
+            self.stem_of.setdefault(key_of(r).rsplit("/", 1)[-1], []).append(r)
+        # fault servers
+        for name, lat in (("F0", 0.0), ("F50", self.latency_s)):
+            if name not in names:
+                continue
+            fp = self.faults[name] = FaultProcess(c.root, lat)
+            SERVER_PIDS.add(fp.pid)
+            furls = {f"{fp.url}/{r}": r for r in rel}
+            fcsv = write_csv(self.workdir / f"index_{name}.csv", list(furls), sizes)
+            self.expected_ids[name] = self.alias(furls)
+            self.datasets[name] = self.build(name, "index", self.source_cfg(
+                index=str(fcsv), url_column="url"))
+        for name, ds in self.datasets.items():
+            lst = [ds.listing.sample_id(i) for i in range(len(ds.listing))]
+            if set(lst) != self.expected_ids[name] or len(lst) != self.n:
+                self.problem(f"({name}) the dataset lists {len(lst)} samples, "
+                             f"{len(set(lst) - self.expected_ids[name])} of them unexpected; "
+                             f"listing skipped {dict(ds.listing.skipped)}")
+
+    def close(self) -> None:
+        for fp in self.faults.values():
+            fp.close()
+        for ng in self.nginx.values():
+            ng.close()
+
+    def header_scan(self) -> str:
+        """(N) built from the CSV without sizes: every header read through HTTP."""
+        cfg = self.source_cfg(index=str(self.nosize_csv), url_column="url", sizes_cache=False)
+        before = nginx_requests(self.nginx["corpus"])
+        s0 = servers_cpu()
+        c0 = _own_cpu()
+        try:
+            ds = self.build("N (header scan)", "index", cfg)
+        except Exception as exc:                                  # noqa: BLE001
+            self.problem(f"(N) construction with a header scan raised {type(exc).__name__}: {exc}")
+            return "header scan failed (see Problems)"
+        t = self.t_build["N (header scan)"]
+        cpu = _own_cpu() - c0
+        reqs = nginx_requests(self.nginx["corpus"]) - before
+        want = [self.corpus.infos[r].display_size for r in self.rel]
+        got = list(zip(ds.sizes.width.tolist(), ds.sizes.height.tolist()))
+        bad = [(self.rel[i], got[i], want[i]) for i in range(self.n) if got[i] != want[i]]
+        if bad:
+            self.problem(f"(N) header scan: {len(bad)} sizes differ from read_header's "
+                         f"display_size, e.g. {bad[:3]}")
+        st = ds.stats().get("index", {})
+        return (f"(N) construction when the CSV has no width/height (sizes_cache off, "
+                f"io_concurrency {ds.config.source.io_concurrency}): {t:.2f} s for {self.n} "
+                f"headers = {self.n / t:.0f} headers/s ({reqs} requests to nginx, "
+                f"{st.get('scanned')} scanned, {st.get('unreadable')} unreadable; "
+                f"this process {cpu / t:.2f} cores, nginx "
+                f"{(servers_cpu() - s0) / t:.2f}); the sizes equal read_header's "
+                f"display_size for {self.n - len(bad)} of {self.n}; with width/height in "
+                f"the CSV: {self.t_build['N'] * 1e3:.0f} ms")
+
+    def fetch_only(self, name: str) -> str:
+        """Every main image of (N) or (W) read by the dataset's own ``Fetcher`` from
+        ``io_concurrency`` threads (as its IO pool does), nothing decoded: the CPU
+        cost of the fetch layer alone."""
+        ds = self.datasets[name]
+        locs = [ds.listing.main_location(i) for i in range(len(ds.listing))]
+        k = ds.config.source.io_concurrency
+        ng = self.nginx["shards" if name == "W" else "corpus"]
+        gc.collect()
+        req0, s0, c0 = nginx_requests(ng), servers_cpu(), _own_cpu()
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(k, thread_name_prefix="fetch-only") as ex:
+            nbytes = sum(len(b) for b in ex.map(ds.fetcher.read, locs))
+        wall = time.perf_counter() - t0
+        cpu, srv = _own_cpu() - c0, servers_cpu() - s0
+        self.fetch_cpu_ms[name] = cpu / len(locs) * 1e3
+        return (f"({name}) fetch layer alone ({'Range reads of the members' if name == 'W' else 'GETs'}, "
+                f"{k} threads, no decode): {len(locs) / wall:.0f} req/s, "
+                f"{nbytes / wall / 1e6:.0f} MB/s, {self.fetch_cpu_ms[name]:.2f} ms CPU per request "
+                f"in this process ({cpu / wall:.2f} cores), nginx {srv / wall:.2f} cores, "
+                f"{nginx_requests(ng) - req0} requests")
+
+    # ---------------------------------------------------------------- passes
+    def pass_remote_datago(self, name: str) -> dict:
+        ds = self.datasets[name]
+        r = self.pass_datago(0, ds, self.expected_ids[name], f"({name})")
+        st = ds.stats()
+        self.seconds.setdefault(name, []).append(st["seconds"])
+        r["inflight"] = (st["seconds"]["read"] / r["wall"], st["seconds"]["decode"] / r["wall"])
+        return r
+
+    def pass_h(self) -> dict:
+        self._relabel = ("(a)", "(H)")
+        try:
+            return self.pass_a(self.h_ds)
+        finally:
+            self._relabel = None
+
+    def ref_cfg(self, n: int) -> dict:
+        cfg = ref_config(self.data_root, SIZE, RATIO, n)   # image_config as bench_loader's
+        cfg["source_type"] = "webdataset"
+        cfg["source_config"] = {"url": self.shard_url, "reference_image_type": "jpg",
+                                "random_sampling": False, "rank": 0, "world_size": 1}
+        return cfg
+
+    def pass_r(self, n: Optional[int] = None) -> dict:
+        n_want = n or self.n
+        out, total = self.ref.run(self.ref_cfg(n_want), n_want, self.workdir)
+        tag = "(R)" if n is None else "(R) warm-up"
+        samples = out["samples"]
+        ids = [s[0] for s in samples]
+        unknown = [i for i in ids if i not in self.stem_of]
+        if out["n"] != n_want:
+            self.problem(f"{tag} reference delivered {out['n']} samples, want {n_want}")
+        if len(set(ids)) != len(ids):
+            self.problem(f"{tag} reference delivered {len(ids) - len(set(ids))} duplicates")
+        if unknown:
+            self.problem(f"{tag} reference delivered {len(unknown)} ids that are no corpus "
+                         f"image's stem, e.g. {unknown[:3]}")
+        rels = [self.stem_of[i][0] for i in ids if i in self.stem_of]
+        empty = [s for s in samples if s[1] == 0 or s[2] == 0]
+        off = [s for s in samples if s[0] in self.stem_of and s[1] and
+               (s[1], s[2]) != self.bucket_of[self.stem_of[s[0]][0]]]
+        out.update(_total=total, _empty=len(empty),
+                   _empty_png=sum(1 for s in empty if s[0] in self.stem_of and
+                                  self.corpus.infos[self.stem_of[s[0]][0]].format == "png"),
+                   _off_bucket=len(off), _pngs=sum(1 for r in rels
+                                                   if self.corpus.infos[r].format == "png"))
+        self.last_r = out
+        return dict(wall=out["wall"], n=out["n"], mp=sum(self.mp_of[r] for r in rels),
+                    first=out["first"] or out["wall"], ours=out["ours"], busy=out["busy"],
+                    steal=out["steal"], total=total, padded=None)
+
+    # ---------------------------------------------------------------- timing
+    def run_variant(self, name: str) -> dict:
+        if name == "H":
+            return self.pass_h()
+        if name == "R":
+            return self.pass_r()
+        return self.pass_remote_datago(name)
+
+    def timed(self, name: str) -> Optional[Pass]:
+        gc.collect()
+        _malloc_trim()
+        faulthandler.dump_traceback_later(HANG_DUMP_S, exit=False)
+        if name in self.datasets and name != "L":
+            # start with an empty connection pool (untimed): the servers close
+            # connections idle for 60 s, longer than a round's other passes leave
+            # them, and datago retries a request that fails on a stale pooled
+            # connection on another pooled one, just as stale, then backs off (see
+            # RESULTS.md, issue 9) -- which would be timed here
+            self.datasets[name].fetcher.close()
+        ng = self.nginx["shards" if name in ("W", "R") else "corpus"]
+        req0 = nginx_requests(ng)
+        mem = TreeMemorySampler(MEM_INTERVAL, PSS_DUTY)
+        busy0, steal0 = cpu_counters()
+        s0 = servers_cpu()
+        c0 = _own_cpu()
+        mem.start()
+        try:
+            r = self.run_variant(name)
+        except Exception as exc:                                  # noqa: BLE001
+            self.problem(f"({name}) raised {type(exc).__name__}: {exc}\n"
+                         + "".join(traceback.format_exc().splitlines(True)[-8:]))
+            return None
+        finally:
+            mem.stop()
+            faulthandler.cancel_dump_traceback_later()
+        busy1, steal1 = cpu_counters()
+        srv = servers_cpu() - s0
+        if mem.error:
+            self.problem(f"({name}) memory sampler failed: {mem.error}")
+        requests = None if name in ("F0", "F50") else nginx_requests(ng) - req0
+        wall = r["wall"]
+        if name == "R":
+            # the reference measured its own CPU and the machine's over its timed wall;
+            # the servers' CPU is known only over the whole subprocess: its average there
+            servers = srv / max(r["total"], 1e-9)
+            ours, steal = r["ours"], r["steal"]
+            others = max(0.0, r["busy"] - ours - servers)
+        else:
+            servers = srv / wall
+            ours = max(0.0, _own_cpu() - c0 - mem.cpu) / wall
+            steal = (steal1 - steal0) / wall
+            others = max(0.0, (busy1 - busy0 - mem.cpu - srv) / wall - ours)
+        return Pass(wall, r["n"], r["mp"], ours, servers, others, steal, r["first"],
+                    mem.peak_rss, mem.peak_pss, r.get("padded"), requests, r.get("inflight"),
+                    mem.cpu / wall)
+
+    def warm_up(self, names: List[str]) -> List[str]:
+        """Two batches of each datago variant, the first batch of (H), 32 samples of
+        (R); returns the variants that failed (dropped from the rounds)."""
+        failed = []
+        for name in names:
+            try:
+                if name == "R":
+                    self.pass_r(WARMUP_REF)
+                    continue
+                if name == "H":
+                    loader = DataLoader(self.h_ds, batch_sampler=self.pil_sampler,
+                                        num_workers=PIL_WORKERS)
+                else:
+                    loader = DataLoader(self.datasets[name], batch_size=None, num_workers=0)
+                it = iter(loader)
+                for _ in zip(range(1 if name == "H" else WARMUP_BATCHES), it):
+                    pass
+                del it, loader
+            except Exception as exc:                              # noqa: BLE001
+                self.problem(f"({name}) warm-up raised {type(exc).__name__}: {exc}\n"
+                             + "".join(traceback.format_exc().splitlines(True)[-8:]))
+                failed.append(name)
+        return failed
+
+
+# --------------------------------------------------------------------------- reporting
+
+def run_rounds(bench: RemoteBench, names: List[str], rounds: int) -> Dict[str, list]:
+    times: Dict[str, list] = {k: [] for k in names}
+    for r in range(rounds):
+        t_round = time.perf_counter()
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            times[name].append(bench.timed(name))
+        parts = []
+        for k in names:
+            p = times[k][-1]
+            parts.append(f"{k} FAILED" if p is None else
+                         f"{k} {p.rate:.1f}{'!' if p.disturbed else ''}"
+                         f" ({p.ours:.2f}/{p.servers:.2f}/{p.others:.2f} cores)")
+        took = time.perf_counter() - t_round
+        print(f"  round {r + 1}/{rounds} ({' '.join(order)}) {took:.0f} s: " + "  ".join(parts)
+              + "  [img/s (cores ours/servers/others)]", flush=True)
+        if r == 0 and rounds > 1:
+            print(f"  estimated {took * (rounds - 1):.0f} s more", flush=True)
+    return times
+
+
+def tables(bench: RemoteBench, names: List[str], times: Dict[str, list], rounds: int,
+           latency_ms: float) -> tuple:
+    desc = variants(latency_ms)
+    lines = [f"| variant | img/s (median of {rounds}) | source MP/s | img/s min..max | samples "
+             f"| padded | first batch s | HTTP requests | fetches / decodes in flight "
+             f"| CPU ms / img (ours) | peak tree RSS MB | peak tree PSS MB "
+             f"| cores: ours / servers (median) / others, steal (max) | disturbed |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in names:
+        ok = [t for t in times[name] if t is not None]
+        if not ok:
+            lines.append(f"| ({name}) {desc[name]} | FAILED |" + " |" * 12)
+            continue
+        rates = [t.rate for t in ok]
+        counts = "/".join(str(c) for c in sorted({t.n for t in ok}))
+        padded = ("/".join(str(c) for c in sorted({t.padded for t in ok}))
+                  if ok[0].padded is not None else "-")
+        reqs = ("/".join(str(c) for c in sorted({t.requests for t in ok}))
+                if ok[0].requests is not None else "-")
+        infl = (f"{statistics.median(t.inflight[0] for t in ok):.1f} / "
+                f"{statistics.median(t.inflight[1] for t in ok):.2f}"
+                if ok[0].inflight is not None else "-")
+        lines.append(
+            f"| ({name}) {desc[name]} | {statistics.median(rates):.1f} | "
+            f"{statistics.median(t.mp / t.wall for t in ok):.1f} | "
+            f"{min(rates):.1f}..{max(rates):.1f} | {counts} | {padded} | "
+            f"{statistics.median(t.first for t in ok):.2f} | {reqs} | {infl} | "
+            f"{statistics.median(t.cpu_ms for t in ok):.1f} | "
+            f"{_mb(statistics.median(t.rss for t in ok))} | "
+            f"{_mb(statistics.median(t.pss for t in ok))} | "
+            f"{statistics.median(t.ours for t in ok):.2f} / "
+            f"{statistics.median(t.servers for t in ok):.2f} / "
+            f"{max(t.others for t in ok):.2f}, {max(t.steal for t in ok):.2f} | "
+            f"{sum(t.disturbed for t in ok)}/{len(ok)}"
+            f"{'' if len(ok) == rounds else f' ({rounds - len(ok)} failed)'} |")
+    lines += ["", "| ratio | median | min..max | rounds | target | result |",
+              "|---|---:|---:|---:|---:|---|"]
+    verdicts = []
+    for label, num, den, target in RATIOS:
+        ttext = f">= {target}" if target is not None else "-"
+        per_round = [times[num][r].rate / times[den][r].rate for r in range(rounds)
+                     if num in times and den in times
+                     and times[num][r] is not None and times[den][r] is not None]
+        if not per_round:
+            if target is not None:
+                missing = "/".join(x for x in (num, den) if x not in times) or "passes failed"
+                lines.append(f"| {label} | - | - | 0 | {ttext} | NOT RUN ({missing}) |")
+                verdicts.append((label, ttext, None))
+            continue
+        med = statistics.median(per_round)
+        result = "info" if target is None else ("PASS" if med >= target else "FAIL")
+        lines.append(f"| {label} | {med:.2f} | {min(per_round):.2f}..{max(per_round):.2f} | "
+                     f"{len(per_round)} | {ttext} | {result} |")
+        if target is not None:
+            verdicts.append((label, ttext, result))
+    return lines, verdicts
+
+
+def notes(bench: RemoteBench, names: List[str], times: Dict[str, list],
+          once: List[str]) -> List[str]:
+    out = list(once)
+    out.append("construction (untimed), ms: " + ", ".join(
+        f"({k}) {v * 1e3:.0f}" for k, v in bench.t_build.items() if k != "N (header scan)")
+        + f"; (L) {bench.t_ds * 1e3:.0f} (sizes from its cache); (W) fetches the "
+        f"{len(bench.shard_paths)} .idx.json from nginx; writing the shards and their "
+        f"indexes took {bench.t_shards:.1f} s")
+    for name in names:
+        secs = bench.seconds.get(name)
+        ok = [t for t in times.get(name, []) if t is not None]
+        if secs and ok:
+            out.append(f"({name}) stats()['seconds'] summed over the pass (median): read "
+                       f"{statistics.median(s['read'] for s in secs):.1f}, decode "
+                       f"{statistics.median(s['decode'] for s in secs):.1f}, consumer wait "
+                       f"{statistics.median(s['wait'] for s in secs):.1f}; wall "
+                       f"{statistics.median(t.wall for t in ok):.1f} s")
+    med_cpu = {k: statistics.median(t.cpu_ms for t in v if t is not None)
+               for k, v in times.items() if any(t is not None for t in v)}
+    if "L" in med_cpu:
+        out.append("CPU per delivered image (loader processes, median): " + ", ".join(
+            f"({k}) {v:.1f} ms" + (f" (+{v - med_cpu['L']:.1f} vs (L))" if k != "L" else "")
+            for k, v in med_cpu.items())
+            + ("; the fetch layer alone: " + ", ".join(
+                f"({k}) {v:.2f} ms per request" for k, v in bench.fetch_cpu_ms.items())
+               if bench.fetch_cpu_ms else ""))
+    lr = getattr(bench, "last_r", None)
+    if lr:
+        ok = [t for t in times.get("R", []) if t is not None]
+        out.append(
+            f"(R) last pass: {lr['n']} samples consumed, then {lr['extra']} more delivered "
+            f"({'stream exhausted' if lr['exhausted'] else 'still delivering after the drain'}); "
+            f"channels {lr['channels']}; {lr['_empty']} samples with an empty (0x0) image "
+            f"({lr['_empty_png']} of them PNG; {lr['_pngs']} PNG samples delivered): with "
+            f"reference_image_type 'jpg' it does not decode a sample's PNG, so it does "
+            f"less work than (W) on those; {lr['_off_bucket']} non-empty samples in another "
+            f"bucket than datago's (it ignores EXIF orientation and matches aspect ratios "
+            f"linearly); outside its wall: import {lr['t_import']:.2f} s, DatagoClient() + "
+            f"start() {lr['t_start']:.3f} s; whole subprocess {lr['_total']:.1f} s"
+            + ("; its servers column is nginx's CPU over the whole subprocess" if ok else ""))
+    retried = {k: dict(ds.fetcher.retried) for k, ds in bench.datasets.items() if k != "L"}
+    out.append("retried fetches (datago's Fetcher, whole run, warm-up included): "
+               + ", ".join(f"({k}) {v or 0}" for k, v in retried.items()))
+    runs = {k: [t for t in v if t is not None] for k, v in times.items()}
+    out.append("memory: peak over a pass of the summed RSS / PSS of this process and its "
+               "descendants (DataLoader workers, the reference's subprocess), the nginx and "
+               "fault-server processes left out; median over rounds; the sampler thread "
+               "used " + ", ".join(f"({k}) {statistics.median(t.mem_cpu for t in v):.3f}"
+                                   for k, v in runs.items() if v)
+               + " cores (median; not in 'ours' or 'others')")
+    out.append("cores: 'servers' is the CPU of the nginx / fault-server processes during the "
+               "pass; 'others' everything else on the machine (the memory sampler's own CPU "
+               "excluded); '!' after a rate marks a disturbed pass (others > "
+               f"{DISTURBED_OTHERS} or steal > {DISTURBED_STEAL} cores)")
+    return out
+
+
+def environment(bench: RemoteBench, ref_line: str, io_conc: str) -> List[str]:
+    c, rel = bench.corpus, bench.rel
+    cores = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    fmts: Dict[str, int] = {}
+    for r in rel:
+        fmts[c.infos[r].format] = fmts.get(c.infos[r].format, 0) + 1
+    nbytes = sum((c.root / r).stat().st_size for r in rel)
+    shard_bytes = sum(p.stat().st_size for p in bench.shard_paths)
+    try:
+        ngv = subprocess.run([find_nginx(), "-v"], capture_output=True, text=True).stderr.strip()
+    except Exception:                                             # noqa: BLE001
+        ngv = "nginx (version unknown)"
+    src = Path(datago.__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "src"],
+                               capture_output=True, text=True).stdout.split("\n")
+        dirty = [d[3:] for d in dirty if d.strip()]
+        tree = f"git {head}" + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else "")
+    except OSError:
+        tree = "git state unknown"
+    try:
+        from datago._core import _jpeg, _png, _resample
+        core = (f"libjpeg-turbo {_jpeg.version()}, libspng {_png.version()}, "
+                f"resample SIMD {_resample.simd()}")
+    except Exception:                                             # noqa: BLE001
+        core = "core versions unknown"
+    return [
+        f"- CPU: {cpu_model()}, {cores} logical cores ({usable} usable); load average at "
+        f"start {os.getloadavg()[0]:.2f}",
+        f"- Python {platform.python_version()}, torch {torch.__version__}, numpy "
+        f"{np.__version__}, Pillow {PIL.__version__}, httpx {version('httpx')}; {ngv} "
+        f"(one process, sendfile, keep-alive)",
+        f"- datago {datago.__version__} ({tree}): {core}; num_threads {default_num_threads(1)} "
+        f"(decode), io_concurrency {io_conc} (IO threads and pooled connections, "
+        f"(N)/(W)/(F*)); batch {BATCH}, remainder 'pad', prefetch_batches "
+        f"{bench.ds.config.loader.prefetch_batches}",
+        f"- {ref_line}",
+        f"- corpus: {c.root}, {bench.n} images of {len(c.rel)} "
+        f"({', '.join(f'{v} {k}' for k, v in sorted(fmts.items()))}), {nbytes / 1e6:.1f} MB; "
+        f"{len(bench.shard_paths)} shards, {shard_bytes / 1e6:.1f} MB; buckets "
+        f"make_buckets({SIZE}, {RATIO}, 0.5, 2.0) ({len(bench.buckets)}, "
+        f"{len({bench.bucket_of[r] for r in rel})} used); page cache warm (files read once "
+        f"before timing, shards just written)",
+    ]
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("corpus", type=Path, help="folder searched recursively for .jpg/.jpeg/.png")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="use the first N images (sorted), for every variant")
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
+    ap.add_argument("--io-concurrency", type=int, default=None,
+                    help="io_concurrency of (N), (W), (F0), (F50) (default: the config's)")
+    ap.add_argument("--latency-ms", type=float, default=50.0,
+                    help="latency per request of the (F50) fault server (default 50)")
+    ap.add_argument("--ref-venv", type=Path, default=Path("/tmp/datago_ref"),
+                    help="venv of the reference datago (created when missing)")
+    ap.add_argument("--no-ref", action="store_true", help="skip the reference variant (R)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the tables to this .md")
+    args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        ap.error("--limit must be >= 1")
+    if args.io_concurrency is not None and not 1 <= args.io_concurrency <= 1024:
+        ap.error("--io-concurrency must be in 1..1024")
+
+    # a plain kill runs the clean-up below (servers, temporary folder)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    t_start = time.perf_counter()
+    root = args.corpus.resolve()
+    corpus = load_corpus(root)
+    n = min(args.limit, len(corpus.rel)) if args.limit else len(corpus.rel)
+    workdir = Path(tempfile.mkdtemp(prefix="bench_remote_"))
+    data_root = (root if n == len(corpus.rel)
+                 else link_view(workdir / "first_n", root, corpus.rel[:n]))
+    ref, ref_why = None, None
+    if args.no_ref:
+        ref_why = "--no-ref given"
+    else:
+        ref = Reference(args.ref_venv, workdir)
+        ref_why = ref.ensure()
+        if ref_why:
+            ref = None
+    names = [v for v in VARIANT_NAMES if v != "R" or ref is not None]
+    bench = RemoteBench(corpus, n, data_root, ref, workdir, args.io_concurrency,
+                        args.latency_ms / 1e3)
+    md: List[str] = []
+    verdicts: list = []
+    try:
+        bench.setup(names)
+        io_conc = str(bench.datasets["N"].config.source.io_concurrency)
+        failed = bench.warm_up(names)
+        if "R" in failed:
+            ref_why = f"warm-up failed: {bench.problems[-1]}"
+        names = [x for x in names if x not in failed]
+        scan_note = bench.header_scan()
+        fetch_notes = [bench.fetch_only(x) for x in ("N", "W") if x in names]
+        ref_line = (f"reference datago: {args.ref_venv}, webdataset source on "
+                    f"{bench.shard_url}, limit = {n}, to_numpy_array() per sample"
+                    if "R" in names else f"reference datago (R): NOT RUN: {ref_why}")
+        md = ["## Environment", ""] + environment(bench, ref_line, io_conc)
+        md += [f"- command: `python benchmarks/bench_remote.py "
+               f"{' '.join(sys.argv[1:] if argv is None else argv)}`", ""]
+        print("\n".join(md), flush=True)
+        t_rounds = time.perf_counter()
+        times = run_rounds(bench, names, args.rounds)
+        elapsed = time.perf_counter() - t_rounds
+        for k, ds in bench.datasets.items():
+            if ds.fetcher.retried:
+                bench.problem(f"({k}) datago's Fetcher retried {dict(ds.fetcher.retried)} "
+                              f"fetches (whole run) from a loopback server that injects no "
+                              f"faults (no sample was lost: see the checks)")
+        table, verdicts = tables(bench, names, times, args.rounds, args.latency_ms)
+        section = [f"## Remote sources, buckets {SIZE} ({n} images, {args.rounds} rounds)", ""]
+        section += [f"- {s}" for s in notes(bench, names, times, [scan_note] + fetch_notes)]
+        section += [f"- timed passes took {elapsed:.0f} s", ""] + table + [""]
+        print("\n" + "\n".join(section), flush=True)
+        md += section
+    finally:
+        bench.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    info = ref.info if ref is not None else None
+    tail = ["## Summary", ""]
+    if info:
+        tail.append(f"- reference datago {info['version']} (Python {info['python']}, numpy "
+                    f"{info['numpy']}, DATAGO_MAX_TASKS={info['max_tasks']}), from "
+                    f"{args.ref_venv}")
+    if "R" not in names:
+        tail.append(f"- (R) reference datago not run: {ref_why}")
+    for label, target, result in verdicts:
+        tail.append(f"- {label} {target}: {result or 'NOT RUN'}")
+    tail.append(f"- problems: {len(bench.problems)}" + (":" if bench.problems else ""))
+    tail += [f"  - {p}" for p in bench.problems]
+    tail.append(f"- total runtime: {time.perf_counter() - t_start:.0f} s")
+    print("\n" + "\n".join(tail), flush=True)
+    md += tail
+    if args.out:
+        args.out.write_text("\n".join(md) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
