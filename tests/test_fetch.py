@@ -255,3 +255,17 @@ def test_tls_is_verified_by_default(files, tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_stale_kept_alive_connections_are_not_failures(files):
+    """nginx closes idle connections after 1 s; after a pause every pooled
+    connection is stale, and the next reads still succeed without a retry."""
+    with Nginx(files, extra_server="keepalive_timeout 1s;") as ng:
+        f = fast()
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(8) as ex:            # 8 connections into the pool
+            assert all(d == BODY for d in ex.map(f.read, [f"{ng.url}/a.bin"] * 32))
+        time.sleep(2.0)
+        for _ in range(4):
+            assert f.read(f"{ng.url}/a.bin") == BODY
+        assert f.retried == {} and f.waits == []

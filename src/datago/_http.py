@@ -21,8 +21,10 @@ body shorter than Content-Length    ``RemoteProtocolError`` ("peer closed
 closed before / reset during        ``RemoteProtocolError`` / ``ReadError``
 ==================================  ================================
 
-A request on a kept-alive connection that the server closed meanwhile (it
-fails before any byte of a response) is sent once more on a new connection.
+An idle connection is checked before reuse (a readable idle socket has been
+closed by the server); a request on a kept-alive connection that fails before
+any byte of a response anyway is sent once more on a new connection, and the
+host's other idle connections are dropped with it.
 Environment proxies (``HTTP(S)_PROXY``, ``ALL_PROXY``) are not handled here:
 the fetch layer then uses httpx's default transport.
 """
@@ -30,6 +32,7 @@ the fetch layer then uses httpx's default transport.
 from __future__ import annotations
 
 import http.client
+import select
 import socket
 import ssl
 import threading
@@ -45,6 +48,19 @@ CHUNK = 1 << 20
 def env_proxies() -> bool:
     import urllib.request
     return any(k in ("http", "https", "all") for k in urllib.request.getproxies())
+
+
+def _alive(conn: http.client.HTTPConnection) -> bool:
+    """Whether an idle kept-alive connection is still usable: an idle socket that
+    is readable has been closed by the server (or sent something unasked)."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
 
 
 class _Body(httpx.SyncByteStream):
@@ -123,11 +139,20 @@ class StdlibTransport(httpx.BaseTransport):
             self._ssl = ctx
         return self._ssl
 
-    def _get(self, key):
+    def _get(self, key, fresh: bool = False):
+        """A connection to ``key``: an idle one that is still open, else a new one
+        (always a new one with ``fresh``, after dropping the idle ones)."""
         with self._lock:
             pool = self._idle.get(key)
-            if pool:
-                return pool.pop(), True
+            if fresh and pool:
+                stale, self._idle[key] = pool, []
+                for conn in stale:
+                    conn.close()
+            while pool and not fresh:
+                conn = pool.pop()
+                if _alive(conn):
+                    return conn, True
+                conn.close()
         scheme, host, port = key
         if scheme == "https":
             conn = http.client.HTTPSConnection(host, port, timeout=self.timeout,
@@ -157,7 +182,7 @@ class StdlibTransport(httpx.BaseTransport):
         target = url.raw_path.decode("ascii")
         body = request.read() if request.method not in ("GET", "HEAD") else None
         for attempt in range(2):
-            conn, reused = self._get(key)
+            conn, reused = self._get(key, fresh=attempt > 0)
             connected = conn.sock is not None
             try:
                 if not connected:
