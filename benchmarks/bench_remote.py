@@ -151,13 +151,15 @@ SHARDS = 20
 WARMUP_BATCHES = 2
 WARMUP_REF = 32
 
-VARIANT_NAMES = ("L", "N", "W", "R", "H", "F0", "F50")
+VARIANT_NAMES = ("L", "N", "W", "WS", "R", "H", "F0", "F50")
 
 # (label, numerator, denominator, target or None)
 RATIOS = [
     ("N/L", "N", "L", 0.9),
     ("W/L", "W", "L", 0.9),
     ("W/R", "W", "R", 2.0),
+    ("WS/L", "WS", "L", 0.9),
+    ("WS/R", "WS", "R", 2.0),
     ("F50/F0", "F50", "F0", 0.8),
     ("N/H", "N", "H", None),
     ("W/H", "W", "H", None),
@@ -173,6 +175,8 @@ def variants(latency_ms: float) -> Dict[str, str]:
         "L": "local folder: DatagoDataset file source, DataLoader(num_workers=0)",
         "N": "nginx, index source (CSV url,width,height), num_workers=0",
         "W": f"nginx, webdataset source ({SHARDS} shards, Range reads), num_workers=0",
+        "WS": f"nginx, webdataset source streamed (streaming: true, {SHARDS} GETs), "
+              "num_workers=0",
         "R": "reference datago (Rust, PyPI), webdataset source, same shard URLs, subprocess",
         "H": f"httpx + Pillow, DataLoader(num_workers={PIL_WORKERS})",
         "F0": "fault server 0 ms, index source, num_workers=0",
@@ -453,6 +457,10 @@ class RemoteBench(Bench):
         self.expected_ids["W"] = self.alias({key_of(r): r for r in rel})
         self.datasets["W"] = self.build("W", "webdataset", self.source_cfg(
             url=self.shard_url, reference_image_type="jpg"))
+        if "WS" in names:
+            self.expected_ids["WS"] = self.expected_ids["W"]
+            self.datasets["WS"] = self.build("WS", "webdataset", self.source_cfg(
+                url=self.shard_url, reference_image_type="jpg", streaming=True))
         self.stem_of = {}
         for r in rel:                                  # the reference's sample id
             self.stem_of.setdefault(key_of(r).rsplit("/", 1)[-1], []).append(r)
@@ -468,6 +476,8 @@ class RemoteBench(Bench):
             self.datasets[name] = self.build(name, "index", self.source_cfg(
                 index=str(fcsv), url_column="url"))
         for name, ds in self.datasets.items():
+            if name == "WS":                        # lists nothing: it streams
+                continue
             lst = [ds.listing.sample_id(i) for i in range(len(ds.listing))]
             if set(lst) != self.expected_ids[name] or len(lst) != self.n:
                 self.problem(f"({name}) the dataset lists {len(lst)} samples, "
@@ -589,7 +599,43 @@ class RemoteBench(Bench):
             return self.pass_h()
         if name == "R":
             return self.pass_r()
+        if name == "WS":
+            return self.pass_stream(name)
         return self.pass_remote_datago(name)
+
+    def pass_stream(self, name: str) -> dict:
+        """One pass of a streaming dataset (one rank: one pass over the shards, every
+        sample once, partial batches at the end); checked after the timed loop."""
+        ds = self.datasets[name]
+        ds.reset_stats()
+        t0 = time.perf_counter()
+        got, first, ids, bad = 0, None, [], []
+        for batch in DataLoader(ds, batch_size=None, num_workers=0):
+            if first is None:
+                first = time.perf_counter() - t0
+            img, bid = batch["image"], batch["id"]
+            h, w = batch["bucket"]
+            if tuple(img.shape) != (len(bid), 3, h, w) or any(
+                    self.bucket_of.get(i) != (h, w) for i in bid):
+                bad.append((tuple(img.shape), (h, w), bid[:2]))
+            got += img.shape[0]
+            ids.extend(bid)
+        wall = time.perf_counter() - t0
+        st = ds.stats()
+        want = self.expected_ids[name]
+        if len(ids) != len(set(ids)) or set(ids) != want:
+            self.problem(f"({name}) delivered {len(ids)} samples, {len(set(ids))} distinct, "
+                         f"want each of {len(want)} once; missing {len(want - set(ids))}")
+        if bad:
+            self.problem(f"({name}) {len(bad)} batches whose shape/bucket disagree with the "
+                         f"files' headers, first: {bad[0]}")
+        if st["skipped_total"] or st["streaming"]["shards_failed"] or st["samples"] != got:
+            self.problem(f"({name}) stats: samples {st['samples']} (delivered {got}), skipped "
+                         f"{st['skipped']}, streaming {st['streaming']}")
+        self.seconds.setdefault(name, []).append(st["seconds"])
+        return dict(wall=wall, n=got, mp=sum(self.mp_of[i] for i in ids), first=first or wall,
+                    padded=0,
+                    inflight=(st["seconds"]["read"] / wall, st["seconds"]["decode"] / wall))
 
     def timed(self, name: str) -> Optional[Pass]:
         gc.collect()
@@ -602,7 +648,7 @@ class RemoteBench(Bench):
             # connection on another pooled one, just as stale, then backs off (see
             # RESULTS.md, issue 9) -- which would be timed here
             self.datasets[name].fetcher.close()
-        ng = self.nginx["shards" if name in ("W", "R") else "corpus"]
+        ng = self.nginx["shards" if name in ("W", "WS", "R") else "corpus"]
         req0 = nginx_requests(ng)
         mem = TreeMemorySampler(MEM_INTERVAL, PSS_DUTY)
         busy0, steal0 = cpu_counters()

@@ -645,18 +645,29 @@ class DatagoDataset(IterableDataset):
                         f"fewer ranks/workers than {'samples' if n == 0 else 'failures'})")
                 cycle += 1
 
-        engine = Engine(refs(), image_cfg=self.config.image, buckets=self.buckets,
+        if self.mode == "shards":
+            # the bytes arrive with the refs (a shard read as a stream, in a thread of
+            # its own so the network and the tar parsing overlap the decodes)
+            source, threads, buffer = _prefetched(refs(), loader.samples_buffer_size), \
+                num_threads, loader.samples_buffer_size
+        else:
+            source, threads, buffer = refs(), max(num_threads, self._io_threads()), \
+                max(loader.samples_buffer_size, self._io_threads())
+        engine = Engine(source, image_cfg=self.config.image, buckets=self.buckets,
                         batch_size=loader.batch_size, drop_last=loader.drop_last,
-                        num_threads=max(num_threads, self._io_threads()),
-                        buffer=max(loader.samples_buffer_size, self._io_threads()),
+                        num_threads=threads, buffer=buffer,
                         on_error=loader.on_error, stats=stats,
                         max_open=loader.max_open_batches, prefetch=loader.prefetch_batches,
                         read=self.fetcher.read,
                         max_failures=getattr(self.config.source, "max_failures", None))
-        if quota is None:
-            yield from engine
-            return
         it = iter(engine)
+        if quota is None:
+            try:
+                yield from it
+            finally:
+                it.close()
+                getattr(source, "close", lambda: None)()
+            return
         try:
             for k in range(quota):
                 out = next(it, None)
@@ -666,6 +677,7 @@ class DatagoDataset(IterableDataset):
                 yield out
         finally:
             it.close()
+            getattr(source, "close", lambda: None)()
 
     def __repr__(self) -> str:
         c = self.config
@@ -673,6 +685,67 @@ class DatagoDataset(IterableDataset):
         return (f"DatagoDataset({c.source_type}={str(where)!r}, samples={len(self.listing)}, "
                 f"buckets={len(self.buckets) if self.buckets else None}, "
                 f"batch_size={c.loader.batch_size}, mode={self.mode!r})")
+
+
+class _prefetched:
+    """Iterate ``items`` in a thread of its own (started by the first ``next``), at
+    most ``maxsize`` ahead; its exceptions are raised here, in order; ``close()``
+    stops it."""
+
+    _END = object()
+
+    def __init__(self, items, maxsize: int):
+        import queue
+        import threading
+        self._q: "queue.Queue" = queue.Queue(max(1, maxsize))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iter(items),),
+                                        name="datago-stream", daemon=True)
+        self._started = False                      # the thread starts on the first next()
+
+    def _put(self, item) -> bool:
+        import queue
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, it) -> None:
+        try:
+            for item in it:
+                if not self._put((True, item)):
+                    return
+            self._put((True, self._END))
+        except BaseException as e:                 # handed to the consumer
+            self._put((False, e))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self._started:
+            self._started = True
+            self._thread.start()
+        ok, item = self._q.get()
+        if not ok:
+            self._stop.set()
+            raise item
+        if item is self._END:
+            self._stop.set()
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._started:
+            self._thread.join(timeout=30)
 
 
 def _cache_kw(src) -> dict:
