@@ -20,7 +20,7 @@ from datago import (ConfigError, DatagoConfig, FileSourceConfig, ImageConfig,
 
 TOP_KEYS = ["source_type", "source_config", "image_config", "batch_size", "num_threads",
             "samples_buffer_size", "limit", "seed", "drop_last", "on_error", "sync_buckets",
-            "remainder", "prefetch_batches", "max_open_batches", "steps_per_epoch"]
+            "remainder", "prefetch_batches", "max_open_batches", "shared_pool_bytes", "steps_per_epoch"]
 SOURCE_KEYS = ["root_path", "random_sampling", "rank", "world_size", "scan_sizes", "cache_dir",
                "sizes_cache"]
 IMAGE_KEYS = ["crop_and_resize", "default_image_size", "downsampling_ratio",
@@ -59,6 +59,7 @@ def full_config(root: str) -> dict:
         "remainder": "drop",
         "prefetch_batches": 3,
         "max_open_batches": 4,
+        "shared_pool_bytes": 1000,
         "steps_per_epoch": 50,
     }
 
@@ -102,7 +103,7 @@ def test_full_config_parses_to_expected_dataclasses(root):
         loader=LoaderConfig(batch_size=8, num_threads=3, samples_buffer_size=32, limit=1000,
                             seed=7, drop_last=True, on_error="raise", sync_buckets=False,
                             remainder="drop", prefetch_batches=3, max_open_batches=4,
-                            steps_per_epoch=50),
+                            shared_pool_bytes=1000, steps_per_epoch=50),
         source_type="file")
     # field by field, so a wrong equality cannot hide a mismatch
     assert (cfg.source.root_path, cfg.source.random_sampling, cfg.source.rank,
@@ -156,7 +157,7 @@ def test_dataclass_defaults_match_the_documented_ones(root):
     assert dataclasses.astuple(img) == (True, 512, 16, 0.5, 2.0, False, False, "png", 92,
                                         "triangle", datago.DEFAULT_MAX_PIXELS)
     assert dataclasses.astuple(LoaderConfig()) == (None, None, 64, None, 0, False, "skip",
-                                                   True, "pad", 2, 8, None)
+                                                   True, "pad", 2, 8, 256 << 20, None)
     src = FileSourceConfig(root)
     assert dataclasses.astuple(src) == (root, False, None, None, True, None, True)
     cfg = DatagoConfig(src)
@@ -213,7 +214,8 @@ def test_to_dict_round_trips_without_image_config(root):
                    "batch_size": None, "num_threads": None, "samples_buffer_size": 64,
                    "limit": None, "seed": 0, "drop_last": False, "on_error": "skip",
                    "sync_buckets": True, "remainder": "pad", "prefetch_batches": 2,
-                   "max_open_batches": 8, "steps_per_epoch": None}
+                   "max_open_batches": 8, "shared_pool_bytes": 256 << 20,
+                   "steps_per_epoch": None}
     assert DatagoConfig.from_json(json.dumps(out)) == cfg
 
 
@@ -297,7 +299,7 @@ INT_KEYS = ["source_config.rank", "source_config.world_size",
             "image_config.default_image_size", "image_config.downsampling_ratio",
             "image_config.jpeg_quality", "image_config.max_pixels",
             "batch_size", "num_threads", "samples_buffer_size", "limit", "seed",
-            "prefetch_batches", "max_open_batches", "steps_per_epoch"]
+            "prefetch_batches", "max_open_batches", "shared_pool_bytes", "steps_per_epoch"]
 FLOAT_KEYS = ["image_config.min_aspect_ratio", "image_config.max_aspect_ratio"]
 CHOICE_KEYS = ["image_config.encode_format", "image_config.filter", "on_error", "remainder"]
 

@@ -143,3 +143,15 @@ def test_dataloader_batches_stay_intact(tmp_path):
     sb = ds.stats()["shared_buffers"]
     assert sb["reused"] > 0 and sb["unpooled"] == 0
     assert sb["reused"] + sb["created"] == len(expect)
+
+
+def test_the_byte_bound_holds(pool):
+    pool.max_bytes = 3 << 20
+    held = [pool.take((1 << 20,), zero=False) for _ in range(4)]
+    assert [h for _, h in held] == ["created"] * 3 + ["unpooled"]
+    assert sum(s.size for s in pool._slots if s is not None) == 3 << 20
+    del held
+    gc.collect()
+    assert pool.take((1 << 20,), zero=False)[1] == "reused"
+    pool.max_bytes = 0                                  # off: nothing new is kept
+    assert pool.take((2 << 20,), zero=False)[1] == "unpooled"

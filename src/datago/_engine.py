@@ -197,7 +197,8 @@ def _in_worker() -> bool:
     return get_worker_info() is not None
 
 
-def _alloc(shape, shared: bool, zero: bool = True, stats: Optional[Stats] = None) -> torch.Tensor:
+def _alloc(shape, shared: bool, zero: bool = True, stats: Optional[Stats] = None,
+           pool_bytes: Optional[int] = None) -> torch.Tensor:
     """A uint8 tensor for a batch (zero-filled unless ``zero=False``).
 
     In a DataLoader worker it lives directly in shared memory, so that sending the
@@ -206,7 +207,7 @@ def _alloc(shape, shared: bool, zero: bool = True, stats: Optional[Stats] = None
     recycled once the trainer lets go of them (``_shm``).  Elsewhere it comes from
     the allocator, which reuses the pages of earlier batches."""
     if shared and all(shape):
-        t, how = _shm.alloc(shape, zero)
+        t, how = _shm.alloc(shape, zero, pool_bytes)
         if stats is not None:
             stats.add(f"shm_{how}")
         return t
@@ -218,14 +219,15 @@ class Batch:
 
     def __init__(self, bucket: Tuple[int, int], capacity: int, shared: bool = False,
                  mask_names: Iterable[str] = (), image_names: Iterable[str] = (),
-                 stats: Optional[Stats] = None):
+                 stats: Optional[Stats] = None, pool_bytes: Optional[int] = None):
         self.bucket = bucket                      # (width, height)
         self.capacity = capacity
         self.shared = shared
         self.stats = stats
-        w, h = bucket
-        self.image = _alloc((capacity, h, w, 3), shared, zero=False, stats=stats)
-        self._image_np = self.image.numpy()
+        self.pool_bytes = pool_bytes
+        self._image: Optional[torch.Tensor] = None          # allocated by its first decode
+        self._image_np: Optional[np.ndarray] = None
+        self._lock = threading.Lock()
         self.masks: Dict[str, torch.Tensor] = {}
         self.images: Dict[str, torch.Tensor] = {}
         self.present: Dict[Tuple[str, str], np.ndarray] = {}
@@ -240,8 +242,28 @@ class Batch:
     def _table(self, kind: str, table: Dict[str, torch.Tensor], name: str, channels: int) -> None:
         if name not in table:
             w, h = self.bucket
-            table[name] = _alloc((self.capacity, h, w, channels), self.shared, stats=self.stats)
+            table[name] = _alloc((self.capacity, h, w, channels), self.shared, stats=self.stats,
+                                 pool_bytes=self.pool_bytes)
             self.present[(kind, name)] = np.zeros(self.capacity, dtype=bool)
+
+    @property
+    def image(self) -> torch.Tensor:
+        """The (capacity, H, W, 3) image tensor, allocated on first use: a batch
+        that is planned but not started yet holds no memory."""
+        if self._image is None:
+            with self._lock:
+                if self._image is None:
+                    w, h = self.bucket
+                    t = _alloc((self.capacity, h, w, 3), self.shared, zero=False,
+                               stats=self.stats, pool_bytes=self.pool_bytes)
+                    self._image_np = t.numpy()
+                    self._image = t
+        return self._image
+
+    def image_np(self) -> np.ndarray:
+        if self._image_np is None:
+            self.image
+        return self._image_np
 
     @property
     def full(self) -> bool:
@@ -263,7 +285,7 @@ def _decode_into(loaded: _Loaded, batch: Batch, slot: int, cfg, stats: Stats) ->
     """Decode a sample's image, masks and additional images into its batch slot."""
     t0 = time.perf_counter()
     try:
-        res = decode_to_bucket(loaded.data, bucket=batch.bucket, out=batch._image_np[slot],
+        res = decode_to_bucket(loaded.data, bucket=batch.bucket, out=batch.image_np()[slot],
                                filter=cfg.filter, max_pixels=cfg.max_pixels)
         for name, data in loaded.masks:
             decode_to_bucket(data, bucket=batch.bucket, out=batch.masks[name].numpy()[slot],
@@ -411,8 +433,10 @@ class Engine(_ErrorPolicy):
     def __init__(self, refs: Iterable[SampleRef], *, image_cfg, buckets, batch_size, drop_last,
                  num_threads: int, buffer: int, on_error: str, stats: Stats,
                  max_open: Optional[int] = None, prefetch: int = 2, steps: bool = False,
-                 read=_read, max_failures: Optional[float] = None):
+                 read=_read, max_failures: Optional[float] = None,
+                 pool_bytes: Optional[int] = None):
         self.read = read
+        self.pool_bytes = pool_bytes
         self.max_open = max_open
         self.prefetch = max(1, prefetch)
         self.with_steps = steps
@@ -481,7 +505,8 @@ class Engine(_ErrorPolicy):
                             order.remove(fullest)
                             self.stats.add("early_flushed")
                         batch = open_batches[bucket] = Batch(bucket, self.batch_size, self._shared,
-                                                                     stats=self.stats)
+                                                                     stats=self.stats,
+                                                                     pool_bytes=self.pool_bytes)
                         order.append(bucket)
                     slot = batch.assign(loaded)
                     with self._cond:
@@ -637,7 +662,8 @@ class PlanEngine(_ErrorPolicy):
     def __init__(self, jobs: Iterable[Job], *, image_cfg, num_threads: int,
                  prefetch_batches: int, on_error: str, stats: Stats, read=_read,
                  io_threads: int = 0, max_failures: Optional[float] = None,
-                 expected: Optional[int] = None):
+                 expected: Optional[int] = None, pool_bytes: Optional[int] = None):
+        self.pool_bytes = pool_bytes
         super().__init__(on_error, stats, max_failures, expected)
         self.read = read
         self.io_threads = io_threads
@@ -652,7 +678,7 @@ class PlanEngine(_ErrorPolicy):
         masks = {n for r in job.refs for n, _ in r.masks}
         images = {n for r in job.refs for n, _ in r.images}
         batch = Batch(job.bucket, len(job.refs), self._shared, sorted(masks), sorted(images),
-                      stats=self.stats)
+                      stats=self.stats, pool_bytes=self.pool_bytes)
         batch.samples = [None] * len(job.refs)
         batch.meta = [None] * len(job.refs)
         if self._io is None:

@@ -21,8 +21,10 @@ A segment is reused for a request of ``need`` bytes when it holds at least
 ``need`` and at most 1.3x as many; new segments are sized up to 1/8-octave
 classes so nearby bucket sizes share them.  When a new segment is needed, a free
 one that does not fit is released first, so the pool holds no more segments
-than were ever in use at once, and never more than ``LIMIT``; past that,
-requests get unpooled segments (the behaviour without a pool).  Batches that
+than were ever in use at once, never more than ``LIMIT`` and never more than
+``max_bytes`` (the loader's ``shared_pool_bytes``, default 256 MiB per worker);
+past that, requests get unpooled segments (the behaviour without a pool: freed
+once sent and dropped by the trainer).  Batches that
 were never sent (an abandoned epoch) become free once the worker drops them.
 """
 
@@ -37,6 +39,7 @@ from typing import List, Optional, Tuple
 import torch
 
 LIMIT = 32                  # segments per worker process
+DEFAULT_MAX_BYTES = 256 << 20   # bytes of segments kept per worker (``shared_pool_bytes``)
 _SLACK = 1.3                # a segment serves requests down to 1/1.3 of its size
 
 FREE, WORKER, SENT = 0, 1, 2
@@ -70,9 +73,10 @@ class _Segment:
 class Pool:
     """The segments of one process (see the module docstring)."""
 
-    def __init__(self, limit: int = LIMIT):
+    def __init__(self, limit: int = LIMIT, max_bytes: int = DEFAULT_MAX_BYTES):
         self.pid = os.getpid()
         self.limit = limit
+        self.max_bytes = max_bytes
         self.flags = torch.zeros(limit, dtype=torch.uint8).share_memory_()
         self._flags = self.flags.numpy()
         self._slots: List[Optional[_Segment]] = [None] * limit
@@ -107,11 +111,13 @@ class Pool:
                 misfit = seg
             if misfit is not None:                  # make room: drop a free misfit
                 self._drop(misfit)
+            size = _size_class(need)
+            held = sum(x.size for x in self._slots if x is not None)
             index = next((i for i, s in enumerate(self._slots) if s is None), None)
-            if index is None:                       # every segment is in use
+            if index is None or held + size > self.max_bytes:   # full: not kept
                 storage = torch.UntypedStorage._new_shared(need)
                 return torch.empty(0, dtype=torch.uint8).set_(storage).view(*shape), "unpooled"
-            seg = _Segment(index, _size_class(need))
+            seg = _Segment(index, size)
             self._slots[index] = seg
             self._by_ptr[seg.ptr] = seg
             self._flags[index] = WORKER
@@ -142,10 +148,15 @@ def pool() -> Pool:
         return _POOL
 
 
-def alloc(shape: Tuple[int, ...], zero: bool = True) -> Tuple[torch.Tensor, str]:
+def alloc(shape: Tuple[int, ...], zero: bool = True,
+          max_bytes: Optional[int] = None) -> Tuple[torch.Tensor, str]:
     """A uint8 tensor of ``shape`` in shared memory, from this process's pool, and
-    how it was got ("reused", "created", "unpooled")."""
-    return pool().take(tuple(shape), zero)
+    how it was got ("reused", "created", "unpooled"); ``max_bytes`` (when given)
+    bounds what the pool keeps from now on."""
+    p = pool()
+    if max_bytes is not None:
+        p.max_bytes = max_bytes
+    return p.take(tuple(shape), zero)
 
 
 def _install_reducer() -> None:

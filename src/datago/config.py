@@ -364,6 +364,10 @@ class LoaderConfig:
     max_open_batches: int = 8
     """Streaming mode (scan_sizes=false): open per-bucket batches per worker; when a
     sample needs one more, the fullest is yielded early (counted)."""
+    shared_pool_bytes: int = 256 << 20
+    """In a DataLoader worker: bytes of shared-memory batch buffers kept for reuse
+    (``datago._shm``); batches beyond it get fresh buffers, freed once the trainer
+    drops them (slower: page faults).  0 turns the pool off."""
     steps_per_epoch: Optional[int] = None
     """Streaming modes: every rank yields exactly this many batches per epoch (its
     samples are read again, reshuffled, when they run out first), so no rank waits
@@ -388,6 +392,7 @@ class LoaderConfig:
         _check_int(f"{p}prefetch_batches", self.prefetch_batches, minimum=1)
         _check_int(f"{p}max_open_batches", self.max_open_batches, minimum=1)
         _check_int(f"{p}steps_per_epoch", self.steps_per_epoch, minimum=1, optional=True)
+        _check_int(f"{p}shared_pool_bytes", self.shared_pool_bytes, minimum=0)
 
 
 @dataclass(frozen=True)

@@ -501,6 +501,7 @@ class DatagoDataset(IterableDataset):
 
         engine = PlanEngine(jobs(), image_cfg=self.config.image, num_threads=num_threads,
                             prefetch_batches=self.config.loader.prefetch_batches,
+                            pool_bytes=self.config.loader.shared_pool_bytes,
                             on_error=self.config.loader.on_error, stats=stats,
                             read=self.fetcher.read, io_threads=self._io_threads(),
                             max_failures=getattr(self.config.source, "max_failures", None),
@@ -658,6 +659,7 @@ class DatagoDataset(IterableDataset):
                         num_threads=threads, buffer=buffer,
                         on_error=loader.on_error, stats=stats,
                         max_open=loader.max_open_batches, prefetch=loader.prefetch_batches,
+                        pool_bytes=loader.shared_pool_bytes,
                         read=self.fetcher.read,
                         max_failures=getattr(self.config.source, "max_failures", None))
         it = iter(engine)
