@@ -4,23 +4,15 @@ indexed WebDataset shards and from streamed shards."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
 
 from conftest import encode, photo
 from datago import DatagoDataset
-from test_webdataset import make_shards
+from test_webdataset import make_shards, npy_bytes as npy
 
 IMAGE = {"crop_and_resize": True, "default_image_size": 64, "downsampling_ratio": 16}
-
-
-def npy(arr) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    return buf.getvalue()
 
 
 def make_samples(root, n=12):
