@@ -148,11 +148,20 @@ def pool() -> Pool:
         return _POOL
 
 
+_SUPPORTED = hasattr(torch._C, "_storage_Use_Count")      # else: no pool (torch-private API)
+
+
 def alloc(shape: Tuple[int, ...], zero: bool = True,
           max_bytes: Optional[int] = None) -> Tuple[torch.Tensor, str]:
     """A uint8 tensor of ``shape`` in shared memory, from this process's pool, and
     how it was got ("reused", "created", "unpooled"); ``max_bytes`` (when given)
     bounds what the pool keeps from now on."""
+    if not _SUPPORTED:
+        n = 1
+        for d in shape:
+            n *= d
+        storage = torch.UntypedStorage._new_shared(n)
+        return torch.empty(0, dtype=torch.uint8).set_(storage).view(*shape), "unpooled"
     p = pool()
     if max_bytes is not None:
         p.max_bytes = max_bytes
