@@ -236,6 +236,27 @@ def test_disk_cache_serves_the_second_epoch_and_counts_hits(tree, tmp_path):
     assert entries and all(".jpg" not in p.name and ".png" not in p.name for p in entries)
 
 
+def test_disk_cache_reaches_spawned_workers(tree, tmp_path):
+    """A dataset with the disk cache pickles into spawn-context DataLoader workers;
+    their hits are counted in the trainer's stats."""
+    from torch.utils.data import DataLoader
+    root, ids = tree
+    (root / "list.txt").write_text("\n".join(ids))
+    try:
+        with Nginx(root) as n:
+            cfg = index_cfg(f"{n.url}/list.txt", remainder="drop",
+                            source={"cache_dir": str(tmp_path / "c"), "cache_limit_bytes": 10 ** 8})
+            want = by_id(DatagoDataset(cfg))                  # fills the cache
+            ds = DatagoDataset(cfg)
+            got = by_id(DataLoader(ds, batch_size=None, num_workers=2,
+                                   multiprocessing_context="spawn"))
+    finally:
+        (root / "list.txt").unlink()
+    assert got == want
+    st = ds.stats()["cache"]
+    assert st["hits"] == len(want) and st["misses"] == 0
+
+
 def test_disk_cache_evicts_least_recently_used(tmp_path):
     import os
     from datago._diskcache import DiskCache

@@ -37,6 +37,16 @@ class DiskCache:
     def __repr__(self) -> str:
         return f"DiskCache({self.folder!r}, limit_bytes={self.limit})"
 
+    def __getstate__(self):
+        # sent to spawned DataLoader workers: counters and the callback stay here
+        state = self.__dict__.copy()
+        state.update(_lock=None, on_lookup=None, hits=0, misses=0, _written=0)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _path(self, key: str) -> str:
         h = xxhash.xxh64_hexdigest(key.encode("utf-8", "surrogatepass"))
         return os.path.join(self.folder, h[:2], h + ".bin")

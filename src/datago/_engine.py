@@ -205,7 +205,8 @@ def _alloc(shape, shared: bool, zero: bool = True, stats: Optional[Stats] = None
     batch to the main process does not copy it (torch would otherwise copy every
     batch into shared memory: 100 MB per batch at 1024 buckets); the segments are
     recycled once the trainer lets go of them (``_shm``).  Elsewhere it comes from
-    the allocator, which reuses the pages of earlier batches."""
+    the allocator (which reuses earlier batches' pages below glibc's mmap threshold,
+    32 MB at most; a larger batch is a fresh mapping)."""
     if shared and all(shape):
         t, how = _shm.alloc(shape, zero, pool_bytes)
         if stats is not None:

@@ -39,8 +39,6 @@ __all__ = ["DatagoConfig", "FileSourceConfig", "ImageConfig", "IndexSourceConfig
 
 # source_type -> its source_config dataclass (filled in below)
 SOURCE_CONFIGS: dict = {}
-# keys of remote sources that are not built yet: refused rather than ignored
-NOT_YET: dict = {}
 
 SUPPORTED_SOURCES = ("file", "index", "webdataset")
 LATER_SOURCES = ("db",)
@@ -459,9 +457,6 @@ class DatagoConfig:
         if "source_config" not in d:
             _fail("source_config", f"missing (it holds {', '.join(required)})")
         src = _section_dict("source_config", d["source_config"])
-        for key, what in NOT_YET.items():
-            if key in src:
-                _fail(f"source_config.{key}", f"{what} is not built yet")
         valid = [f.name for f in fields(klass)]
         _check_keys("source_config", src, valid)
         for key in required:

@@ -45,6 +45,7 @@ a fingerprint of the data and config); see ``load_state_dict``.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -596,7 +597,6 @@ class DatagoDataset(IterableDataset):
             return
         shards, filtered = self.shard_assignment(info, cycle=cycle)
         if filtered and cycle == 0 and info.shard == 0:
-            import warnings
             warnings.warn(f"datago: {len(self.listing.shards)} shards for {info.world_size} "
                           f"rank(s) x {info.num_workers} worker(s): every worker streams every "
                           f"shard ({sum(self.listing.shard_sizes()) / 1e6:.0f} MB) and keeps "
@@ -614,7 +614,6 @@ class DatagoDataset(IterableDataset):
                 stats.add("shards_failed")
                 if on_error == "raise":
                     raise
-                import warnings
                 warnings.warn(f"datago: shard {s} failed, the rest of it is not read this "
                               f"pass (counted in stats()['streaming']): {e}", RuntimeWarning,
                               stacklevel=2)
@@ -745,9 +744,11 @@ class _prefetched:
         return item
 
     def close(self) -> None:
+        # the thread stops at its next hand-over (it may be inside a network read,
+        # bounded by timeout_s): wait a little, never the whole timeout
         self._stop.set()
         if self._started:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=2.0)
 
 
 def _cache_kw(src) -> dict:

@@ -332,7 +332,8 @@ class Fetcher:
                 resp.close()
                 new = req.url.join(location)
                 if new.scheme not in ("http", "https"):
-                    break
+                    raise FetchError(f"{redact(url)}: redirected to a {new.scheme}: location, "
+                                     "not HTTP(S)", "http_4xx", redact(url), resp.status_code)
                 if (new.scheme, new.host, new.port) != (req.url.scheme, req.url.host, req.url.port):
                     merged = {k: v for k, v in merged.items() if k.lower() != "authorization"}
                 url = str(new)
@@ -352,7 +353,6 @@ class Fetcher:
     def _retrying(self, url: str, attempt_fn):
         """``attempt_fn()`` until it does not raise ``_Retry``, within the retries and
         the deadline (jittered exponential backoff, ``Retry-After`` honoured)."""
-        c = self.config
         t0 = time.monotonic()
         attempt = 0
         while True:
@@ -538,8 +538,9 @@ class Fetcher:
             if got:
                 attempt = 0                           # progress: a fresh budget
             attempt += 1
-            with self._lock:
-                self.retried["resumed"] = self.retried.get("resumed", 0) + 1
+            if pos:
+                with self._lock:
+                    self.retried["resumed"] = self.retried.get("resumed", 0) + 1
             self._backoff(r, attempt, 0.0, shown)
 
 
