@@ -289,7 +289,7 @@ http {{
 # ---------------------------------------------------------------------------
 
 FAULT_KINDS = frozenset({
-    "500", "503", "403", "404",  # that status, small text body, connection kept alive
+    "500", "503", "401", "403", "404",  # that status, small text body, connection kept alive
     "429",                       # 429 + Retry-After: <retry_after>
     "reset",                     # headers (full Content-Length) + part of the body, then RST
     "truncate",                  # headers (full Content-Length) + part of the body, then FIN
@@ -310,6 +310,7 @@ class Fault:
     stall_s: float = 10.0
     fraction: float = 0.5        # part of the body sent before reset/truncate/stall_body
     hits: int = 0
+    after: int = 0               # matching requests let through untouched before this rule applies
 
 
 @dataclass
@@ -419,6 +420,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         stop = owner._stop
         t = time.monotonic()
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        self._query = urllib.parse.urlsplit(self.path).query
         rec = RequestRecord(self.command, path, self.headers.get("Range"), t, None,
                             peer=self.client_address[1], headers=dict(self.headers.items()))
         fault = owner._take_fault(path)
@@ -442,7 +444,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if kind == "drop":
             self._abort(rst=False)
             return None
-        if kind in ("500", "503", "403", "404"):
+        if kind in ("500", "503", "401", "403", "404"):
             status = int(kind)
             return self._simple(status, f"injected {status}\n".encode())
         if kind == "429":
@@ -452,7 +454,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     b"<body><h1>Please sign in</h1></body></html>\n")
             return self._simple(200, html, ctype="text/html; charset=utf-8")
 
-        data = self.server.owner._lookup(path)
+        ctype = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        if self.server.owner.upstream:
+            status, ctype, data = self.server.owner._proxy(self, path)
+            if status != 200:
+                return self._simple(status, data, ctype=ctype)
+        else:
+            data = self.server.owner._lookup(path)
         if data is None:
             return self._simple(404, b"not found\n")
         size = len(data)
@@ -465,7 +473,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             a, b = rng
             status, body = 206, data[a:b + 1]
             extra = [("Content-Range", f"bytes {a}-{b}/{size}")]
-        ctype = mimetypes.guess_type(path)[0] or "application/octet-stream"
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -518,11 +525,23 @@ class FaultServer:
     the first rule whose fnmatch ``pattern`` matches the URL path and has
     ``remaining`` > 0 (or None) is consumed per request. ``latency_s`` delays every
     request. ``log`` lists a ``RequestRecord`` per GET/HEAD request.
+
+    ``upstream="http://127.0.0.1:P"`` (with ``files=None``): a fault-injecting proxy
+    instead. Each request is forwarded (path, query, ``Authorization``; ``Host`` set
+    to this server's, so absolute URLs the upstream builds -- a ``next`` page, a file
+    URL -- point back through the proxy); its status, type and body come back, with
+    Range applied here.
     """
 
-    def __init__(self, files: str | os.PathLike | Mapping[str, bytes], *, latency_s: float = 0.0,
-                 start: bool = True):
-        if isinstance(files, Mapping):
+    def __init__(self, files: str | os.PathLike | Mapping[str, bytes] | None = None, *,
+                 latency_s: float = 0.0, start: bool = True, upstream: str | None = None):
+        self.upstream = upstream.rstrip("/") if upstream else None
+        if files is None:
+            if not upstream:
+                raise ValueError("FaultServer needs files or an upstream")
+            self.root = None
+            self.files = {}
+        elif isinstance(files, Mapping):
             self.root: Path | None = None
             self.files: dict[str, bytes] = {("/" + k.lstrip("/")): bytes(v) for k, v in files.items()}
         else:
@@ -597,9 +616,10 @@ class FaultServer:
 
     # --- fault plan --------------------------------------------------------
     def add_fault(self, pattern: str, kind: str | int, times: int | None = 1, *, retry_after: int = 0,
-                  stall_s: float = 10.0, fraction: float = 0.5) -> Fault:
+                  stall_s: float = 10.0, fraction: float = 0.5, after: int = 0) -> Fault:
         """Inject ``kind`` into the next ``times`` requests (None: all) whose path matches
-        ``pattern`` (fnmatch on the URL path, e.g. "*.jpg", "/shard-0001.tar")."""
+        ``pattern`` (fnmatch on the URL path, e.g. "*.jpg", "/shard-0001.tar"), once
+        ``after`` matching requests have gone through untouched."""
         kind = str(kind)
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; one of {sorted(FAULT_KINDS)}")
@@ -607,7 +627,8 @@ class FaultServer:
             raise ValueError("stall_s must be in [0, 120]")
         if not 0 <= fraction < 1:
             raise ValueError("fraction must be in [0, 1)")
-        f = Fault(pattern, kind, times, int(retry_after), float(stall_s), float(fraction))
+        f = Fault(pattern, kind, times, int(retry_after), float(stall_s), float(fraction),
+                  after=int(after))
         with self._lock:
             self._faults.append(f)
         return f
@@ -625,6 +646,9 @@ class FaultServer:
         with self._lock:
             for f in self._faults:
                 if (f.remaining is None or f.remaining > 0) and fnmatch.fnmatchcase(path, f.pattern):
+                    if f.after > 0:
+                        f.after -= 1
+                        continue
                     if f.remaining is not None:
                         f.remaining -= 1
                     f.hits += 1
@@ -656,6 +680,23 @@ class FaultServer:
             return p.read_bytes() if p.is_file() else None
         except OSError:
             return None
+
+    def _proxy(self, handler: "_Handler", path: str) -> tuple[int, str, bytes]:
+        """(status, content type, body) of the request forwarded to the upstream."""
+        import http.client
+        up = urllib.parse.urlsplit(self.upstream)
+        target = urllib.parse.quote(path) + (f"?{handler._query}" if handler._query else "")
+        headers = {"Host": f"{HOST}:{self.port}"}
+        if handler.headers.get("Authorization"):
+            headers["Authorization"] = handler.headers["Authorization"]
+        conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+        try:
+            conn.request("GET", target, headers=headers)
+            resp = conn.getresponse()
+            return (resp.status, resp.getheader("Content-Type", "application/octet-stream"),
+                    resp.read())
+        finally:
+            conn.close()
 
     # --- bookkeeping -------------------------------------------------------
     def _track_thread(self, t: threading.Thread) -> None:
@@ -718,4 +759,136 @@ class MotoS3:
         return self
 
     def __exit__(self, *exc):
+        self.close()
+
+
+# ---------------------------------------------------------------------------
+# datago serve
+# ---------------------------------------------------------------------------
+
+class DatagoServe:
+    """``python -m datago serve`` on ``127.0.0.1:<free port>``: a folder ``root`` or,
+    with ``config``, a datago config file (``root`` then unused, may be None).
+
+    ``token``/``source``/``cache_dir`` become ``--token``/``--source``/``--cache-dir``
+    (no token: ``DATAGO_SERVE_TOKEN`` is removed from its environment, so it runs
+    open); ``extra_args`` are appended.  Its stdout and stderr go to files
+    (``stdout_text()``, ``stderr_text()``).  ``start()`` waits until the port
+    accepts connections and raises with the server's stderr if it exits first.
+    """
+
+    def __init__(self, root, *, token=None, source=None, config=None, extra_args=(),
+                 cache_dir=None, start_timeout: float = 90.0):
+        self.root = None if root is None else str(root)
+        self.token = token
+        self.source = source
+        self.config = None if config is None else str(config)
+        self.extra_args = list(extra_args)
+        self.cache_dir = None if cache_dir is None else str(cache_dir)
+        self.start_timeout = start_timeout
+        self.port: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.port is not None, "not started"
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return self.url + "/api/"
+
+    def _args(self, port: int) -> list:
+        import sys
+        args = [sys.executable, "-m", "datago", "serve"]
+        if self.config is not None:
+            args += ["--config", self.config]
+        else:
+            args.append(self.root)
+        args += ["--host", HOST, "--port", str(port)]
+        if self.token is not None:
+            args += ["--token", self.token]
+        if self.source is not None:
+            args += ["--source", self.source]
+        if self.cache_dir is not None:
+            args += ["--cache-dir", self.cache_dir]
+        return args + self.extra_args
+
+    def stdout_text(self) -> str:
+        p = Path(self._tmp.name) / "stdout.log" if self._tmp else None
+        return p.read_text(errors="replace") if p and p.exists() else ""
+
+    def stderr_text(self) -> str:
+        p = Path(self._tmp.name) / "stderr.log" if self._tmp else None
+        return p.read_text(errors="replace") if p and p.exists() else ""
+
+    def launch(self) -> "DatagoServe":
+        """Start the process without waiting (``wait()`` next).  Call it from a thread
+        that outlives the server: the server gets SIGKILL when its starting thread
+        ends (PR_SET_PDEATHSIG)."""
+        if self.proc is not None:
+            return self
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="datago-serve-")
+        env = dict(os.environ)
+        env.pop("DATAGO_SERVE_TOKEN", None)
+        self._port = free_port()
+        d = Path(self._tmp.name)
+        with open(d / "stdout.log", "wb") as out, open(d / "stderr.log", "wb") as errf:
+            self.proc = subprocess.Popen(self._args(self._port), stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=errf, env=env,
+                                         preexec_fn=_die_with_parent)
+        return self
+
+    def wait(self) -> "DatagoServe":
+        """Wait until the launched server accepts connections (relaunching it on
+        another port if its port was taken); raises with its stderr if it exits."""
+        err = ""
+        try:
+            for attempt in range(3):             # a free port can be taken before it binds
+                if attempt:
+                    self.launch()
+                if wait_for_port(self._port, self.start_timeout, self.proc):
+                    self.port = self._port
+                    return self
+                self._stop()
+                err = self.stderr_text()
+                if "cannot listen" not in err:
+                    break
+            raise RuntimeError(f"datago serve did not start:\n{err[-4000:] or '(no output)'}")
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self) -> "DatagoServe":
+        if self.port is not None:
+            return self
+        return self.launch().wait()
+
+    def _stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+    def close(self) -> None:
+        """Stop the server (terminate, then kill) and remove its logs. Idempotent."""
+        try:
+            self._stop()
+        finally:
+            if self._tmp is not None:
+                self._tmp.cleanup()
+                self._tmp = None
+
+    def __enter__(self) -> "DatagoServe":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
         self.close()

@@ -403,7 +403,7 @@ def test_root_path_wrong_type(root, value, shown):
     ({"batch_size": 0}, "batch_size", "must be >= 1, got 0"),
     ({"num_threads": 0}, "num_threads", "must be >= 1, got 0"),
     ({"seed": -1}, "seed", "must be >= 0, got -1"),
-    ({"source_type": "ftp"}, "source_type", "must be one of 'file', 'index', 'webdataset', got 'ftp'"),
+    ({"source_type": "ftp"}, "source_type", "must be one of 'file', 'index', 'webdataset', 'db', got 'ftp'"),
 ])
 def test_impossible_values(root, changes, path, message):
     d = full_config(root)
@@ -414,12 +414,30 @@ def test_impossible_values(root, changes, path, message):
     assert str(exc.value) == f"{path}: {message}"
 
 
-@pytest.mark.parametrize("source_type", ["db"])
-def test_later_sources_not_supported_yet(root, source_type):
+def test_db_config_needs_url_and_key(root, monkeypatch):
+    monkeypatch.delenv("DATAROOM_API_URL", raising=False)
+    monkeypatch.delenv("DATAROOM_API_KEY", raising=False)
+    d = {"source_type": "db", "source_config": {"sources": "S"}}
     with pytest.raises(ConfigError) as exc:
-        DatagoConfig.from_dict(set_key(full_config(root), "source_type", source_type))
-    assert str(exc.value) == (f"source_type: {source_type!r} is not supported yet "
-                              f"(supported: 'file', 'index', 'webdataset')")
+        DatagoConfig.from_dict(d)
+    assert str(exc.value).startswith("source_config.api_url: no API URL: set DATAROOM_API_URL")
+    monkeypatch.setenv("DATAROOM_API_URL", "http://127.0.0.1:9/api")
+    with pytest.raises(ConfigError) as exc:
+        DatagoConfig.from_dict(d)
+    assert str(exc.value).startswith("source_config.api_key: no API key: set DATAROOM_API_KEY")
+    monkeypatch.setenv("DATAROOM_API_KEY", "s3cret-key")
+    cfg = DatagoConfig.from_dict(d)
+    assert cfg.source.api_url == "http://127.0.0.1:9/api/"        # the slash the API needs
+    assert cfg.source.api_key == "s3cret-key"
+    assert "s3cret" not in repr(cfg)
+    cfg = DatagoConfig.from_dict({"source_type": "db", "source_config": {
+        "sources": ["A", "B"], "tags": "x, y", "api_url": "https://h/api/", "api_key": "k"}})
+    assert (cfg.source.sources, cfg.source.tags) == ("A,B", "x,y")
+    with pytest.raises(ConfigError, match=r"source_config.api_url: must be an http\(s\):// URL"):
+        DatagoConfig.from_dict({"source_type": "db", "source_config": {
+            "sources": "A", "api_url": "ftp://h/?token=zz", "api_key": "k"}})
+    with pytest.raises(ConfigError, match="source_config.sources: must name at least one"):
+        DatagoConfig.from_dict({"source_type": "db", "source_config": {"sources": " , "}})
 
 
 def test_missing_source_config(root):
@@ -492,7 +510,7 @@ def test_batch_size_needs_crop_and_resize(root, image_config):
     (lambda r: DatagoConfig(FileSourceConfig(r), loader=None), "loader",
      "must be a LoaderConfig, got NoneType"),
     (lambda r: DatagoConfig(FileSourceConfig(r), source_type="ftp"), "source_type",
-     "must be one of 'file', 'index', 'webdataset', got 'ftp'"),
+     "must be one of 'file', 'index', 'webdataset', 'db', got 'ftp'"),
     (lambda r: DatagoConfig(FileSourceConfig(r), ImageConfig(crop_and_resize=False),
                             LoaderConfig(batch_size=4)), "batch_size", "crop_and_resize"),
     (lambda r: DatagoConfig(FileSourceConfig(r), None, LoaderConfig(batch_size=4)),

@@ -46,7 +46,8 @@ REASONS = ("read_error", "decode_error", "too_large", "bad_attributes", "bad_lat
 COUNTERS = ("samples", "batches", "bytes", "dropped", "t_read", "t_decode", "t_wait",
             "padded", "dropped_remainder", "early_flushed", "cache_hits", "cache_misses",
             "shm_created", "shm_reused", "shm_unpooled", "shards_failed",
-            "stream_ignored_members", "stream_too_large_members", "stream_no_image") + \
+            "stream_ignored_members", "stream_too_large_members", "stream_no_image",
+            "stream_pages", "stream_random_repeat") + \
     tuple(f"skipped_{r}" for r in REASONS)
 
 
@@ -105,7 +106,9 @@ def summarize(table: torch.Tensor) -> dict:
         "streaming": {"shards_failed": int(v["shards_failed"]),
                       "no_image": int(v["stream_no_image"]),
                       "ignored_members": int(v["stream_ignored_members"]),
-                      "too_large_members": int(v["stream_too_large_members"])},
+                      "too_large_members": int(v["stream_too_large_members"]),
+                      "pages": int(v["stream_pages"]),
+                      "random_repeat": int(v["stream_random_repeat"])},
         "shared_buffers": {"created": int(v["shm_created"]), "reused": int(v["shm_reused"]),
                            "unpooled": int(v["shm_unpooled"])},
         "seconds": {"read": v["t_read"], "decode": v["t_decode"], "wait": v["t_wait"]},
@@ -126,9 +129,14 @@ def _read(path) -> bytes:
         return f.read()
 
 
-def _is_json(loc) -> bool:
+def _location_name(loc) -> str:
+    """A location's file name (lower case, no query string) for telling formats apart."""
     name = getattr(loc, "name", None) or getattr(loc, "url", loc)
-    return str(name).lower().endswith(".json")
+    return str(name).lower().split("?", 1)[0]
+
+
+def _is_json(loc) -> bool:
+    return _location_name(loc).endswith(".json")
 
 
 def fetch_parts(ref: SampleRef, stats: Stats, read=_read) -> tuple:
@@ -157,18 +165,10 @@ def _parse_npy(raw: bytes) -> np.ndarray:
     return arr
 
 
-def load(ref: SampleRef, stats: Stats, read=_read, parts: Optional[tuple] = None) -> _Loaded:
-    """Read a sample's files (unless ``parts`` has them) and its image header."""
-    data, masks, images, texts, raw_latents = \
-        parts if parts is not None else fetch_parts(ref, stats, read)
-    nbytes = len(data) + sum(len(b) for _, b in masks) + sum(len(b) for _, b in images) \
-        + sum(len(b) for _, b, _ in texts) + sum(len(b) for _, b in raw_latents)
-    latents = []
-    for name, raw in raw_latents:
-        try:
-            latents.append((name, _parse_npy(raw)))
-        except (ValueError, OSError, EOFError) as e:
-            raise SampleError(ref.id, "bad_latent", f"latent {name!r}: {e}") from None
+def merge_attributes(ref: SampleRef, texts: list) -> dict:
+    """A sample's attributes: those its source knows, merged with its sidecar texts
+    (``[(name, bytes, location)]``: a ``.json`` object without a name merged, a
+    named one or a ``.txt`` under its name).  ``SampleError`` (bad_attributes)."""
     attributes = dict(ref.attributes) if ref.attributes else {}
     try:
         for name, raw, p in texts:
@@ -183,6 +183,25 @@ def load(ref: SampleRef, stats: Stats, read=_read, parts: Optional[tuple] = None
                 attributes[name or "txt"] = text
     except (UnicodeDecodeError, ValueError) as e:
         raise SampleError(ref.id, "bad_attributes", e) from None
+    return attributes
+
+
+def load(ref: SampleRef, stats: Stats, read=_read, parts: Optional[tuple] = None) -> _Loaded:
+    """Read a sample's files (unless ``parts`` has them) and its image header."""
+    data, masks, images, texts, raw_latents = \
+        parts if parts is not None else fetch_parts(ref, stats, read)
+    nbytes = len(data) + sum(len(b) for _, b in masks) + sum(len(b) for _, b in images) \
+        + sum(len(b) for _, b, _ in texts) + sum(len(b) for _, b in raw_latents)
+    latents = []
+    for (name, raw), (_, loc) in zip(raw_latents, ref.latents):
+        if not raw.startswith(b"\x93NUMPY") and not _location_name(loc).endswith(".npy"):
+            latents.append((name, raw))          # another format: its bytes, as they are
+            continue
+        try:
+            latents.append((name, _parse_npy(raw)))
+        except (ValueError, OSError, EOFError) as e:
+            raise SampleError(ref.id, "bad_latent", f"latent {name!r}: {e}") from None
+    attributes = merge_attributes(ref, texts)
     try:
         info = read_header(data)
     except ImageTooLargeError as e:
@@ -338,6 +357,7 @@ def _output(batch: Batch, good: List[int], stats: Stats, step: Optional[int] = N
         "additional_images": {k: t[:n].permute(0, 3, 1, 2) for k, t in batch.images.items()},
         "latents": collate_latents([s.latents for s in samples]),
     }
+    _add_meta(out, [s.ref.meta for s in samples])
     if step is not None:
         out["step"] = step
     if batch.present:
@@ -346,9 +366,22 @@ def _output(batch: Batch, good: List[int], stats: Stats, step: Optional[int] = N
     return out
 
 
-def _latent_tensor(arr: np.ndarray):
+def _add_meta(out: dict, metas: List[Optional[dict]]) -> None:
+    """The sources' per-sample fields as ``out[key]`` lists (None where missing)."""
+    keys: List[str] = []
+    for m in metas:
+        for k in m or ():
+            if k not in keys and k not in out:
+                keys.append(k)
+    for k in keys:
+        out[k] = [(m or {}).get(k) for m in metas]
+
+
+def _latent_tensor(arr):
     """A latent as a tensor (sharing its memory), or the array where torch has no
-    such dtype."""
+    such dtype (or the bytes of a latent that is not a .npy array)."""
+    if not isinstance(arr, np.ndarray):
+        return arr
     try:
         return torch.from_numpy(arr)
     except TypeError:
@@ -367,8 +400,9 @@ def collate_latents(per_sample: List[list]) -> Dict[str, object]:
     for name in names:
         arrays = [dict(lat).get(name) for lat in per_sample]
         first = arrays[0]
-        if first is not None and all(a is not None and a.shape == first.shape
-                                     and a.dtype == first.dtype for a in arrays):
+        if isinstance(first, np.ndarray) and all(
+                isinstance(a, np.ndarray) and a.shape == first.shape and a.dtype == first.dtype
+                for a in arrays):
             out[name] = _latent_tensor(np.stack(arrays))
         else:
             out[name] = [None if a is None else _latent_tensor(a) for a in arrays]
@@ -620,6 +654,8 @@ class Engine(_ErrorPolicy):
                 "additional_images": {k: t[0].permute(2, 0, 1) for k, t in batch.images.items()},
             }
         out["latents"] = {name: _latent_tensor(a) for name, a in loaded.latents}
+        for k, v in (ref.meta or {}).items():
+            out.setdefault(k, v)
         if step is not None:
             out["step"] = step
         self.stats.add("samples", 1)

@@ -9,6 +9,9 @@ comparing datago, with one thread and with N threads, against a Pillow baseline
 written the usual way (open, EXIF transpose, RGB, LANCZOS cover-resize, crop).
 
 ``datago`` alone runs both on a generated sample corpus (cached in ~/.cache/datago).
+
+``datago serve ROOT`` serves a folder as a read-only, dataroom-compatible metadata
+API plus its files (see ``datago.serve``).
 """
 
 from __future__ import annotations
@@ -265,7 +268,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        help="folder for the indexes (default: next to each local shard)")
     index.add_argument("--reference-image-type", default="jpg",
                        help="extension of the main image (jpg)")
+    srv = sub.add_parser("serve", help="serve a folder (or a config's source) as a read-only, "
+                         "dataroom-compatible metadata API plus its files")
+    srv.add_argument("root", nargs="?", help="folder of images (or give --config)")
+    srv.add_argument("--config", default=None,
+                     help="a datago config (JSON) whose source lists samples (index, webdataset)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (8000; 0: any free port)")
+    srv.add_argument("--token", default=None,
+                     help="API token (default $DATAGO_SERVE_TOKEN; none: open, with a warning)")
+    srv.add_argument("--source", default=None,
+                     help="source name (default: the folder's name, or the config file's stem)")
+    srv.add_argument("--page-size-max", type=int, default=2000, help="largest page_size (2000)")
+    srv.add_argument("--cache-dir", default=None, help="folder of the image sizes cache")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        if (args.root is None) == (args.config is None):
+            parser.error("serve: give a folder or --config FILE.json (one of them)")
+        if args.page_size_max < 1:
+            parser.error("--page-size-max must be at least 1")
+        if not 0 <= args.port <= 65535:
+            parser.error("--port must be in [0, 65535]")
+        from datago.serve import serve
+        return serve(args.root, config=args.config, host=args.host, port=args.port,
+                     token=args.token, source=args.source, page_size_max=args.page_size_max,
+                     cache_dir=args.cache_dir)
     if args.command == "index":
         return run_index(args.url, args.out, args.reference_image_type)
     if args.command is None:

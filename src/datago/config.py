@@ -34,14 +34,14 @@ from datago.buckets import make_buckets
 from datago.errors import ConfigError
 from datago.image import DEFAULT_FILTER, DEFAULT_MAX_PIXELS
 
-__all__ = ["DatagoConfig", "FileSourceConfig", "ImageConfig", "IndexSourceConfig",
-           "LoaderConfig", "WebDatasetSourceConfig"]
+__all__ = ["DatagoConfig", "DBSourceConfig", "FileSourceConfig", "ImageConfig",
+           "IndexSourceConfig", "LoaderConfig", "WebDatasetSourceConfig"]
 
 # source_type -> its source_config dataclass (filled in below)
 SOURCE_CONFIGS: dict = {}
 
-SUPPORTED_SOURCES = ("file", "index", "webdataset")
-LATER_SOURCES = ("db",)
+SUPPORTED_SOURCES = ("file", "index", "webdataset", "db")
+LATER_SOURCES: tuple = ()
 FILTERS = ("triangle", "bicubic", "lanczos", "box")
 ON_ERROR = ("skip", "raise")
 REMAINDER = ("pad", "drop")
@@ -275,6 +275,136 @@ class WebDatasetSourceConfig:
         _check_remote(p, self)
 
 
+def _comma_list(path: str, value: Any) -> str:
+    """A filter list of the db source: a comma string or a list of strings, kept as
+    the comma string the API takes ("" when empty)."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(v, str) and v and "," not in v for v in value):
+            _fail(path, f"must be a comma-separated string or a list of names, got {value!r}")
+        return ",".join(value)
+    if not isinstance(value, str):
+        _fail(path, f"must be a comma-separated string or a list of names, got {value!r}")
+    return ",".join(v.strip() for v in value.split(",") if v.strip())
+
+
+DB_LIST_KEYS = ("sources", "sources_ne", "tags", "tags_all", "tags_ne", "tags_ne_all",
+                "has_attributes", "lacks_attributes", "has_masks", "lacks_masks",
+                "has_latents", "lacks_latents")
+
+
+@dataclass(frozen=True)
+class DBSourceConfig:
+    """A dataroom-style metadata API (``source_type: "db"``; see
+    ``datago.sources.db``): the reference's 25 keys plus datago's."""
+
+    sources: Any
+    """Sources to select (comma list or list); required, as in the reference."""
+    page_size: int = 100
+    """Rows per API page (the server caps it; dataroom: 2000)."""
+    sources_ne: Any = ""
+    require_images: bool = False
+    """Reference key, accepted; DatagoDataset always asks for the image URL."""
+    require_embeddings: bool = False
+    """Also fetch ``coca_embedding`` (float32; ``batch["latents"]["coca_embedding"]``)."""
+    tags: Any = ""
+    tags_all: Any = ""
+    tags_ne: Any = ""
+    tags_ne_all: Any = ""
+    tags_empty: Optional[bool] = None
+    has_attributes: Any = ""
+    lacks_attributes: Any = ""
+    has_masks: Any = ""
+    lacks_masks: Any = ""
+    has_latents: Any = ""
+    lacks_latents: Any = ""
+    min_short_edge: int = 0
+    max_short_edge: int = 0
+    min_pixel_count: int = 0
+    max_pixel_count: int = 0
+    """Size bounds; 0 (the default) is not sent, as in the reference."""
+    duplicate_state: Optional[int] = None
+    """Only rows in this state (sent when > 0: 1 original, 2 duplicate)."""
+    attributes: str = ""
+    """Attribute filter, e.g. ``"aesthetic_score__gte:0.5,style:photo"``."""
+    random_sampling: bool = False
+    rank: Optional[int] = None
+    world_size: Optional[int] = None
+    api_url: Optional[str] = None
+    """The API root (``https://host/api/``); default ``$DATAROOM_API_URL``."""
+    api_key: Optional[str] = field(default=None, repr=False)
+    """The token (``Authorization: Token ...``); default ``$DATAROOM_API_KEY``.
+    Never logged, never in a repr or an error."""
+    streaming: bool = False
+    """Page the API while training instead of listing it first: each (rank,
+    worker) reads its own partition (``partitions_count``/``partition``), no epoch
+    plan; see ``datago.sources.db``."""
+    max_samples: Optional[int] = None
+    """Stop listing after this many rows (a quick look at a large selection)."""
+    listing_cache: bool = False
+    """Keep the listing in ``cache_dir`` and read it from there next time (every
+    epoch, every rank on a shared filesystem) instead of paging the API."""
+    listing_wait_s: float = 0.0
+    """With ``listing_cache``: ranks other than 0 wait this long for rank 0 to
+    write the listing (shared filesystem) instead of paging the API themselves."""
+    page_prefetch: int = 4
+    """Pages fetched ahead of the one being read."""
+    scan_sizes: bool = True
+    """Read the sizes the API does not give from the image headers."""
+    cache_dir: Optional[str] = None
+    sizes_cache: bool = True
+    io_concurrency: int = 64
+    timeout_s: float = 30.0
+    max_failures: Optional[float] = None
+    cache_limit_bytes: Optional[int] = None
+    """``io_concurrency``, ``timeout_s``, ``max_failures``, ``cache_limit_bytes``: as
+    in ``IndexSourceConfig``."""
+
+    _section = "source_config"
+
+    def __post_init__(self):
+        p = self._section
+        for name in DB_LIST_KEYS:
+            object.__setattr__(self, name, _comma_list(f"{p}.{name}", getattr(self, name)))
+        if not self.sources:
+            _fail(f"{p}.sources", "must name at least one source")
+        _check_int(f"{p}.page_size", self.page_size, minimum=1)
+        for name in ("require_images", "require_embeddings", "random_sampling", "streaming",
+                     "listing_cache", "scan_sizes", "sizes_cache"):
+            _check_bool(f"{p}.{name}", getattr(self, name))
+        if self.tags_empty is not None:
+            _check_bool(f"{p}.tags_empty", self.tags_empty)
+        for name in ("min_short_edge", "max_short_edge", "min_pixel_count", "max_pixel_count"):
+            _check_int(f"{p}.{name}", getattr(self, name), minimum=0)
+        _check_int(f"{p}.duplicate_state", self.duplicate_state, optional=True)
+        if not isinstance(self.attributes, str):
+            _fail(f"{p}.attributes", f"must be a filter string like 'name__gte:0.5', "
+                  f"got {self.attributes!r}")
+        _check_int(f"{p}.max_samples", self.max_samples, minimum=1, optional=True)
+        _check_int(f"{p}.page_prefetch", self.page_prefetch, minimum=1, maximum=64)
+        if not isinstance(self.listing_wait_s, (int, float)) or isinstance(self.listing_wait_s, bool) \
+                or self.listing_wait_s < 0:
+            _fail(f"{p}.listing_wait_s", f"must be a number >= 0, got {self.listing_wait_s!r}")
+        url = self.api_url if self.api_url is not None else os.environ.get("DATAROOM_API_URL")
+        if not url:
+            _fail(f"{p}.api_url", "no API URL: set DATAROOM_API_URL (e.g. https://host/api/) "
+                  "or source_config.api_url")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            from datago.fetch import redact
+            _fail(f"{p}.api_url", f"must be an http(s):// URL, got {redact(str(url))!r}")
+        object.__setattr__(self, "api_url", url if url.endswith("/") else url + "/")
+        key = self.api_key if self.api_key is not None else os.environ.get("DATAROOM_API_KEY")
+        if not key:
+            _fail(f"{p}.api_key", "no API key: set DATAROOM_API_KEY or source_config.api_key")
+        if not isinstance(key, str) or any(c in key for c in "\r\n"):
+            _fail(f"{p}.api_key", "must be a single-line string")
+        object.__setattr__(self, "api_key", key)
+        _check_layout(p, self)
+        _check_folder(p, self, "cache_dir")
+        _check_remote(p, self)
+
+
 @dataclass(frozen=True)
 class ImageConfig:
     """Image processing: aspect-ratio buckets and the output format."""
@@ -397,7 +527,7 @@ class LoaderConfig:
 class DatagoConfig:
     """Everything a DatagoDataset needs; build it directly or with ``from_dict``."""
 
-    source: Union[FileSourceConfig, IndexSourceConfig, "WebDatasetSourceConfig"]
+    source: Union[FileSourceConfig, IndexSourceConfig, "WebDatasetSourceConfig", DBSourceConfig]
     image: Optional[ImageConfig] = field(default_factory=ImageConfig)
     """None: images are delivered at their own size (per-sample mode only)."""
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -506,4 +636,4 @@ def _check_keys(path: str, d: Mapping[str, Any], valid) -> None:
 
 
 SOURCE_CONFIGS.update({"file": FileSourceConfig, "index": IndexSourceConfig,
-                       "webdataset": WebDatasetSourceConfig})
+                       "webdataset": WebDatasetSourceConfig, "db": DBSourceConfig})

@@ -59,7 +59,7 @@ from datago.config import DatagoConfig
 from datago.errors import ConfigError, DatagoError
 from datago.plan import EpochPlan, plan_epoch, resume_plan
 from datago.sharding import ShardDetector, ShardInfo, local_world_size, shard_hash
-from datago.fetch import FetchConfig, Fetcher
+from datago.fetch import FetchConfig, Fetcher, redact
 from datago.sources.filesystem import FileListing
 from datago.sources.index import IndexSource
 from datago.sources.webdataset import WebDatasetSource, assign_shards
@@ -67,6 +67,7 @@ from datago.sources.sizes import SizesIndex, scan_files
 
 __all__ = ["DatagoDataset", "StateError", "default_num_threads"]
 
+STREAMING_MODES = ("stream", "shards", "pages")   # no epoch plan: steps_per_epoch
 MAX_WORKER_ROWS = 64          # stats rows; worker ids beyond share rows (sums stay right)
 MAX_LAYOUTS = 16              # elastic re-plans remembered within one epoch
 STATE_VERSION = 1
@@ -165,7 +166,15 @@ class DatagoDataset(IterableDataset):
         self._remote = self.listing.kind != "file" and self.listing.remote()
         self.mode = "stream"
         self._total: Optional[int] = None                  # streaming: samples, when counted
-        if getattr(src, "streaming", False):
+        if getattr(src, "streaming", False) and self.config.source_type == "db":
+            self.mode = "pages"                            # API pages read while training
+            include = np.zeros(0, dtype=bool)
+            self._bucket_of = np.zeros(0, dtype=np.int64)
+            if src.random_sampling and loader.steps_per_epoch is None and loader.limit is None:
+                raise ConfigError("source_config.random_sampling: with streaming: true the db "
+                                  "source reads images/random/, which has no end: set "
+                                  "steps_per_epoch or limit")
+        elif getattr(src, "streaming", False):
             self.mode = "shards"                           # WebDataset shards as streams
             include = np.zeros(0, dtype=bool)
             self._bucket_of = np.zeros(0, dtype=np.int64)
@@ -194,7 +203,7 @@ class DatagoDataset(IterableDataset):
         self._plan_cache: Optional[Tuple[tuple, EpochPlan]] = None
         self._progress: Optional[dict] = None              # worker-side position (state_dict)
         self._resolve(confident_only=True)
-        if self.mode in ("stream", "shards") and self._dist is not None and self._dist[1] > 1:
+        if self.mode in STREAMING_MODES and self._dist is not None and self._dist[1] > 1:
             self._stream_steps(ShardInfo(0, self._dist[1], 0, 1))   # count in the trainer
 
     # ------------------------------------------------------------------ layout
@@ -308,7 +317,7 @@ class DatagoDataset(IterableDataset):
         length and yields the steps from the resume point on (as trainers that
         restore their own batch counter expect)."""
         info = self._info()
-        if self.mode in ("stream", "shards"):
+        if self.mode in STREAMING_MODES:
             steps = self._stream_steps(info)
             if steps is None:
                 raise TypeError("a streaming DatagoDataset on one rank without "
@@ -347,9 +356,9 @@ class DatagoDataset(IterableDataset):
         after the last batch consumed (this method then raises ``StateError``
         saying so).
         """
-        if self.mode in ("stream", "shards"):
+        if self.mode in STREAMING_MODES:
             raise StateError("a streaming DatagoDataset (scan_sizes=false, or WebDataset "
-                             "streaming=true) cannot be resumed")
+                             "or db streaming=true) cannot be resumed")
         info = self._info()
         prog = self._progress
         if prog is None and not _in_worker() and int(self._shared[-2]):
@@ -391,9 +400,9 @@ class DatagoDataset(IterableDataset):
         whose fingerprint differs (other files, sizes or plan settings) raises
         ``StateError`` naming what changed.
         """
-        if self.mode in ("stream", "shards"):
+        if self.mode in STREAMING_MODES:
             raise StateError("a streaming DatagoDataset (scan_sizes=false, or WebDataset "
-                             "streaming=true) cannot be resumed")
+                             "or db streaming=true) cannot be resumed")
         if not isinstance(state, dict):
             raise StateError(f"state must be a dict, got {type(state).__name__}")
         for key in ("epoch", "step"):
@@ -450,7 +459,7 @@ class DatagoDataset(IterableDataset):
         if self.fetcher.cache is not None:
             self.fetcher.cache.on_lookup = lambda hit: stats.add("cache_hits" if hit else
                                                                  "cache_misses")
-        if self.mode in ("stream", "shards"):
+        if self.mode in STREAMING_MODES:
             return self._stream(info, num_threads, stats)
         epoch = self.epoch
         wres, self._worker_resume = self._worker_resume, None
@@ -562,6 +571,12 @@ class DatagoDataset(IterableDataset):
             return loader.steps_per_epoch
         if info.world_size == 1:
             return None
+        if self.mode == "pages":
+            if loader.limit is not None:
+                return max(1, loader.limit // (loader.batch_size or 1))
+            raise ConfigError("steps_per_epoch: the streaming db source on "
+                              f"{info.world_size} ranks cannot count its rows in advance; set "
+                              "steps_per_epoch (batches per rank per epoch) or limit")
         if self._total is None:
             self._total = (self.listing.count_samples() if self.mode == "shards"
                            else len(self.listing))
@@ -591,6 +606,9 @@ class DatagoDataset(IterableDataset):
     def _stream_refs(self, info: ShardInfo, cycle: int, stats: Stats,
                      on_error: str) -> Iterator:
         """One pass over this reader's samples (SampleRefs)."""
+        if self.mode == "pages":
+            yield from self._page_refs(info, stats)
+            return
         if self.mode == "stream":
             for i in self.shard_indices(info, cycle=cycle):
                 yield self.listing.ref(int(i))
@@ -621,6 +639,25 @@ class DatagoDataset(IterableDataset):
                 for key, v in counts.items():
                     stats.add(f"stream_{key}", v)
                 counts.clear()
+
+    def _page_refs(self, info: ShardInfo, stats: Stats) -> Iterator:
+        """db streaming: this reader's partition of the selection (its share of
+        ``limit``, when set); API failures are raised, never a silent end."""
+        limit = self.config.loader.limit
+        quota = None
+        if limit is not None:
+            quota = limit // info.num_workers + (info.worker_id < limit % info.num_workers)
+        counts: dict = {}
+        n = 0
+        try:
+            for ref in self.listing.stream_refs(info.shard, info.num_shards, counts):
+                if quota is not None and n >= quota:
+                    return
+                n += 1
+                yield ref
+        finally:
+            for key, v in counts.items():
+                stats.add(f"stream_{key}", v)
 
     def _stream(self, info: ShardInfo, num_threads: int, stats: Stats) -> Iterator[dict]:
         loader = self.config.loader
@@ -682,7 +719,8 @@ class DatagoDataset(IterableDataset):
 
     def __repr__(self) -> str:
         c = self.config
-        where = getattr(c.source, "root_path", None) or getattr(c.source, "index", None)
+        where = (getattr(c.source, "root_path", None) or getattr(c.source, "index", None)
+                 or getattr(c.source, "url", None) or redact(getattr(c.source, "api_url", "")))
         return (f"DatagoDataset({c.source_type}={str(where)!r}, samples={len(self.listing)}, "
                 f"buckets={len(self.buckets) if self.buckets else None}, "
                 f"batch_size={c.loader.batch_size}, mode={self.mode!r})")
@@ -777,6 +815,12 @@ def _make_source(config: DatagoConfig):
         return fetcher, WebDatasetSource(src.url, reference_image_type=src.reference_image_type,
                                          index_dir=src.index_dir, cache_dir=src.cache_dir,
                                          fetcher=fetcher, streaming=src.streaming)
+    if config.source_type == "db":
+        from datago.sources.db import DBSource
+        fetcher = Fetcher(FetchConfig(io_concurrency=src.io_concurrency, timeout_s=src.timeout_s,
+                                      **_cache_kw(src)))
+        rank = src.rank if src.rank is not None else ShardDetector(src.rank, src.world_size).resolve()[0]
+        return fetcher, DBSource(src, fetcher, rank=rank)
     return Fetcher(), FileListing(src.root_path)
 
 

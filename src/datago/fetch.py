@@ -417,10 +417,15 @@ class Fetcher:
             return _Retry("connect", f"cannot connect: {_short(e)}")
         return _Retry("reset", f"connection error: {_short(e)}")
 
+    def get(self, url: str, headers: Optional[Dict[str, str]] = None) -> bytes:
+        """The body of a GET of ``url`` with extra ``headers`` (sent to this URL only:
+        an API token, say), under the retry policy; never cached."""
+        return self._retrying(url, lambda: self._attempt(url, None, None, headers=headers))
+
     def _attempt(self, url: str, offset: Optional[int], size: Optional[int],
-                 short_ok: bool = False) -> bytes:
+                 short_ok: bool = False, headers: Optional[Dict[str, str]] = None) -> bytes:
         import httpx
-        headers = {}
+        headers = dict(headers) if headers else {}
         if offset is not None:
             headers["Range"] = f"bytes={offset}-{offset + size - 1}"
         target, headers = self.prepare(url, headers)

@@ -28,6 +28,9 @@ class SampleRef:
     texts: Tuple[Tuple[str, Any], ...] = ()       # (attribute name or "" to merge, location)
     attributes: Optional[Mapping[str, Any]] = None   # known up front (an index's columns)
     latents: Tuple[Tuple[str, Any], ...] = ()     # (name, location) of .npy arrays
+    meta: Optional[Mapping[str, Any]] = None      # per-sample fields the source gives
+                                                  # (db: tags, source, duplicate_state),
+                                                  # passed through as batch[key] lists
 
 
 class Source:

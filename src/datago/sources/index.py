@@ -47,7 +47,7 @@ from datago.fetch import FetchError, Fetcher, is_remote, redact
 from datago.sources.base import SampleRef, Source
 from datago.sources.sizes import SizesIndex
 
-__all__ = ["IndexSource", "read_rows"]
+__all__ = ["IndexSource", "read_rows", "unique_rows"]
 
 TABLE_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
 
@@ -257,28 +257,11 @@ class IndexSource(Source):
                               else np.zeros(0, np.uint64))
 
     def _drop_duplicates(self, hashes: np.ndarray) -> None:
-        """Leave out rows whose id came before (the first row wins), counted.  Ids
-        are compared by a 64-bit hash first (no set of a million strings), then as
-        strings where hashes collide."""
-        order = np.argsort(hashes, kind="stable")
-        sh = hashes[order]
-        same = np.flatnonzero(sh[1:] == sh[:-1])
-        if not len(same):
+        """Leave out rows whose id came before (the first row wins), counted."""
+        keep = unique_rows(hashes, self._ids.get)
+        if keep is None:
             return
-        drop = set()
-        for start in np.unique(np.searchsorted(sh, sh[same])):
-            group = order[start:start + int(np.searchsorted(sh, sh[start], "right") - start)]
-            firsts: Dict[str, int] = {}
-            for i in sorted(int(x) for x in group):
-                sid = self._ids.get(i)
-                if sid in firsts:
-                    drop.add(i)
-                else:
-                    firsts[sid] = i
-        if not drop:
-            return
-        self.skipped["duplicate_id"] = self.skipped.get("duplicate_id", 0) + len(drop)
-        keep = np.setdiff1d(np.arange(len(hashes)), np.fromiter(drop, dtype=np.int64))
+        self.skipped["duplicate_id"] = self.skipped.get("duplicate_id", 0) + len(hashes) - len(keep)
         for attr in ("_ids", "_locs", "_attrs", "_parts"):
             setattr(self, attr, getattr(self, attr).subset(keep))
         self._width, self._height = self._width[keep], self._height[keep]
@@ -312,6 +295,31 @@ class IndexSource(Source):
     def memory_bytes(self) -> int:
         return (self._ids.nbytes() + self._locs.nbytes() + self._attrs.nbytes()
                 + self._parts.nbytes() + self._width.nbytes + self._height.nbytes)
+
+
+def unique_rows(hashes: np.ndarray, get_id) -> Optional[np.ndarray]:
+    """The rows to keep (sorted indices) when some ids repeat, the first row of
+    each id winning; None when every id is unique.  Ids are compared by their
+    64-bit ``hashes`` first (no set of a million strings), then as strings
+    (``get_id(i)``) where hashes collide."""
+    order = np.argsort(hashes, kind="stable")
+    sh = hashes[order]
+    same = np.flatnonzero(sh[1:] == sh[:-1])
+    if not len(same):
+        return None
+    drop = set()
+    for start in np.unique(np.searchsorted(sh, sh[same])):
+        group = order[start:start + int(np.searchsorted(sh, sh[start], "right") - start)]
+        firsts: Dict[str, int] = {}
+        for i in sorted(int(x) for x in group):
+            sid = get_id(i)
+            if sid in firsts:
+                drop.add(i)
+            else:
+                firsts[sid] = i
+    if not drop:
+        return None
+    return np.setdiff1d(np.arange(len(hashes)), np.fromiter(drop, dtype=np.int64))
 
 
 def _is_text(name: str) -> bool:
