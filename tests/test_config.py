@@ -403,7 +403,7 @@ def test_root_path_wrong_type(root, value, shown):
     ({"batch_size": 0}, "batch_size", "must be >= 1, got 0"),
     ({"num_threads": 0}, "num_threads", "must be >= 1, got 0"),
     ({"seed": -1}, "seed", "must be >= 0, got -1"),
-    ({"source_type": "ftp"}, "source_type", "must be one of 'file', 'index', 'webdataset', 'db', got 'ftp'"),
+    ({"source_type": "ftp"}, "source_type", "must be one of 'file', 'index', 'webdataset', 'db', 'zip', 'tfrecord', 'bins', got 'ftp'"),
 ])
 def test_impossible_values(root, changes, path, message):
     d = full_config(root)
@@ -510,7 +510,7 @@ def test_batch_size_needs_crop_and_resize(root, image_config):
     (lambda r: DatagoConfig(FileSourceConfig(r), loader=None), "loader",
      "must be a LoaderConfig, got NoneType"),
     (lambda r: DatagoConfig(FileSourceConfig(r), source_type="ftp"), "source_type",
-     "must be one of 'file', 'index', 'webdataset', 'db', got 'ftp'"),
+     "must be one of 'file', 'index', 'webdataset', 'db', 'zip', 'tfrecord', 'bins', got 'ftp'"),
     (lambda r: DatagoConfig(FileSourceConfig(r), ImageConfig(crop_and_resize=False),
                             LoaderConfig(batch_size=4)), "batch_size", "crop_and_resize"),
     (lambda r: DatagoConfig(FileSourceConfig(r), None, LoaderConfig(batch_size=4)),

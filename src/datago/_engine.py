@@ -42,7 +42,9 @@ from datago.sources.filesystem import SampleRef
 REASONS = ("read_error", "decode_error", "too_large", "bad_attributes", "bad_latent",
            # remote locations (datago.fetch)
            "http_4xx", "http_5xx", "http_429", "timeout", "truncated", "reset", "connect",
-           "wrong_content_type")
+           "wrong_content_type",
+           # archive members (datago._codecs)
+           "bad_member", "crc_mismatch")
 COUNTERS = ("samples", "batches", "bytes", "dropped", "t_read", "t_decode", "t_wait",
             "padded", "dropped_remainder", "early_flushed", "cache_hits", "cache_misses",
             "shm_created", "shm_reused", "shm_unpooled", "shards_failed",

@@ -34,20 +34,27 @@ from datago.buckets import make_buckets
 from datago.errors import ConfigError
 from datago.image import DEFAULT_FILTER, DEFAULT_MAX_PIXELS
 
-__all__ = ["DatagoConfig", "DBSourceConfig", "FileSourceConfig", "ImageConfig",
-           "IndexSourceConfig", "LoaderConfig", "WebDatasetSourceConfig"]
+__all__ = ["BinsSourceConfig", "DatagoConfig", "DBSourceConfig", "FileSourceConfig",
+           "ImageConfig", "IndexSourceConfig", "LoaderConfig", "TFRecordSourceConfig",
+           "WebDatasetSourceConfig", "ZipSourceConfig"]
 
 # source_type -> its source_config dataclass (filled in below)
 SOURCE_CONFIGS: dict = {}
 
-SUPPORTED_SOURCES = ("file", "index", "webdataset", "db")
+SUPPORTED_SOURCES = ("file", "index", "webdataset", "db", "zip", "tfrecord", "bins")
 LATER_SOURCES: tuple = ()
 FILTERS = ("triangle", "bicubic", "lanczos", "box")
 ON_ERROR = ("skip", "raise")
 REMAINDER = ("pad", "drop")
 ENCODE_FORMATS = ("png", "jpeg")
-# keys of the reference's documentation that it ignores; accepted with a warning
-LEGACY_IGNORED = {"prefetch_buffer_size", "page_size"}
+# keys the reference datago's READMEs still show (Go-era and current) that it
+# ignores: accepted at any level with a DeprecationWarning (never a ConfigError);
+# key -> what to use instead
+LEGACY_IGNORED = {
+    "prefetch_buffer_size": "samples_buffer_size bounds the samples in flight",
+    "concurrency": "num_threads sets the decode threads",
+    "page_size": "only the db source pages",
+}
 
 
 def _fail(path: str, message: str) -> None:
@@ -405,6 +412,123 @@ class DBSourceConfig:
         _check_remote(p, self)
 
 
+def _check_urls(p: str, cfg, name: str = "url") -> None:
+    """A location key: one path/URL/glob/brace pattern or a non-empty list of them."""
+    u = getattr(cfg, name)
+    items = [u] if isinstance(u, (str, os.PathLike)) else u
+    if not isinstance(items, (list, tuple)) or not items or \
+            not all(isinstance(i, (str, os.PathLike)) and str(i) for i in items):
+        _fail(f"{p}.{name}", f"must be a path, URL or pattern (or a list of them), got {u!r}")
+    object.__setattr__(cfg, name, os.fspath(u) if isinstance(u, os.PathLike)
+                       else (u if isinstance(u, str) else [os.fspath(i) for i in u]))
+
+
+def _check_archive(p: str, cfg) -> None:
+    """The keys archive sources (zip, tfrecord, bins) share."""
+    _check_urls(p, cfg)
+    for name in ("random_sampling", "scan_sizes", "sizes_cache"):
+        _check_bool(f"{p}.{name}", getattr(cfg, name))
+    _check_layout(p, cfg)
+    _check_folder(p, cfg, "cache_dir")
+    _check_remote(p, cfg)
+
+
+@dataclass(frozen=True)
+class ZipSourceConfig:
+    """ZIP archives (``source_type: "zip"``; see ``datago.sources.zip``)."""
+
+    url: Any
+    """ZIP files: paths, globs, brace patterns, ``http(s)://`` or ``s3://`` URLs, or a list."""
+    max_member_bytes: int = 1 << 30
+    """A member declaring more (inflated) bytes than this is refused and counted."""
+    max_ratio: float = 1000.0
+    """A member whose declared size is more than this times its compressed size is
+    refused and counted (a ZIP bomb)."""
+    random_sampling: bool = False
+    rank: Optional[int] = None
+    world_size: Optional[int] = None
+    scan_sizes: bool = True
+    cache_dir: Optional[str] = None
+    sizes_cache: bool = True
+    io_concurrency: int = 64
+    timeout_s: float = 30.0
+    max_failures: Optional[float] = None
+    cache_limit_bytes: Optional[int] = None
+
+    _section = "source_config"
+
+    def __post_init__(self):
+        p = self._section
+        _check_archive(p, self)
+        _check_int(f"{p}.max_member_bytes", self.max_member_bytes, minimum=1)
+        _check_number(f"{p}.max_ratio", self.max_ratio)
+
+
+@dataclass(frozen=True)
+class TFRecordSourceConfig:
+    """TFRecord files of ``tf.train.Example`` (``source_type: "tfrecord"``; see
+    ``datago.sources.tfrecord``), read without TensorFlow."""
+
+    url: Any
+    """TFRecord files: paths, globs, brace patterns, URLs, or a list."""
+    image_key: str = "image/encoded"
+    """The feature holding the encoded image."""
+    id_key: Optional[str] = None
+    """A bytes feature holding the sample id (e.g. ``image/filename``); None:
+    ``<file name>#<record number>``."""
+    compression: Optional[str] = None
+    """None: by extension (``.gz`` is gzip); "gzip" or "none"."""
+    index_dir: Optional[str] = None
+    """Folder of the record indexes (the ``tfrecord`` package's ``.index`` files
+    are accepted); else next to local files, else built and cached in ``cache_dir``."""
+    random_sampling: bool = False
+    rank: Optional[int] = None
+    world_size: Optional[int] = None
+    scan_sizes: bool = True
+    cache_dir: Optional[str] = None
+    sizes_cache: bool = True
+    io_concurrency: int = 64
+    timeout_s: float = 30.0
+    max_failures: Optional[float] = None
+    cache_limit_bytes: Optional[int] = None
+
+    _section = "source_config"
+
+    def __post_init__(self):
+        p = self._section
+        _check_archive(p, self)
+        if not isinstance(self.image_key, str) or not self.image_key:
+            _fail(f"{p}.image_key", f"must be a feature name, got {self.image_key!r}")
+        if self.id_key is not None and (not isinstance(self.id_key, str) or not self.id_key):
+            _fail(f"{p}.id_key", f"must be a feature name or null, got {self.id_key!r}")
+        _check_choice(f"{p}.compression", self.compression, (None, "gzip", "none"))
+        _check_folder(p, self, "index_dir")
+
+
+@dataclass(frozen=True)
+class BinsSourceConfig:
+    """A dataset written as N bins plus an index (``datago.bins``;
+    ``source_type: "bins"``)."""
+
+    url: Any
+    """The dataset's folder (local path or ``http(s)://`` URL of it)."""
+    random_sampling: bool = False
+    rank: Optional[int] = None
+    world_size: Optional[int] = None
+    scan_sizes: bool = True
+    cache_dir: Optional[str] = None
+    sizes_cache: bool = True
+    io_concurrency: int = 64
+    timeout_s: float = 30.0
+    max_failures: Optional[float] = None
+    cache_limit_bytes: Optional[int] = None
+
+    _section = "source_config"
+
+    def __post_init__(self):
+        _check_archive(self._section, self)
+
+
 @dataclass(frozen=True)
 class ImageConfig:
     """Image processing: aspect-ratio buckets and the output format."""
@@ -621,14 +745,27 @@ def _section_dict(path: str, value: Any) -> dict:
     return dict(value)
 
 
+def _caller_stacklevel() -> int:
+    """``stacklevel`` for a ``warnings.warn`` in the function calling this one that
+    names the first frame outside the datago package (the user's line, so the
+    default filters show a DeprecationWarning raised for ``__main__``)."""
+    import sys
+    pkg = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _check_keys(path: str, d: Mapping[str, Any], valid) -> None:
     prefix = f"{path}." if path else ""
     for key in list(d):
         if key in valid:
             continue
         if key in LEGACY_IGNORED:
-            warnings.warn(f"{prefix}{key} is ignored (as by the reference datago)",
-                          DeprecationWarning, stacklevel=4)
+            warnings.warn(f"{prefix}{key} is ignored (as by the reference datago; "
+                          f"{LEGACY_IGNORED[key]})", DeprecationWarning,
+                          stacklevel=_caller_stacklevel())
             continue
         close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
@@ -636,4 +773,6 @@ def _check_keys(path: str, d: Mapping[str, Any], valid) -> None:
 
 
 SOURCE_CONFIGS.update({"file": FileSourceConfig, "index": IndexSourceConfig,
-                       "webdataset": WebDatasetSourceConfig, "db": DBSourceConfig})
+                       "webdataset": WebDatasetSourceConfig, "db": DBSourceConfig,
+                       "zip": ZipSourceConfig, "tfrecord": TFRecordSourceConfig,
+                       "bins": BinsSourceConfig})

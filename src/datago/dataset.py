@@ -189,10 +189,13 @@ class DatagoDataset(IterableDataset):
                 self.sizes = known
             else:
                 locs = [self.listing.main_location(i) for i in range(n)]
+                # plain local files are stat'ed and read directly (cached by size and
+                # mtime); URLs and archive members go through the fetch layer
+                fetched = self._remote or self.listing.kind not in ("file", "index")
                 self.sizes = scan_files(
                     self.listing.root, locs, self._hashes, cache_dir=src.cache_dir,
-                    use_cache=src.sizes_cache, head=self.fetcher.head if self._remote else None,
-                    threads=src.io_concurrency if self._remote else None)
+                    use_cache=src.sizes_cache, head=self.fetcher.head if fetched else None,
+                    threads=src.io_concurrency if fetched else None)
             include = self.sizes.readable
             self._bucket_of = _bucket_indices(self.sizes.width, self.sizes.height,
                                               self.buckets, include)
@@ -821,6 +824,16 @@ def _make_source(config: DatagoConfig):
                                       **_cache_kw(src)))
         rank = src.rank if src.rank is not None else ShardDetector(src.rank, src.world_size).resolve()[0]
         return fetcher, DBSource(src, fetcher, rank=rank)
+    if config.source_type in ("zip", "tfrecord", "bins"):
+        fetcher = Fetcher(FetchConfig(io_concurrency=src.io_concurrency, timeout_s=src.timeout_s,
+                                      **_cache_kw(src)))
+        if config.source_type == "zip":
+            from datago.sources.zip import ZipSource as Archive
+        elif config.source_type == "tfrecord":
+            from datago.sources.tfrecord import TFRecordSource as Archive
+        else:
+            from datago.sources.bins import BinsSource as Archive
+        return fetcher, Archive(src, fetcher)
     return Fetcher(), FileListing(src.root_path)
 
 

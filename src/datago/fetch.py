@@ -73,6 +73,8 @@ class Member:
     offset: int
     size: int
     name: str = ""            # the member's name (its extension tells the format)
+    codec: str = ""           # how the stored bytes become the content (datago._codecs)
+    raw_size: int = 0         # the content's size, for codecs that inflate
 
     def __str__(self) -> str:
         return f"{redact(self.url)}[{self.offset}:{self.offset + self.size}]"
@@ -232,8 +234,13 @@ class Fetcher:
             return loc.data
         if isinstance(loc, Member):
             if is_remote(loc.url):
-                return self._cached(loc.url, loc.offset, loc.size, cache)
-            return self._local(loc.url, loc.offset, loc.size)
+                data = self._cached(loc.url, loc.offset, loc.size, cache)
+            else:
+                data = self._local(loc.url, loc.offset, loc.size)
+            if loc.codec:
+                from datago._codecs import decode_member
+                return decode_member(loc, data)
+            return data
         if is_remote(loc):
             return self._cached(loc, None, None, cache)
         return self._local(loc, None, None)
@@ -254,6 +261,8 @@ class Fetcher:
         if whole:
             return self.read(loc)
         if isinstance(loc, Member):
+            if loc.codec:                    # the content is known only once decoded
+                return self.read(loc)[:nbytes]
             return self.read(Member(loc.url, loc.offset, min(loc.size, nbytes), loc.name))
         if is_remote(loc):
             return self._http(loc, 0, nbytes, short_ok=True)   # also s3://
