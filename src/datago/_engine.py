@@ -50,6 +50,7 @@ COUNTERS = ("samples", "batches", "bytes", "dropped", "t_read", "t_decode", "t_w
             "shm_created", "shm_reused", "shm_unpooled", "shards_failed",
             "stream_ignored_members", "stream_too_large_members", "stream_no_image",
             "stream_pages", "stream_random_repeat") + \
+    tuple(f"source_{k}" for k in range(16)) + \
     tuple(f"skipped_{r}" for r in REASONS)
 
 
@@ -149,12 +150,65 @@ def fetch_parts(ref: SampleRef, stats: Stats, read=_read) -> tuple:
         masks = [(name, read(p)) for name, p in ref.masks]
         images = [(name, read(p)) for name, p in ref.images]
         texts = [(name, read(p), p) for name, p in ref.texts]
-        latents = [(name, read(p)) for name, p in ref.latents]
+        latents = [(name, _MMap(p) if _mappable(p) else read(p)) for name, p in ref.latents]
     except OSError as e:
         raise SampleError(ref.id, getattr(e, "reason", "read_error"), e) from None
     finally:
         stats.add("t_read", time.perf_counter() - t0)
     return data, masks, images, texts, latents
+
+
+class _MMap(str):
+    """A local ``.npy`` latent, memory-mapped (copy-on-write) instead of read."""
+
+
+def _mappable(loc) -> bool:
+    return isinstance(loc, str) and "://" not in loc and loc.lower().endswith(".npy")
+
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
+              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
+              "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def parse_safetensors(raw: bytes) -> dict:
+    """The tensors of a ``.safetensors`` file as ``{name: ndarray}`` (BF16 widened
+    to float32, exactly); ``ValueError`` naming what is wrong."""
+    if len(raw) < 8:
+        raise ValueError("shorter than a safetensors header")
+    n = int.from_bytes(raw[:8], "little")
+    if n > min(len(raw) - 8, 100 << 20):
+        raise ValueError(f"header of {n} bytes in a file of {len(raw)}")
+    header = json.loads(raw[8:8 + n])
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    data = memoryview(raw)[8 + n:]
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(t, dict) or not isinstance(t.get("shape"), list) \
+                or not isinstance(t.get("data_offsets"), list) or len(t["data_offsets"]) != 2:
+            raise ValueError(f"tensor {name!r}: bad header entry")
+        a, b = (int(x) for x in t["data_offsets"])
+        shape = tuple(int(x) for x in t["shape"])
+        if any(x < 0 for x in shape) or not 0 <= a <= b <= len(data):
+            raise ValueError(f"tensor {name!r}: offsets {a}..{b} outside the data ({len(data)} bytes)")
+        dtype = t.get("dtype")
+        count = int(np.prod(shape, dtype=np.int64))
+        if dtype == "BF16":
+            if b - a != 2 * count:
+                raise ValueError(f"tensor {name!r}: {b - a} bytes for {count} BF16 values")
+            bits = np.frombuffer(data[a:b], dtype="<u2").astype(np.uint32) << 16
+            out[name] = bits.view(np.float32).reshape(shape)
+            continue
+        if dtype not in _ST_DTYPES:
+            raise ValueError(f"tensor {name!r}: unsupported dtype {dtype!r}")
+        dt = np.dtype(_ST_DTYPES[dtype]).newbyteorder("<")
+        if b - a != dt.itemsize * count:
+            raise ValueError(f"tensor {name!r}: {b - a} bytes for {count} {dtype} values")
+        out[name] = np.frombuffer(data[a:b], dtype=dt).astype(dt.newbyteorder("=")).reshape(shape)
+    return out
 
 
 def _parse_npy(raw: bytes) -> np.ndarray:
@@ -193,14 +247,27 @@ def load(ref: SampleRef, stats: Stats, read=_read, parts: Optional[tuple] = None
     data, masks, images, texts, raw_latents = \
         parts if parts is not None else fetch_parts(ref, stats, read)
     nbytes = len(data) + sum(len(b) for _, b in masks) + sum(len(b) for _, b in images) \
-        + sum(len(b) for _, b, _ in texts) + sum(len(b) for _, b in raw_latents)
+        + sum(len(b) for _, b, _ in texts) \
+        + sum(len(b) for _, b in raw_latents if not isinstance(b, _MMap))
     latents = []
     for (name, raw), (_, loc) in zip(raw_latents, ref.latents):
-        if not raw.startswith(b"\x93NUMPY") and not _location_name(loc).endswith(".npy"):
-            latents.append((name, raw))          # another format: its bytes, as they are
-            continue
+        lname = _location_name(loc)
         try:
-            latents.append((name, _parse_npy(raw)))
+            if isinstance(raw, _MMap):
+                arr = np.load(str(raw), mmap_mode="c", allow_pickle=False)
+                latents.append((name, arr if arr.dtype.isnative
+                                else arr.astype(arr.dtype.newbyteorder("="))))
+                nbytes += arr.nbytes
+            elif lname.endswith(".safetensors"):
+                tensors = parse_safetensors(raw)
+                if len(tensors) == 1:
+                    latents.append((name, next(iter(tensors.values()))))
+                else:
+                    latents.extend((f"{name}/{k}", v) for k, v in sorted(tensors.items()))
+            elif raw.startswith(b"\x93NUMPY") or lname.endswith(".npy"):
+                latents.append((name, _parse_npy(raw)))
+            else:
+                latents.append((name, raw))      # another format: its bytes, as they are
         except (ValueError, OSError, EOFError) as e:
             raise SampleError(ref.id, "bad_latent", f"latent {name!r}: {e}") from None
     attributes = merge_attributes(ref, texts)

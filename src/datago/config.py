@@ -412,7 +412,7 @@ class DBSourceConfig:
         _check_remote(p, self)
 
 
-def _check_urls(p: str, cfg, name: str = "url") -> None:
+def _check_urls(p: str, cfg, name: str = "path") -> None:
     """A location key: one path/URL/glob/brace pattern or a non-empty list of them."""
     u = getattr(cfg, name)
     items = [u] if isinstance(u, (str, os.PathLike)) else u
@@ -437,7 +437,7 @@ def _check_archive(p: str, cfg) -> None:
 class ZipSourceConfig:
     """ZIP archives (``source_type: "zip"``; see ``datago.sources.zip``)."""
 
-    url: Any
+    path: Any
     """ZIP files: paths, globs, brace patterns, ``http(s)://`` or ``s3://`` URLs, or a list."""
     max_member_bytes: int = 1 << 30
     """A member declaring more (inflated) bytes than this is refused and counted."""
@@ -469,13 +469,13 @@ class TFRecordSourceConfig:
     """TFRecord files of ``tf.train.Example`` (``source_type: "tfrecord"``; see
     ``datago.sources.tfrecord``), read without TensorFlow."""
 
-    url: Any
+    path: Any
     """TFRecord files: paths, globs, brace patterns, URLs, or a list."""
     image_key: str = "image/encoded"
     """The feature holding the encoded image."""
     id_key: Optional[str] = None
-    """A bytes feature holding the sample id (e.g. ``image/filename``); None:
-    ``<file name>#<record number>``."""
+    """A bytes feature holding the sample id (e.g. ``image/filename``); None (or a
+    record without it): ``<file name>:<record index>``."""
     compression: Optional[str] = None
     """None: by extension (``.gz`` is gzip); "gzip" or "none"."""
     index_dir: Optional[str] = None
@@ -510,23 +510,93 @@ class BinsSourceConfig:
     """A dataset written as N bins plus an index (``datago.bins``;
     ``source_type: "bins"``)."""
 
-    url: Any
-    """The dataset's folder (local path or ``http(s)://`` URL of it)."""
+    path: Any
+    """The dataset's folder (local path or ``http(s)://`` URL of it), holding
+    ``index.jsonl`` and the bins; its index gives every size, so no header is read."""
     random_sampling: bool = False
     rank: Optional[int] = None
     world_size: Optional[int] = None
     scan_sizes: bool = True
+    """Unused (the index has every size); accepted like the other sources' key."""
     cache_dir: Optional[str] = None
     sizes_cache: bool = True
     io_concurrency: int = 64
     timeout_s: float = 30.0
     max_failures: Optional[float] = None
     cache_limit_bytes: Optional[int] = None
+    """``io_concurrency``, ``timeout_s``, ``max_failures``, ``cache_limit_bytes``: as
+    in ``IndexSourceConfig``."""
 
     _section = "source_config"
 
     def __post_init__(self):
-        _check_archive(self._section, self)
+        p = self._section
+        if isinstance(self.path, (list, tuple)):
+            _fail(f"{p}.path", "must be one folder (path or URL) holding index.jsonl and "
+                  f"the bins, got a list")
+        _check_archive(p, self)
+        if not self.path.startswith(("http://", "https://", "s3://")) and \
+                not os.path.isdir(self.path):
+            _fail(f"{p}.path", f"{self.path!r} is not an existing folder")
+
+
+MIX_EXHAUSTED = ("stop", "cycle")
+MAX_MIX_SOURCES = 16
+
+
+@dataclass(frozen=True)
+class MixSourceConfig:
+    """Several sources mixed with weights (top-level ``"sources": [{"weight": w,
+    "source_type": ..., "source_config": ...}, ...]``; see ``datago.sources.mix``)."""
+
+    sources: tuple
+    """((weight, source_type, source config), ...), weights > 0 (normalised)."""
+    exhausted: str = "stop"
+    """When a source has no samples left for its share: "stop" ends the epoch there
+    (the epoch is as long as the scarcest source allows); "cycle" reads it again,
+    reshuffled (the epoch is as long as the most plentiful source needs)."""
+    random_sampling: bool = True
+    rank: Optional[int] = None
+    world_size: Optional[int] = None
+    scan_sizes: bool = True
+    cache_dir: Optional[str] = None
+    sizes_cache: bool = True
+
+    _section = ""
+
+    def __post_init__(self):
+        if not isinstance(self.sources, (list, tuple)) or not self.sources:
+            _fail("sources", "must be a non-empty list of {weight, source_type, source_config}")
+        if len(self.sources) > MAX_MIX_SOURCES:
+            _fail("sources", f"at most {MAX_MIX_SOURCES} sources, got {len(self.sources)}")
+        object.__setattr__(self, "sources", tuple(tuple(x) for x in self.sources))
+        _check_choice("exhausted", self.exhausted, MIX_EXHAUSTED)
+        layouts = set()
+        for k, (weight, stype, src) in enumerate(self.sources):
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                    or not math.isfinite(weight) or weight <= 0:
+                _fail(f"sources[{k}].weight", f"must be a number > 0, got {weight!r}")
+            if stype == "mix" or not isinstance(src, SOURCE_CONFIGS.get(stype, ())):
+                _fail(f"sources[{k}]", f"must hold a source config, got {type(src).__name__}")
+            if getattr(src, "streaming", False):
+                _fail(f"sources[{k}].source_config.streaming", "a mixed source must list its "
+                      "samples (the mix is planned per epoch)")
+            if src.rank is not None or src.world_size is not None:
+                layouts.add((src.rank, src.world_size))
+        if len(layouts) > 1:
+            _fail("sources", f"the sources give different rank/world_size: {sorted(layouts)}")
+        if layouts:
+            rank, world = layouts.pop()
+            object.__setattr__(self, "rank", rank)
+            object.__setattr__(self, "world_size", world)
+
+    @property
+    def io_concurrency(self) -> int:
+        return max((getattr(s, "io_concurrency", 0) for _, _, s in self.sources), default=0)
+
+    @property
+    def max_failures(self):
+        return None
 
 
 @dataclass(frozen=True)
@@ -651,7 +721,8 @@ class LoaderConfig:
 class DatagoConfig:
     """Everything a DatagoDataset needs; build it directly or with ``from_dict``."""
 
-    source: Union[FileSourceConfig, IndexSourceConfig, "WebDatasetSourceConfig", DBSourceConfig]
+    source: Any
+    """The source's config (``FileSourceConfig``, ``IndexSourceConfig``, ...)."""
     image: Optional[ImageConfig] = field(default_factory=ImageConfig)
     """None: images are delivered at their own size (per-sample mode only)."""
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -661,7 +732,8 @@ class DatagoConfig:
         if self.source_type in LATER_SOURCES:
             _fail("source_type", f"{self.source_type!r} is not supported yet "
                   f"(supported: {', '.join(map(repr, SUPPORTED_SOURCES))})")
-        _check_choice("source_type", self.source_type, SUPPORTED_SOURCES)
+        if self.source_type != "mix":          # (a mix is built from "sources", not named)
+            _check_choice("source_type", self.source_type, SUPPORTED_SOURCES)
         want = SOURCE_CONFIGS[self.source_type]
         if not isinstance(self.source, want):
             _fail("source_config", f"must be a {want.__name__} for source_type "
@@ -698,6 +770,8 @@ class DatagoConfig:
         if not isinstance(d, Mapping):
             raise ConfigError(f"config must be a JSON object / dict, got {type(d).__name__}")
         loader_keys = [f.name for f in fields(LoaderConfig)]
+        if "sources" in d:
+            return cls._mix_from_dict(d, loader_keys)
         top = ["source_type", "source_config", "image_config"] + loader_keys
         _check_keys("", d, top)
         source_type = d.get("source_type", "file")
@@ -717,26 +791,63 @@ class DatagoConfig:
             if key not in src:
                 _fail(f"source_config.{key}", "missing")
         source = klass(**{k: v for k, v in src.items() if k in valid})
-        image: Optional[ImageConfig]
-        if d.get("image_config") is None:
-            image = None
-        else:
-            img = _section_dict("image_config", d["image_config"])
-            valid = [f.name for f in fields(ImageConfig)]
-            _check_keys("image_config", img, valid)
-            image = ImageConfig(**{k: v for k, v in img.items() if k in valid})
-        loader = LoaderConfig(**{k: d[k] for k in loader_keys if k in d})
+        image, loader = _image_and_loader(d, loader_keys)
         return cls(source=source, image=image, loader=loader, source_type=source_type)
+
+    @classmethod
+    def _mix_from_dict(cls, d: Mapping[str, Any], loader_keys: list) -> "DatagoConfig":
+        """``{"sources": [{"weight": w, "source_type": ..., "source_config": ...}, ...],
+        "exhausted": ..., "image_config": ..., <loader keys>}``."""
+        _check_keys("", d, ["sources", "exhausted", "image_config"] + loader_keys)
+        entries = d["sources"]
+        if not isinstance(entries, (list, tuple)) or not entries:
+            _fail("sources", "must be a non-empty list of {weight, source_type, source_config}")
+        subs = []
+        for k, e in enumerate(entries):
+            e = _section_dict(f"sources[{k}]", e)
+            _check_keys(f"sources[{k}]", e, ["weight", "source_type", "source_config"])
+            if "weight" not in e:
+                _fail(f"sources[{k}].weight", "missing")
+            try:
+                sub = cls.from_dict({"source_type": e.get("source_type", "file"),
+                                     "source_config": e.get("source_config")}
+                                    if "source_config" in e else
+                                    {"source_type": e.get("source_type", "file")})
+            except ConfigError as err:
+                raise ConfigError(f"sources[{k}].{err}") from None
+            subs.append((e["weight"], sub.source_type, sub.source))
+        mix = MixSourceConfig(sources=tuple(subs), exhausted=d.get("exhausted", "stop"))
+        image, loader = _image_and_loader(d, loader_keys)
+        return cls(source=mix, image=image, loader=loader, source_type="mix")
 
     def to_dict(self) -> dict:
         """The JSON-schema form (round-trips through ``from_dict``)."""
-        out: dict = {"source_type": self.source_type,
+        if self.source_type == "mix":
+            out: dict = {"sources": [
+                {"weight": w, "source_type": t,
+                 "source_config": {f.name: getattr(c, f.name) for f in fields(type(c))}}
+                for w, t, c in self.source.sources], "exhausted": self.source.exhausted}
+            out["image_config"] = None if self.image is None else {
+                f.name: getattr(self.image, f.name) for f in fields(ImageConfig)}
+            out.update({f.name: getattr(self.loader, f.name) for f in fields(LoaderConfig)})
+            return out
+        out = {"source_type": self.source_type,
                      "source_config": {f.name: getattr(self.source, f.name)
                                        for f in fields(type(self.source))}}
         out["image_config"] = None if self.image is None else {
             f.name: getattr(self.image, f.name) for f in fields(ImageConfig)}
         out.update({f.name: getattr(self.loader, f.name) for f in fields(LoaderConfig)})
         return out
+
+
+def _image_and_loader(d: Mapping[str, Any], loader_keys: list) -> tuple:
+    image: Optional[ImageConfig] = None
+    if d.get("image_config") is not None:
+        img = _section_dict("image_config", d["image_config"])
+        valid = [f.name for f in fields(ImageConfig)]
+        _check_keys("image_config", img, valid)
+        image = ImageConfig(**{k: v for k, v in img.items() if k in valid})
+    return image, LoaderConfig(**{k: d[k] for k in loader_keys if k in d})
 
 
 def _section_dict(path: str, value: Any) -> dict:
@@ -775,4 +886,4 @@ def _check_keys(path: str, d: Mapping[str, Any], valid) -> None:
 SOURCE_CONFIGS.update({"file": FileSourceConfig, "index": IndexSourceConfig,
                        "webdataset": WebDatasetSourceConfig, "db": DBSourceConfig,
                        "zip": ZipSourceConfig, "tfrecord": TFRecordSourceConfig,
-                       "bins": BinsSourceConfig})
+                       "bins": BinsSourceConfig, "mix": MixSourceConfig})

@@ -65,7 +65,7 @@ from datago.sources.index import IndexSource
 from datago.sources.webdataset import WebDatasetSource, assign_shards
 from datago.sources.sizes import SizesIndex, scan_files
 
-__all__ = ["DatagoDataset", "StateError", "default_num_threads"]
+__all__ = ["DatagoDataset", "DatagoMapDataset", "StateError", "default_num_threads"]
 
 STREAMING_MODES = ("stream", "shards", "pages")   # no epoch plan: steps_per_epoch
 MAX_WORKER_ROWS = 64          # stats rows; worker ids beyond share rows (sums stay right)
@@ -142,7 +142,7 @@ class DatagoDataset(IterableDataset):
         self.fetcher, self.listing = _make_source(self.config)
         n = len(self.listing)
         # stable id hashes: shard membership, shuffle keys, the sizes cache key
-        self._hashes = np.fromiter((shard_hash(i) for i in self.listing.ids()),
+        self._hashes = np.fromiter((shard_hash(i) for i in self.listing.hash_keys()),
                                    dtype=np.uint64, count=n)
         self._detector = detector
         self._auto = ShardDetector(src.rank, src.world_size)
@@ -203,6 +203,7 @@ class DatagoDataset(IterableDataset):
             include = np.ones(n, dtype=bool)
             self._bucket_of = np.zeros(n, dtype=np.int64)
         self._items = np.flatnonzero(include)
+        self._mix_cache: Optional[tuple] = None
         self._plan_cache: Optional[Tuple[tuple, EpochPlan]] = None
         self._progress: Optional[dict] = None              # worker-side position (state_dict)
         self._resolve(confident_only=True)
@@ -265,6 +266,10 @@ class DatagoDataset(IterableDataset):
         time) and waiting (consumer); plus the listing and the sizes index."""
         out = summarize(self._stats)
         out["listing"] = {"samples": len(self.listing), "skipped": dict(self.listing.skipped)}
+        if self.config.source_type == "mix":
+            per = self._stats.sum(dim=0).tolist()
+            first = COUNTERS.index("source_0")
+            out["sources"] = [int(per[first + k]) for k in range(len(self.listing.sources))]
         if self.sizes is not None:
             out["index"] = {"samples": len(self.sizes), "unreadable": self.sizes.unreadable,
                             "scanned": self.sizes.scanned, "cached": self.sizes.cached,
@@ -302,8 +307,8 @@ class DatagoDataset(IterableDataset):
         loader = self.config.loader
         batch = loader.batch_size or 1
         nb = len(self.buckets) if (self.buckets and self.mode == "plan") else 1
-        hashes = self._hashes[self._items]
-        bucket_of = self._bucket_of[self._items]
+        items, hashes = self._epoch_items(epoch)
+        bucket_of = self._bucket_of[items]
         kw = dict(num_buckets=nb, seed=loader.seed, epoch=epoch, batch_size=batch,
                   remainder=loader.remainder, sync_buckets=loader.sync_buckets,
                   shuffle=self.config.source.random_sampling, limit=loader.limit)
@@ -313,6 +318,24 @@ class DatagoDataset(IterableDataset):
             p = plan_epoch(hashes, bucket_of, world_size=int(world_size), **kw)
         self._plan_cache = (key, p)
         return p
+
+    def _epoch_items(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(listing indices, their id hashes) the epoch plans: the readable samples,
+        or for a mix the epoch's draw (``datago.sources.mix``; a sample drawn again
+        gets a hash of its own, so its copies are spread like other samples)."""
+        if self.config.source_type != "mix":
+            return self._items, self._hashes[self._items]
+        if self._mix_cache is not None and self._mix_cache[0] == epoch:
+            return self._mix_cache[1]
+        from datago.sources.mix import mix_items
+        of = self.listing.source_of()[self._items]
+        groups = [self._items[of == k] for k in range(len(self.listing.sources))]
+        src = self.config.source
+        items, reps = mix_items(groups, self.listing.weights, src.exhausted,
+                               self.config.loader.seed, epoch)
+        hashes = self._hashes[items] ^ (reps.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+        self._mix_cache = (epoch, (items, hashes))
+        return items, hashes
 
     def __len__(self) -> int:
         """Steps of the current epoch for this rank: batches (samples, without
@@ -345,6 +368,9 @@ class DatagoDataset(IterableDataset):
             "sync_buckets": loader.sync_buckets,
             "random_sampling": self.config.source.random_sampling,
             "limit": loader.limit,
+            **({"mix": repr([(w, t) for w, t, _ in self.config.source.sources])
+                       + self.config.source.exhausted}
+               if self.config.source_type == "mix" else {}),
         }
 
     def state_dict(self) -> dict:
@@ -486,9 +512,10 @@ class DatagoDataset(IterableDataset):
             d = int(p.dropped[info.rank])
             if d:
                 stats.add("dropped_remainder", d)
+        items = self._epoch_items(epoch)[0]
         if self.mode == "samples":
-            return self._samples(p, info, steps, num_threads, stats)
-        return self._batches(p, info, steps, num_threads, stats)
+            return self._samples(p, info, steps, num_threads, stats, items)
+        return self._batches(p, info, steps, num_threads, stats, items)
 
     def _io_threads(self) -> int:
         """IO threads per worker: ``io_concurrency`` for remote sources, else none
@@ -501,10 +528,9 @@ class DatagoDataset(IterableDataset):
             self._progress["step"] = step + stride
 
     def _batches(self, p: EpochPlan, info: ShardInfo, steps: range, num_threads: int,
-                 stats: Stats) -> Iterator[dict]:
+                 stats: Stats, items: np.ndarray) -> Iterator[dict]:
         bucket, samples, padded = p.rank(info.rank)
         listing = self.listing
-        items = self._items
 
         def jobs():
             for t in steps:
@@ -521,12 +547,16 @@ class DatagoDataset(IterableDataset):
                             expected=int(sum(int(p.count[t]) for t in steps)))
         for out in engine:
             self._track(out["step"], info.num_workers)
+            if "source_index" in out:
+                for k in out["source_index"]:
+                    stats.add(f"source_{k}")
+                out["source_index"] = torch.tensor(out["source_index"], dtype=torch.int64)
             yield out
 
     def _samples(self, p: EpochPlan, info: ShardInfo, steps: range, num_threads: int,
-                 stats: Stats) -> Iterator[dict]:
+                 stats: Stats, items: np.ndarray) -> Iterator[dict]:
         _, samples, padded = p.rank(info.rank)
-        listing, items = self.listing, self._items
+        listing = self.listing
 
         def refs():
             for t in steps:
@@ -544,6 +574,8 @@ class DatagoDataset(IterableDataset):
                         max_failures=getattr(self.config.source, "max_failures", None))
         for out in engine:
             self._track(out["step"], info.num_workers)
+            if "source_index" in out:
+                stats.add(f"source_{out['source_index']}")
             yield out
 
     # ------------------------------------------------------------------ streaming
@@ -723,10 +755,115 @@ class DatagoDataset(IterableDataset):
     def __repr__(self) -> str:
         c = self.config
         where = (getattr(c.source, "root_path", None) or getattr(c.source, "index", None)
-                 or getattr(c.source, "url", None) or redact(getattr(c.source, "api_url", "")))
+                 or getattr(c.source, "url", None) or getattr(c.source, "path", None)
+                 or redact(getattr(c.source, "api_url", "") or "")
+                 or f"{len(getattr(c.source, 'sources', ()))} sources")
         return (f"DatagoDataset({c.source_type}={str(where)!r}, samples={len(self.listing)}, "
                 f"buckets={len(self.buckets) if self.buckets else None}, "
                 f"batch_size={c.loader.batch_size}, mode={self.mode!r})")
+
+
+class DatagoMapDataset(torch.utils.data.Dataset):
+    """Random access over any source that lists its samples (map-style):
+    ``len(ds)`` samples, ``ds[i]`` the same dict an unbatched ``DatagoDataset``
+    yields for that sample (image in its bucket, masks, additional images,
+    attributes, latents; no ``step``), read by a blocking fetch through the
+    source's fetch layer (and its disk cache, ``cache_limit_bytes``).
+
+        ds = DatagoMapDataset(config)
+        loader = DataLoader(ds, batch_size=None, sampler=RandomSampler(ds), num_workers=4)
+
+    Samples come at the size of their own bucket, so a ``batch_size`` in the
+    DataLoader needs a sampler that batches indices of one bucket
+    (``ds.bucket_of(i)`` gives it from the sizes, read once, lazily).  A sample
+    that cannot be read or decoded raises ``SampleError`` naming it and the
+    reason (a map-style dataset has no way to skip an index).  ``i`` is the
+    source's listing index (``ds.sample_id(i)``); negative indices count from the
+    end.
+    """
+
+    def __init__(self, config: Union[DatagoConfig, dict, str]):
+        self.config = _as_config(config)
+        if self.config.loader.batch_size is not None:
+            raise ConfigError("batch_size: DatagoMapDataset returns single samples; batch "
+                              "them with a DataLoader and a bucket-aware batch sampler")
+        if getattr(self.config.source, "streaming", False):
+            raise ConfigError("source_config.streaming: a streamed source has no random "
+                              "access; DatagoMapDataset needs a source that lists its samples")
+        self.fetcher, self.listing = _make_source(self.config)
+        self.buckets = self.config.buckets
+        self._engine: Optional[Engine] = None
+        self._pid = None
+        self._sizes: Optional[SizesIndex] = None
+        self._stats = torch.zeros(len(COUNTERS), dtype=torch.float64)
+
+    def __len__(self) -> int:
+        return len(self.listing)
+
+    def sample_id(self, i: int) -> str:
+        return self.listing.sample_id(self._index(i))
+
+    def _index(self, i) -> int:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"DatagoMapDataset indices are integers, got {type(i).__name__}")
+        n = len(self.listing)
+        j = int(i) + n if i < 0 else int(i)
+        if not 0 <= j < n:
+            raise IndexError(f"index {i} out of range for {n} samples")
+        return j
+
+    def _worker_engine(self) -> Engine:
+        pid = os.getpid()
+        if self._engine is None or self._pid != pid:      # one per process (forked workers)
+            self._engine = Engine((), image_cfg=self.config.image, buckets=self.buckets,
+                                  batch_size=None, drop_last=False, num_threads=1, buffer=1,
+                                  on_error="raise", stats=Stats(self._stats),
+                                  read=self.fetcher.read, max_failures=None)
+            self._pid = pid
+        return self._engine
+
+    def __getitem__(self, i) -> dict:
+        return self._worker_engine()._one(self.listing.ref(self._index(i)))
+
+    def bucket_of(self, i: int) -> Optional[Tuple[int, int]]:
+        """(height, width) of sample ``i``'s bucket from its header (the sizes of all
+        samples are read once, on first use, cached like DatagoDataset's); None
+        when unreadable or without buckets."""
+        if not self.buckets:
+            return None
+        j = self._index(i)
+        if self._sizes is None:
+            known = self.listing.known_sizes()
+            if known is None:
+                src = self.config.source
+                fetched = self.listing.kind not in ("file", "index") or \
+                    (self.listing.kind != "file" and self.listing.remote())
+                hashes = np.fromiter((shard_hash(k) for k in self.listing.hash_keys()),
+                                     dtype=np.uint64, count=len(self.listing))
+                known = scan_files(self.listing.root,
+                                   [self.listing.main_location(k) for k in range(len(self))],
+                                   hashes, cache_dir=getattr(src, "cache_dir", None),
+                                   use_cache=getattr(src, "sizes_cache", True),
+                                   head=self.fetcher.head if fetched else None)
+            self._sizes = known
+        w, h = int(self._sizes.width[j]), int(self._sizes.height[j])
+        if w <= 0 or h <= 0:
+            return None
+        bw, bh = nearest_bucket(w, h, self.buckets)
+        return bh, bw
+
+    def stats(self) -> dict:
+        """This process's counters (samples, bytes, seconds reading and decoding)."""
+        return summarize(self._stats.reshape(1, -1))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_engine"] = None
+        state["_pid"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"DatagoMapDataset({self.config.source_type}, samples={len(self)})"
 
 
 class _prefetched:
@@ -824,6 +961,9 @@ def _make_source(config: DatagoConfig):
                                       **_cache_kw(src)))
         rank = src.rank if src.rank is not None else ShardDetector(src.rank, src.world_size).resolve()[0]
         return fetcher, DBSource(src, fetcher, rank=rank)
+    if config.source_type == "mix":
+        from datago.sources.mix import build
+        return build(config, _make_source)
     if config.source_type in ("zip", "tfrecord", "bins"):
         fetcher = Fetcher(FetchConfig(io_concurrency=src.io_concurrency, timeout_s=src.timeout_s,
                                       **_cache_kw(src)))

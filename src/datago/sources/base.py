@@ -50,6 +50,10 @@ class Source:
         for i in range(len(self)):
             yield self.sample_id(i)
 
+    def hash_keys(self) -> Iterator[str]:
+        """The strings the stable id hashes (sharding, shuffling, caches) are made of."""
+        return self.ids()
+
     def ref(self, i: int) -> SampleRef:
         raise NotImplementedError
 

@@ -16,7 +16,8 @@ name: ``a/b/cat01.jpg``, ``a/b/cat01.mask.png`` and ``a/b/cat01.txt`` share the 
 * ``<key>.json`` is parsed and, when it is an object, merged into the sample's
   attributes; ``<key>.txt`` becomes ``attributes["txt"]``; ``<key>.<name>.txt`` /
   ``<key>.<name>.json`` become ``attributes[name]``;
-* ``<key>.npy`` / ``<key>.<name>.npy`` are latents (NumPy arrays) named ``"npy"`` /
+* ``<key>.npy`` / ``<key>.<name>.npy`` (and ``.safetensors``) are latents (NumPy
+  arrays; a safetensors file of several tensors gives ``<name>/<tensor>``) named ``"npy"`` /
   ``name`` (``batch["latents"]``);
 * a group with no ``<key>.<ext>`` image but other images takes the first of them
   (in name order, masks excepted) as its main image, so multi-dot names such as
@@ -50,7 +51,7 @@ __all__ = ["FileListing", "SampleRef", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 TEXT_EXTENSIONS = ("txt", "json")
-LATENT_EXTENSIONS = ("npy",)
+LATENT_EXTENSIONS = ("npy", "safetensors")
 MASK_NAMES = ("mask", "seg")
 
 # A pattern describes a sample's files by their suffix after the key.

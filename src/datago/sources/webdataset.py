@@ -213,7 +213,7 @@ def make_ref(key: str, locs: Dict[str, object], main: str) -> SampleRef:
                 images.append((middle or low, loc))
         elif last in ("json", "txt", "cls"):
             texts.append((middle or ("" if last == "json" else last), loc))
-        elif last == "npy":
+        elif last in ("npy", "safetensors"):
             latents.append((middle or last, loc))
     return SampleRef(key, locs[main], tuple(masks), tuple(images), tuple(texts),
                      latents=tuple(latents))
