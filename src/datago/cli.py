@@ -10,6 +10,9 @@ written the usual way (open, EXIF transpose, RGB, LANCZOS cover-resize, crop).
 
 ``datago`` alone runs both on a generated sample corpus (cached in ~/.cache/datago).
 
+``datago convert SRC DST --format bins|webdataset|tfrecord`` rewrites a dataset
+(see ``datago.convert``).
+
 ``datago serve ROOT`` serves a folder as a read-only, dataroom-compatible metadata
 API plus its files (see ``datago.serve``).
 """
@@ -268,6 +271,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        help="folder for the indexes (default: next to each local shard)")
     index.add_argument("--reference-image-type", default="jpg",
                        help="extension of the main image (jpg)")
+    conv = sub.add_parser("convert", help="rewrite a dataset (folder, index, webdataset, zip, "
+                          "tfrecord, bins, db) as split bins, WebDataset shards or TFRecords")
+    conv.add_argument("src", help="a folder of images, a bins folder, or a JSON config file")
+    conv.add_argument("dst", help="the output folder")
+    conv.add_argument("--format", required=True, choices=("bins", "webdataset", "tfrecord"),
+                      help="output format")
+    conv.add_argument("--reencode", default=None,
+                      help="re-encode main images: jpeg:Q, webp:Q or png (default: keep the bytes)")
+    conv.add_argument("--workers", type=int, default=None,
+                      help="reading processes (default: CPUs, at most 8; 1: none)")
+    conv.add_argument("--splits", type=int, default=128, help="bins: number of bins (128)")
+    conv.add_argument("--shard-size", type=int, default=1000,
+                      help="webdataset/tfrecord: samples per shard (1000)")
+    conv.add_argument("--limit", type=int, default=None, help="the first N samples only")
+    conv.add_argument("--resume", action="store_true",
+                      help="continue an interrupted conversion into DST")
+    conv.add_argument("--overwrite", action="store_true",
+                      help="replace a finished conversion already in DST")
+    conv.add_argument("--quiet", action="store_true", help="no progress bar")
     srv = sub.add_parser("serve", help="serve a folder (or a config's source) as a read-only, "
                          "dataroom-compatible metadata API plus its files")
     srv.add_argument("root", nargs="?", help="folder of images (or give --config)")
@@ -295,6 +317,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      cache_dir=args.cache_dir)
     if args.command == "index":
         return run_index(args.url, args.out, args.reference_image_type)
+    if args.command == "convert":
+        from datago.convert import run_convert
+        return run_convert(args)
     if args.command is None:
         rc = run_bench(None, 512, 16, 32, None, 0, None)
         if rc == 0:

@@ -1,0 +1,598 @@
+"""source_type "tfrecord": CRC-32C, the Example reader, the writer, and TFRecord
+files read by record offset (local, gzip, over nginx) against the folder source.
+
+No TensorFlow: the reference record below is built by hand (protobuf bytes written
+out field by field, CRC-32C by a bitwise reference implementation in this file)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import warnings
+
+import numpy as np
+import pytest
+
+from conftest import encode, photo
+from datago import DatagoDataset
+from datago._core import _crc32c
+from datago.fetch import FetchError, Member
+from datago.sources import tfrecord as T
+from datago.sources.tfrecord import (TFRecordWriter, encode_example, parse_example,
+                                     read_records, record_feature, write_index)
+from servers import Nginx
+
+IMAGE = {"crop_and_resize": True, "default_image_size": 64, "downsampling_ratio": 16}
+
+
+# ---------------------------------------------------------------------- references
+def ref_crc32c(data: bytes, crc: int = 0) -> int:
+    """Bitwise CRC-32C (reflected 0x82F63B78): the definition, slow."""
+    crc ^= 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF
+
+
+def ref_masked(data: bytes) -> int:
+    c = ref_crc32c(data)
+    return ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def ref_frame(data: bytes) -> bytes:
+    head = struct.pack("<Q", len(data))
+    return head + struct.pack("<I", ref_masked(head)) + data + struct.pack("<I", ref_masked(data))
+
+
+def varint(v: int) -> bytes:
+    v &= (1 << 64) - 1
+    out = b""
+    while True:
+        b, v = v & 0x7F, v >> 7
+        if v:
+            out += bytes([b | 0x80])
+        else:
+            return out + bytes([b])
+
+
+def ld(field: int, payload: bytes) -> bytes:
+    return varint(field << 3 | 2) + varint(len(payload)) + payload
+
+
+def entry(key: str, feature: bytes) -> bytes:
+    return ld(1, ld(1, key.encode()) + ld(2, feature))
+
+
+# Example{features{feature{key:"image/encoded" value{bytes_list{value:"abc"}}}
+#                  feature{key:"label" value{int64_list{value:7}}}}}, written out by hand
+HAND_EXAMPLE = bytes.fromhex(
+    "0a2a"                                   # Example.features, 42 bytes
+    "0a18" "0a0d" + b"image/encoded".hex() + "1207" "0a05" "0a03" + b"abc".hex()
+    + "0a0e" "0a05" + b"label".hex() + "1205" "1a03" "0a0107")
+
+
+def npy_bytes(arr) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def by_id(ds):
+    """{id: (bucket, image, original_size, crop, attributes, masks, latents)} over an epoch."""
+    out = {}
+    for b in ds:
+        for j, sid in enumerate(b["id"]):
+            masks = {k: v[j].numpy().tobytes() for k, v in b["masks"].items()}
+            masks.update({f"image/{k}": v[j].numpy().tobytes()
+                          for k, v in b["additional_images"].items()})
+            masks.update({f"present/{k}": bool(v[j]) for k, v in b.get("present", {}).items()})
+            lat = {}
+            for k, v in b.get("latents", {}).items():
+                x = v[j] if not isinstance(v, list) else v[j]
+                lat[k] = None if x is None else (tuple(x.shape), x.numpy().tobytes())
+            out[sid] = (tuple(b["bucket"]), b["image"][j].numpy().tobytes(),
+                        tuple(b["original_size"][j].tolist()),
+                        tuple(b["crop_coords"][j].tolist()), b["attributes"][j], masks, lat)
+    return out
+
+
+def tf_cfg(path, **kw):
+    src = {"path": path if isinstance(path, (str, list)) else str(path)}
+    src.update(kw.pop("source", {}))
+    return {"source_type": "tfrecord", "source_config": src, "image_config": IMAGE,
+            "batch_size": 4, "seed": 3, **kw}
+
+
+# ---------------------------------------------------------------------- the data
+N = 18
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The same samples as a folder (json/mask/npy sidecars) and as two TFRecord files."""
+    base = tmp_path_factory.mktemp("tfrecord")
+    folder = base / "folder"
+    rng = np.random.default_rng(5)
+    samples = []
+    for i in range(N):
+        w = int(rng.integers(40, 200))
+        h = max(8, int(w / np.exp(rng.uniform(np.log(0.5), np.log(2.0)))))
+        png = i % 5 == 0
+        name = f"g{i % 2}/s{i:03d}.{'png' if png else 'jpg'}"
+        img = encode(photo(w, h, seed=i), "PNG") if png else \
+            encode(photo(w, h, seed=i), "JPEG", quality=90)
+        feats = {"image/encoded": img, "image/filename": name, "caption": f"caption {i} é",
+                 "label": i, "score": i / 4}
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(img)
+        stem = str(folder / name).rsplit(".", 1)[0]
+        with open(stem + ".json", "w") as f:
+            json.dump({"caption": f"caption {i} é", "label": i, "score": i / 4}, f)
+        if i % 3 == 0:
+            m = (photo(w, h, seed=100 + i)[..., 0] > 128).astype(np.uint8) * 255
+            feats["mask/encoded"] = encode(m, "PNG")
+            with open(stem + ".mask.png", "wb") as f:
+                f.write(feats["mask/encoded"])
+        if i % 4 == 1:
+            feats["depth/encoded"] = encode(photo(w, h, seed=200 + i), "PNG")
+            with open(stem + ".depth.png", "wb") as f:
+                f.write(feats["depth/encoded"])
+        emb = rng.standard_normal(8).astype(np.float32)
+        feats["emb"] = emb
+        np.save(stem + ".emb.npy", emb)
+        samples.append((name, feats))
+    files = []
+    for k in range(2):
+        path = base / "records" / f"part-{k}.tfrecord"
+        with TFRecordWriter(path) as w:
+            for _, feats in samples[k::2]:
+                w.write_example(feats)
+        files.append(path)
+    return base, folder, samples, files
+
+
+def folder_cfg(root):
+    return {"source_config": {"root_path": str(root)}, "image_config": IMAGE,
+            "batch_size": 4, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def folder_result(data):
+    return by_id(DatagoDataset(folder_cfg(data[1])))
+
+
+# ---------------------------------------------------------------------- CRC-32C
+def test_crc32c_known_vectors():
+    for fn in (_crc32c.crc32c, _crc32c.crc32c_table, ref_crc32c):
+        assert fn(b"123456789") == 0xE3069283
+        assert fn(b"") == 0
+        assert fn(bytes(32)) == 0x8A9136AA                      # RFC 3720 B.4
+        assert fn(b"\xff" * 32) == 0x62A8AB43
+        assert fn(bytes(range(32))) == 0x46DD794E
+        assert fn(bytes(range(31, -1, -1))) == 0x113FDB5C
+    assert _crc32c.KERNEL in ("sse4.2", "table")
+    assert T.masked_crc32c(b"123456789") == ref_masked(b"123456789")
+    c = 0xE3069283
+    assert T.masked_crc32c(b"123456789") == \
+        ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def test_crc32c_kernels_agree_on_all_lengths_and_alignments():
+    rng = np.random.default_rng(0)
+    blob = rng.integers(0, 256, 300, dtype=np.uint8).tobytes()
+    for start in range(9):
+        for n in list(range(0, 40)) + [63, 64, 65, 129, 250]:
+            piece = blob[start:start + n]
+            want = ref_crc32c(piece)
+            assert _crc32c.crc32c(piece) == want
+            assert _crc32c.crc32c_table(piece) == want
+            assert _crc32c.crc32c(memoryview(blob)[start:start + n]) == want
+            cut = n // 3
+            assert _crc32c.crc32c(piece[cut:], _crc32c.crc32c(piece[:cut])) == want
+    big = rng.integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()   # the nogil path
+    assert _crc32c.crc32c(big) == _crc32c.crc32c_table(big)
+    assert _crc32c.crc32c(bytearray(b"123456789")) == 0xE3069283
+
+
+# ---------------------------------------------------------------------- records
+def test_hand_built_record_is_read():
+    framed = ref_frame(HAND_EXAMPLE)
+    assert T.frame(HAND_EXAMPLE) == framed                     # the writer frames alike
+    assert record_feature(framed, "image/encoded") == b"abc"
+    assert np.load(io.BytesIO(record_feature(framed, "label"))).tolist() == [7]
+    feats = parse_example(HAND_EXAMPLE)
+    assert feats["image/encoded"] == [b"abc"] and feats["label"].tolist() == [7]
+    # our encoder writes the same bytes for the same features
+    assert encode_example({"image/encoded": b"abc", "label": 7}) == HAND_EXAMPLE
+
+
+def test_writer_output_is_framed_by_the_reference(tmp_path):
+    path = tmp_path / "w.tfrecord"
+    with TFRecordWriter(path) as w:
+        w.write(b"first")
+        w.write_example({"image/encoded": b"abc", "label": 7})
+    assert path.read_bytes() == ref_frame(b"first") + ref_frame(HAND_EXAMPLE)
+    assert list(read_records(str(path))) == [b"first", HAND_EXAMPLE]
+    assert w.offsets == [(0, 21), (21, len(HAND_EXAMPLE) + 16)]
+
+
+def test_example_parsing_of_all_feature_kinds():
+    floats_packed = ld(1, struct.pack("<3f", 1.5, -2.0, 0.25))
+    floats_unpacked = b"".join(varint(1 << 3 | 5) + struct.pack("<f", v) for v in (3.0, 4.5))
+    ints_unpacked = b"".join(varint(1 << 3 | 0) + varint(v) for v in (5, -1, 2 ** 40))
+    ints_packed = ld(1, b"".join(varint(v) for v in (-(2 ** 63), 0, 2 ** 63 - 1)))
+    unknown = varint(9 << 3 | 0) + varint(99) + varint(10 << 3 | 1) + bytes(8) + \
+        varint(11 << 3 | 5) + bytes(4) + ld(12, b"junk")
+    ex = ld(1, entry("fp", ld(2, floats_packed)) + entry("fu", ld(2, floats_unpacked))
+            + entry("mixed", ld(2, floats_packed + floats_unpacked))
+            + entry("iu", ld(3, ints_unpacked)) + entry("ip", ld(3, ints_packed))
+            + entry("b", ld(1, ld(1, b"x") + ld(1, b"") + ld(1, b"\xff")))
+            + entry("empty", ld(3, b"")) + entry("none", b"")
+            + entry("dup", ld(1, ld(1, b"old"))) + unknown
+            + entry("dup", ld(3, ld(1, varint(3))))) + unknown
+    f = parse_example(ex)
+    assert f["fp"].dtype == np.float32 and f["fp"].tolist() == [1.5, -2.0, 0.25]
+    assert f["fu"].tolist() == [3.0, 4.5]
+    assert f["mixed"].tolist() == [1.5, -2.0, 0.25, 3.0, 4.5]
+    assert f["iu"].dtype == np.int64 and f["iu"].tolist() == [5, -1, 2 ** 40]
+    assert f["ip"].tolist() == [-(2 ** 63), 0, 2 ** 63 - 1]
+    assert f["b"] == [b"x", b"", b"\xff"]
+    assert f["empty"].tolist() == [] and "none" not in f
+    assert f["dup"].tolist() == [3]                           # the last map entry wins
+    for bad in (b"\x0a\x05\x01", b"\x0b", b"\x0a\x80", ld(1, ld(1, ld(1, b"k") + ld(2, ld(2, b"abc"))))):
+        with pytest.raises(ValueError):
+            parse_example(bad)
+
+
+def test_writer_round_trip_of_values_and_arrays():
+    arr = np.arange(12, dtype=np.float32).reshape(3, 4)
+    ex = encode_example({"s": "héllo", "b": b"\x00\xff", "i": -3, "f": 0.5, "il": [1, 2, 3],
+                         "fl": [1, 2.5], "sl": ["a", b"b"], "arr": arr, "u8": np.arange(4, dtype=np.uint8),
+                         "one": np.array([7]), "skip": None, "flag": True})
+    f = parse_example(ex)
+    assert f["s"] == ["héllo".encode()] and f["b"] == [b"\x00\xff"] and f["i"].tolist() == [-3]
+    assert f["f"].tolist() == [0.5] and f["il"].tolist() == [1, 2, 3]
+    assert f["fl"].tolist() == [1.0, 2.5] and f["sl"] == [b"a", b"b"] and f["flag"].tolist() == [1]
+    assert f["arr"].tolist() == arr.reshape(-1).tolist() and f["arr/shape"].tolist() == [3, 4]
+    assert f["u8"].dtype == np.int64 and "u8/shape" not in f
+    assert f["one/shape"].tolist() == [1] and "skip" not in f
+    framed = T.frame(ex)
+    got = np.load(io.BytesIO(record_feature(framed, "arr")))
+    assert got.dtype == np.float32 and np.array_equal(got, arr)
+    assert np.load(io.BytesIO(record_feature(framed, "one"))).tolist() == [7]
+    # a raw-bytes array with shape and dtype companions
+    raw = np.arange(6, dtype=np.float16).reshape(2, 3)
+    framed = T.frame(encode_example({"lat": raw.tobytes(), "lat/shape": [2, 3],
+                                     "lat/dtype": "float16"}))
+    got = np.load(io.BytesIO(record_feature(framed, "lat")))
+    assert got.dtype == np.float16 and np.array_equal(got, raw)
+    with pytest.raises(TypeError):
+        encode_example({"x": object()})
+
+
+def test_feature_conventions():
+    png = encode(photo(20, 10, seed=1), "PNG")
+    jpg = encode(photo(30, 16, seed=2), "JPEG")
+    ex = encode_example({
+        "image/encoded": jpg, "id": 42, "mask/encoded": png, "seg/encoded": png,
+        "image/mask": png, "alpha/mask/encoded": png, "depth/encoded": png, "thumb": jpg,
+        "bmp/encoded": b"BM not checked", "caps": ["a", "b"],
+        "small_bin": b"\xff\x01", "big_bin": b"\xff" * 5000, "empty": [],
+        "raw": np.arange(4, dtype=np.uint8).tobytes(), "raw/shape": [2, 2],
+        "emb": np.ones(3, np.float32), "one": [2.5], "x/dtype": "float16", "x": 1})
+    d = T._describe(ex, "image/encoded", "id")
+    assert d["id"] == "42" and (d["w"], d["h"]) == (30, 16)
+    masks, images, arrays = d["p"]
+    assert masks == [["mask", "mask/encoded"], ["seg", "seg/encoded"], ["image", "image/mask"],
+                     ["alpha", "alpha/mask/encoded"]]
+    assert images == [["depth", "depth/encoded"], ["thumb", "thumb"], ["bmp", "bmp/encoded"]]
+    assert arrays == [["raw", "raw"], ["emb", "emb"]]
+    assert d["a"] == {"caps": ["a", "b"], "small_bin": {"b64": "/wE="}, "empty": [],
+                      "one": 2.5, "x/dtype": "float16", "x": 1}
+    framed = T.frame(ex)
+    assert np.load(io.BytesIO(record_feature(framed, "raw"))).tolist() == [[0, 1], [2, 3]]
+    assert record_feature(framed, "seg/encoded") == png
+    assert T._describe(encode_example({"other": jpg}), "image/encoded", None) == {"bad": "no_image"}
+
+
+def test_record_feature_errors_have_reasons(monkeypatch):
+    framed = bytearray(T.frame(encode_example({"image/encoded": b"abcdef", "label": 1})))
+    m = Member("f.tfrecord", 0, len(framed), "x.jpg", "tfrecord:image/encoded")
+    with pytest.raises(FetchError) as e:
+        record_feature(bytes(framed), "nope", m)
+    assert e.value.reason == "bad_member" and "nope" in str(e.value)
+    bad = bytearray(framed)
+    bad[20] ^= 0x01                                             # in the data
+    with monkeypatch.context() as mp:                           # never parsed
+        mp.setattr(T, "_find", lambda *a: pytest.fail("a record with a bad CRC was parsed"))
+        with pytest.raises(FetchError) as e:
+            record_feature(bytes(bad), "image/encoded", m)
+    assert e.value.reason == "crc_mismatch"
+    bad = bytearray(framed)
+    bad[3] ^= 0x01                                              # in the length
+    with pytest.raises(FetchError) as e:
+        record_feature(bytes(bad), "image/encoded", m)
+    assert e.value.reason == "crc_mismatch"
+    with pytest.raises(FetchError) as e:
+        record_feature(bytes(framed[:-3]), "image/encoded", m)   # not the indexed length
+    assert e.value.reason == "bad_member"
+    with pytest.raises(FetchError) as e:
+        record_feature(b"short", "image/encoded", m)
+    assert e.value.reason == "bad_member"
+
+
+# ---------------------------------------------------------------------- the source
+def test_equals_the_folder_source(data, folder_result, tmp_path, monkeypatch):
+    base, _, samples, files = data
+    import datago.dataset as dataset_mod
+
+    def no_scan(*a, **k):
+        raise AssertionError("the index has every size: no header scan")
+    monkeypatch.setattr(dataset_mod, "scan_files", no_scan)
+    cfg = tf_cfg(str(base / "records" / "part-*.tfrecord"),
+                 source={"id_key": "image/filename", "cache_dir": str(tmp_path / "c")})
+    ds = DatagoDataset(cfg)
+    assert ds.listing.built == 2 and len(ds.listing) == N and ds.mode == "plan"
+    got = by_id(ds)
+    assert set(got) == {name for name, _ in samples}
+    assert got == folder_result                 # pixels, sizes, crops, attributes, masks, latents
+    assert got["g0/s000.png"][4] == {"caption": "caption 0 é", "label": 0, "score": 0.0}
+    assert "mask" in got["g0/s000.png"][5] and got["g1/s001.jpg"][6]["emb"][0] == (8,)
+    assert got["g1/s001.jpg"][5]["present/image/depth"]
+    st = ds.stats()
+    assert st["skipped_total"] == 0 and st["index"]["scanned"] == 0
+    # the second time the cached indexes are used
+    ds2 = DatagoDataset(cfg)
+    assert ds2.listing.built == 0 and by_id(ds2) == got
+
+
+def test_default_ids_and_attributes(data, tmp_path):
+    _, _, samples, files = data
+    ds = DatagoDataset(tf_cfg(str(files[0]), source={"cache_dir": str(tmp_path / "c")},
+                              batch_size=None, image_config=None))
+    assert list(ds.listing.ids()) == [f"part-0.tfrecord:{k}" for k in range(len(samples[0::2]))]
+    ref = ds.listing.ref(1)
+    assert ref.attributes["image/filename"] == samples[2][0]
+    assert ref.path.codec == "tfrecord:image/encoded" and ref.path.name.endswith(".jpg")
+    assert [n for n, _ in ref.latents] == ["emb"]
+    items = {it["id"]: it for it in ds}
+    assert len(items) == len(samples[0::2])
+    lat = items["part-0.tfrecord:1"]["latents"]["emb"]
+    assert np.array_equal(np.asarray(lat), samples[2][1]["emb"])
+
+
+def test_corrupt_record_is_counted_never_decoded(data, tmp_path):
+    _, _, samples, files = data
+    path = tmp_path / "c.tfrecord"
+    path.write_bytes(files[0].read_bytes())
+    write_index(str(path), id_key="image/filename")          # indexed while intact
+    idx = json.loads((tmp_path / "c.tfrecord.tfidx.json").read_text())
+    victim = idx["records"][2]
+    raw = bytearray(path.read_bytes())
+    raw[victim["o"] + victim["n"] // 2] ^= 0x40               # bit rot inside the record
+    path.write_bytes(bytes(raw))
+    one = {"batch_size": None, "image_config": None}          # every sample read once
+    ds = DatagoDataset(tf_cfg(str(path), source={"id_key": "image/filename",
+                                                 "cache_dir": str(tmp_path / "c")}, **one))
+    assert ds.listing.built == 0 and len(ds.listing) == len(samples[0::2])
+    with pytest.warns(RuntimeWarning, match="crc_mismatch"):
+        got = sorted(it["id"] for it in ds)
+    st = ds.stats()
+    assert st["skipped"] == {"crc_mismatch": 1}
+    assert victim["id"] not in got and len(got) == len(samples[0::2]) - 1
+    # a fresh index (the cache, no index beside the file) finds it while indexing
+    os.unlink(tmp_path / "c.tfrecord.tfidx.json")
+    ds = DatagoDataset(tf_cfg(str(path), source={"id_key": "image/filename",
+                                                 "cache_dir": str(tmp_path / "c2")}, **one))
+    assert ds.listing.skipped == {"crc_mismatch": 1} and sorted(ds.listing.ids()) == got
+    assert sorted(it["id"] for it in ds) == got and ds.stats()["skipped_total"] == 0
+
+
+def test_bad_length_crc_and_truncated_file(data, tmp_path):
+    _, _, samples, files = data
+    raw = files[0].read_bytes()
+    offsets = [o for o, _ in T._read_text_index(
+        "".join(f"{r['o']} {r['n']}\n" for r in T.build_index(str(files[0]))["records"]).encode())]
+    broken = bytearray(raw)
+    broken[offsets[3] + 2] ^= 0x01                            # the 4th record's length
+    (tmp_path / "len.tfrecord").write_bytes(bytes(broken))
+    (tmp_path / "cut.tfrecord").write_bytes(raw[:offsets[5] + 40])   # inside the 6th record
+    for name, reason, kept in (("len", "crc_mismatch", 3), ("cut", "truncated", 5)):
+        with pytest.warns(RuntimeWarning, match="not read"):
+            ds = DatagoDataset(tf_cfg(str(tmp_path / f"{name}.tfrecord"),
+                                      source={"cache_dir": str(tmp_path / name)}))
+        assert ds.listing.skipped == {reason: 1} and len(ds.listing) == kept
+        assert len(by_id(ds)) == kept
+    # cut after indexing: the records past the end are counted when read, no hang
+    path = tmp_path / "late.tfrecord"
+    path.write_bytes(raw)
+    write_index(str(path))
+    path.write_bytes(raw[:offsets[5] + 40])
+    with pytest.warns(RuntimeWarning) as caught:
+        ds = DatagoDataset(tf_cfg(str(path), source={"cache_dir": str(tmp_path / "late")}))
+    assert any("stale" in str(w.message) for w in caught)
+    assert len(ds.listing) == 5                               # size changed: re-indexed
+    idx = T.build_index(str(files[0]))
+    (tmp_path / "x").mkdir()
+    idx.pop("size")                                           # an index that cannot tell
+    (tmp_path / "x" / "late.tfrecord.tfidx.json").write_text(json.dumps(idx))
+    ds = DatagoDataset(tf_cfg(str(path), batch_size=None, image_config=None,
+                              source={"index_dir": str(tmp_path / "x")}))
+    assert len(ds.listing) == len(samples[0::2])
+    with pytest.warns(RuntimeWarning, match="truncated"):
+        got = [it["id"] for it in ds]
+    assert len(got) == 5 and ds.stats()["skipped"] == {"truncated": len(samples[0::2]) - 5}
+
+
+def test_gzip_files(data, folder_result, tmp_path):
+    _, _, samples, _ = data
+    paths = []
+    for k in range(2):
+        p = tmp_path / f"z-{k}.tfrecord.gz"
+        with TFRecordWriter(p, gzip=True) as w:
+            for _, feats in samples[k::2]:
+                w.write_example(feats)
+        paths.append(str(p))
+    assert open(paths[0], "rb").read(2) == b"\x1f\x8b"
+    cache = tmp_path / "cache"
+    cfg = tf_cfg(paths, source={"id_key": "image/filename", "cache_dir": str(cache)})
+    ds = DatagoDataset(cfg)
+    assert ds.listing.built == 2 and not ds._remote
+    copies = sorted(cache.glob("tfrecord/*.tfrecord"))
+    assert len(copies) == 2 and all(loc.startswith(str(cache)) for loc in ds.listing._locs)
+    assert by_id(ds) == folder_result
+    assert DatagoDataset(cfg).listing.built == 0
+    for c in copies:                                          # a copy that went missing
+        c.unlink()
+    ds = DatagoDataset(cfg)
+    assert ds.listing.built == 2 and by_id(ds) == folder_result
+    # compression: "gzip" for a name without .gz
+    plain = tmp_path / "noext.tfr"
+    plain.write_bytes(open(paths[0], "rb").read())
+    ds = DatagoDataset(tf_cfg(str(plain), source={"compression": "gzip", "cache_dir": str(cache)},
+                              batch_size=None, image_config=None))
+    assert len(ds.listing) == len(samples[0::2]) and len(list(ds)) == len(samples[0::2])
+    with pytest.raises(Exception, match="gzip"):
+        DatagoDataset(tf_cfg(str(data[3][0]), source={"compression": "gzip",
+                                                      "cache_dir": str(cache)}))
+
+
+def test_text_index_of_the_tfrecord_package(data, tmp_path):
+    _, _, samples, files = data
+    path = tmp_path / "t.tfrecord"
+    path.write_bytes(files[1].read_bytes())
+    spans = [(r["o"], r["n"]) for r in T.build_index(str(path))["records"]]
+    # an index that leaves record 2 out: used as it is (records read by offset)
+    text = "".join(f"{o} {n}\n" for k, (o, n) in enumerate(spans) if k != 2)
+    (tmp_path / "t.index").write_text(text)
+    ds = DatagoDataset(tf_cfg(str(path), source={"id_key": "image/filename",
+                                                 "cache_dir": str(tmp_path / "c")}))
+    want = [name for k, (name, _) in enumerate(samples[1::2]) if k != 2]
+    assert ds.listing.built == 1 and sorted(ds.listing.ids()) == sorted(want)
+    assert set(by_id(ds)) == set(want) and ds.sizes.scanned == 0
+    # in index_dir as <name>.index
+    (tmp_path / "t.index").unlink()
+    (tmp_path / "ix").mkdir()
+    (tmp_path / "ix" / "t.tfrecord.index").write_text("".join(f"{o} {n}\n" for o, n in spans[:3]))
+    ds = DatagoDataset(tf_cfg(str(path), source={"index_dir": str(tmp_path / "ix"),
+                                                 "cache_dir": str(tmp_path / "c2")}))
+    assert len(ds.listing) == 3
+    # a record at a wrong offset is counted, not fatal
+    (tmp_path / "ix" / "t.tfrecord.index").write_text(f"{spans[0][0]} {spans[0][1]}\n"
+                                                       f"{spans[1][0] + 1} {spans[1][1]}\n")
+    ds = DatagoDataset(tf_cfg(str(path), source={"index_dir": str(tmp_path / "ix"),
+                                                 "cache_dir": str(tmp_path / "c3")}))
+    assert len(ds.listing) == 1 and ds.listing.skipped == {"crc_mismatch": 1}
+
+
+def test_over_nginx_one_range_request_per_sample(data, folder_result, tmp_path):
+    base, _, samples, files = data
+    served = tmp_path / "served"
+    served.mkdir()
+    for f in files:
+        (served / f.name).write_bytes(f.read_bytes())
+    write_index(str(served / files[0].name), id_key="image/filename")   # one with an index
+    with Nginx(served) as n:
+        urls = [f"{n.url}/{f.name}" for f in files]
+        ds = DatagoDataset(tf_cfg(urls, source={"id_key": "image/filename",
+                                                "cache_dir": str(tmp_path / "c")}))
+        assert ds._remote and ds.listing.built == 1               # the other one streamed
+        got = by_id(ds)
+        ds = DatagoDataset(tf_cfg(urls, source={"id_key": "image/filename",
+                                                "cache_dir": str(tmp_path / "c")},
+                                  batch_size=None, image_config=None))
+        before = len(n.access_log())
+        assert len(list(ds)) == N                              # each sample once
+        log = n.access_log()[before:]
+    assert got == folder_result
+    # one ranged read per record; a mask, an additional image or an array (emb, in
+    # every sample) reads the record again
+    parts = sum(("mask/encoded" in feats) + ("depth/encoded" in feats) for _, feats in samples)
+    assert all(" 206 " in line for line in log)
+    assert len(log) == N + parts + N
+
+
+def test_over_nginx_without_parts_is_one_request_per_sample(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    with TFRecordWriter(served / "p.tfrecord") as w:
+        for i in range(10):
+            w.write_example({"image/encoded": encode(photo(40 + 4 * i, 48, seed=i), "JPEG"),
+                             "label": i})
+    raw = (served / "p.tfrecord").read_bytes()
+    import gzip
+    (served / "z.tfrecord.gz").write_bytes(gzip.compress(raw))
+    (served / "q.tfrecord").write_bytes(raw)
+    spans = [(r["o"], r["n"]) for r in T.build_index(str(served / "q.tfrecord"))["records"]]
+    (served / "q.index").write_text("".join(f"{o} {k}\n" for o, k in spans))
+    with Nginx(served) as n:
+        # gzip: streamed once into a local copy, samples read from it
+        ds = DatagoDataset(tf_cfg(f"{n.url}/z.tfrecord.gz", batch_size=None, image_config=None,
+                                  source={"cache_dir": str(tmp_path / "c")}))
+        assert not ds._remote and len(list(ds)) == 10
+        # a .index beside the file: records read by Range to build the index
+        before = len(n.access_log())
+        ds = DatagoDataset(tf_cfg(f"{n.url}/q.tfrecord", batch_size=None, image_config=None,
+                                  source={"cache_dir": str(tmp_path / "c")}))
+        log = n.access_log()[before:]
+        assert len(ds.listing) == 10 and ds.listing.built == 1
+        assert sum("GET /q.tfrecord " in line and " 206 " in line for line in log) == 10
+        assert not any("GET /q.tfrecord " in line and " 200 " in line for line in log)
+        ds = DatagoDataset(tf_cfg(f"{n.url}/p.tfrecord", source={"cache_dir": str(tmp_path / "c")},
+                                  batch_size=None))
+        before = len(n.access_log())
+        got = {it["id"]: it["attributes"] for it in ds}
+        log = n.access_log()[before:]
+        # the index is cached: a second dataset reads no record to list
+        before = len(n.access_log())
+        ds2 = DatagoDataset(tf_cfg(f"{n.url}/p.tfrecord", source={"cache_dir": str(tmp_path / "c")}))
+        listing_log = n.access_log()[before:]
+    assert got == {f"p.tfrecord:{i}": {"label": i} for i in range(10)}
+    assert len(log) == 10 and all(" 206 " in line for line in log)
+    assert ds2.listing.built == 0
+    assert all(".tfidx.json" in line or ".index" in line for line in listing_log)
+
+
+def test_writer_is_atomic_and_config_keys(tmp_path):
+    path = tmp_path / "a.tfrecord"
+    with pytest.raises(RuntimeError):
+        with TFRecordWriter(path) as w:
+            w.write(b"x")
+            raise RuntimeError("interrupted")
+    assert not path.exists() and not list(tmp_path.iterdir())
+    from datago import ConfigError
+    with pytest.raises(ConfigError, match="compression"):
+        DatagoDataset(tf_cfg(str(path), source={"compression": "zstd"}))
+    with pytest.raises(ConfigError, match="is not a file"):
+        DatagoDataset(tf_cfg(str(path)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with TFRecordWriter(path) as w:
+            w.write_example({"image/encoded": encode(photo(32, 32), "PNG")})
+        w.write_index()
+    assert (tmp_path / "a.tfrecord.index").read_text() == f"0 {path.stat().st_size}\n"
+
+
+def test_dataloader_workers(data, tmp_path):
+    from torch.utils.data import DataLoader
+    _, _, samples, files = data
+    ds = DatagoDataset(tf_cfg([str(f) for f in files],
+                              source={"id_key": "image/filename", "cache_dir": str(tmp_path / "c")}))
+    ids = sorted(i for b in DataLoader(ds, batch_size=None, num_workers=2) for i in b["id"])
+    assert set(ids) == {name for name, _ in samples} and ds.stats()["skipped_total"] == 0
+
+
+def test_files_sharing_a_base_name_get_distinct_ids(data, tmp_path):
+    _, _, samples, files = data
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "x.tfrecord").write_bytes(files[0].read_bytes())
+    ds = DatagoDataset(tf_cfg([str(tmp_path / "a" / "x.tfrecord"), str(tmp_path / "b" / "x.tfrecord")],
+                              source={"cache_dir": str(tmp_path / "c")}))
+    n = len(samples[0::2])
+    assert len(ds.listing) == 2 * n and ds.listing.built == 2 and not ds.listing.skipped
+    assert ds.listing.sample_id(n) == f"{tmp_path / 'b' / 'x.tfrecord'}:0"
