@@ -433,17 +433,12 @@ def _check_archive(p: str, cfg) -> None:
     _check_remote(p, cfg)
 
 
-@dataclass(frozen=True)
-class ZipSourceConfig:
-    """ZIP archives (``source_type: "zip"``; see ``datago.sources.zip``)."""
+@dataclass(frozen=True, kw_only=True)
+class _ArchiveKeys:
+    """The keys archive sources (zip, tfrecord, bins) share, as in
+    ``IndexSourceConfig`` (``scan_sizes`` is moot for bins: their index has every
+    size)."""
 
-    path: Any
-    """ZIP files: paths, globs, brace patterns, ``http(s)://`` or ``s3://`` URLs, or a list."""
-    max_member_bytes: int = 1 << 30
-    """A member declaring more (inflated) bytes than this is refused and counted."""
-    max_ratio: float = 1000.0
-    """A member whose declared size is more than this times its compressed size is
-    refused and counted (a ZIP bomb)."""
     random_sampling: bool = False
     rank: Optional[int] = None
     world_size: Optional[int] = None
@@ -455,6 +450,19 @@ class ZipSourceConfig:
     max_failures: Optional[float] = None
     cache_limit_bytes: Optional[int] = None
 
+
+@dataclass(frozen=True)
+class ZipSourceConfig(_ArchiveKeys):
+    """ZIP archives (``source_type: "zip"``; see ``datago.sources.zip``)."""
+
+    path: Any
+    """ZIP files: paths, globs, brace patterns, ``http(s)://`` or ``s3://`` URLs, or a list."""
+    max_member_bytes: int = 1 << 30
+    """A member declaring more (inflated) bytes than this is refused and counted."""
+    max_ratio: float = 1000.0
+    """A member whose declared size is more than this times its compressed size is
+    refused and counted (a ZIP bomb)."""
+
     _section = "source_config"
 
     def __post_init__(self):
@@ -465,7 +473,7 @@ class ZipSourceConfig:
 
 
 @dataclass(frozen=True)
-class TFRecordSourceConfig:
+class TFRecordSourceConfig(_ArchiveKeys):
     """TFRecord files of ``tf.train.Example`` (``source_type: "tfrecord"``; see
     ``datago.sources.tfrecord``), read without TensorFlow."""
 
@@ -481,16 +489,6 @@ class TFRecordSourceConfig:
     index_dir: Optional[str] = None
     """Folder of the record indexes (the ``tfrecord`` package's ``.index`` files
     are accepted); else next to local files, else built and cached in ``cache_dir``."""
-    random_sampling: bool = False
-    rank: Optional[int] = None
-    world_size: Optional[int] = None
-    scan_sizes: bool = True
-    cache_dir: Optional[str] = None
-    sizes_cache: bool = True
-    io_concurrency: int = 64
-    timeout_s: float = 30.0
-    max_failures: Optional[float] = None
-    cache_limit_bytes: Optional[int] = None
 
     _section = "source_config"
 
@@ -506,26 +504,13 @@ class TFRecordSourceConfig:
 
 
 @dataclass(frozen=True)
-class BinsSourceConfig:
+class BinsSourceConfig(_ArchiveKeys):
     """A dataset written as N bins plus an index (``datago.bins``;
     ``source_type: "bins"``)."""
 
     path: Any
     """The dataset's folder (local path or ``http(s)://`` URL of it), holding
     ``index.jsonl`` and the bins; its index gives every size, so no header is read."""
-    random_sampling: bool = False
-    rank: Optional[int] = None
-    world_size: Optional[int] = None
-    scan_sizes: bool = True
-    """Unused (the index has every size); accepted like the other sources' key."""
-    cache_dir: Optional[str] = None
-    sizes_cache: bool = True
-    io_concurrency: int = 64
-    timeout_s: float = 30.0
-    max_failures: Optional[float] = None
-    cache_limit_bytes: Optional[int] = None
-    """``io_concurrency``, ``timeout_s``, ``max_failures``, ``cache_limit_bytes``: as
-    in ``IndexSourceConfig``."""
 
     _section = "source_config"
 

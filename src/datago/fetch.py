@@ -245,6 +245,23 @@ class Fetcher:
             return self._cached(loc, None, None, cache)
         return self._local(loc, None, None)
 
+    def read_optional(self, loc: str) -> Optional[bytes]:
+        """The bytes of a file or URL that may not exist (an index next to a shard):
+        None when it is missing (a local OSError, an HTTP 4xx or an HTML page); other
+        failures raise.  Never cached."""
+        if is_remote(loc):
+            try:
+                return self.read(loc, cache=False)
+            except FetchError as e:
+                if e.reason in ("http_4xx", "wrong_content_type"):
+                    return None
+                raise
+        try:
+            with open(loc, "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
     def _cached(self, url: str, offset: Optional[int], size: Optional[int],
                 use: bool = True) -> bytes:
         if self.cache is None or not use:

@@ -1043,7 +1043,7 @@ class TFRecordSource(Source):
             candidates.append((index_path_for(url, None), False))
             candidates.append((cached, True))
             for path, is_cache in candidates:
-                data = self._try_read(path)
+                data = self.fetcher.read_optional(path)
                 if data is None:
                     continue
                 try:
@@ -1069,7 +1069,7 @@ class TFRecordSource(Source):
             idx = None
             if not gz:
                 for path in _text_index_paths(url, self._index_dir):
-                    data = self._try_read(path)
+                    data = self.fetcher.read_optional(path)
                     if data is None:
                         continue
                     try:
@@ -1097,20 +1097,6 @@ class TFRecordSource(Source):
             warnings.warn(f"datago: {redact(url)} ends in a {what}; the records after it "
                           "are not read", RuntimeWarning, stacklevel=2)
         return idx, copy or url, True
-
-    def _try_read(self, loc: str) -> Optional[bytes]:
-        if is_remote(loc):
-            try:
-                return self.fetcher.read(loc, cache=False)
-            except FetchError as e:
-                if e.reason in ("http_4xx", "wrong_content_type"):
-                    return None              # no index there
-                raise
-        try:
-            with open(loc, "rb") as f:
-                return f.read()
-        except OSError:
-            return None
 
     # ------------------------------------------------------------------ listing
     def __len__(self) -> int:

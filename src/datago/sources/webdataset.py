@@ -416,7 +416,7 @@ class WebDatasetSource(Source):
         cached = os.path.join(cache, xxhash.xxh64_hexdigest(shard.encode()) + INDEX_SUFFIX)
         candidates.append(cached)
         for c in candidates:
-            data = self._try_read(c)
+            data = self.fetcher.read_optional(c)
             if data is None:
                 continue
             try:
@@ -433,20 +433,6 @@ class WebDatasetSource(Source):
         except OSError:
             pass
         return idx
-
-    def _try_read(self, loc: str) -> Optional[bytes]:
-        if is_remote(loc):
-            try:
-                return self.fetcher.read(loc, cache=False)
-            except FetchError as e:
-                if e.reason == "http_4xx":
-                    return None
-                raise
-        try:
-            with open(loc, "rb") as f:
-                return f.read()
-        except OSError:
-            return None
 
     def __len__(self) -> int:
         return len(self._keys)
