@@ -741,6 +741,74 @@ def test_out_correct_shape_and_strided():
     assert not batch[0].any()
 
 
+# --------------------------------------------------------------------------- absurd sizes
+
+ABSURD = [(2**31, 2**31), (2**31 - 1, 2**31 - 1), (2**31, 1), (1, 2**31), (2**40, 2**40),
+          (2**20, 2**20), (65536, 65536), (-1, 8), (0, 0)]
+
+
+@pytest.mark.parametrize("size", ABSURD, ids=[f"{w}x{h}" for w, h in ABSURD])
+def test_absurd_sizes_are_value_errors(size):
+    """Resize targets and buckets that cannot be allocated (or overflow a C int) are a
+    ValueError before anything is allocated: never an OverflowError, MemoryError or
+    a crash."""
+    img = np.zeros((8, 8, 3), np.uint8)
+    for call in (lambda: datago.resize(img, size),
+                 lambda: datago.resize(img, size, filter="nearest"),
+                 lambda: datago.resize(img[:, :, 0], size, filter="lanczos"),
+                 lambda: datago.resize(img[:, :, :1].astype(np.uint16), size, filter="nearest"),
+                 lambda: datago.decode_to_bucket(_J, bucket=size),
+                 lambda: datago.decode_to_bucket(_P, bucket=size),
+                 lambda: datago.decode_to_bucket(FALLBACK["webp-lossless"](), bucket=size),
+                 lambda: datago.decode_to_bucket(_P, bucket=size, mask=True),
+                 lambda: datago.decode_to_bucket(_J, buckets=[size])):
+        with pytest.raises(ValueError):
+            call()
+
+
+def test_absurd_sizes_with_a_huge_max_pixels():
+    """Raising max_pixels does not lift the C limits: sides above 2**31 - 1 and
+    resampling plans above their limits are still ValueErrors."""
+    img = np.zeros((8, 8, 3), np.uint8)
+    big = 2**62
+    for size in [(2**31, 2**31), (2**31, 1)]:
+        with pytest.raises(ValueError):
+            datago.resize(img, size, max_pixels=big)
+        with pytest.raises(ValueError):
+            datago.decode_to_bucket(_J, bucket=size, max_pixels=big)
+    # one side of 2**28 + 1: the plan limit (nothing of that size is allocated)
+    for filt in ("nearest", "triangle"):
+        with pytest.raises(ValueError, match="too large"):
+            datago.resize(img, (2**28 + 1, 1), filter=filt, max_pixels=big)
+    # max_pixels beyond 2**63 is capped, not an OverflowError
+    assert datago.decode(_J, max_pixels=2**80).shape == (64, 96, 3)
+    assert datago.decode_to_bucket(_J, bucket=(16, 16), max_pixels=2**80).image.shape == (16, 16, 3)
+    data = png_with_size(2**31 - 1, 2**31 - 1)
+    with pytest.raises(ImageTooLargeError):
+        datago.decode(data, max_pixels=2**80)
+    with pytest.raises(ImageTooLargeError):
+        datago.decode_to_bucket(data, bucket=(8, 8), max_pixels=2**80, mask=True)
+
+
+def test_resampler_scratch_limit():
+    """A source span whose strip scratch (columns x 48 lanes) would exceed 1 GiB is a
+    ValueError, not a multi-GiB allocation (and the column offsets no int overflow)."""
+    wide = np.zeros((2, 6_000_000), np.uint8)
+    with pytest.raises(ValueError, match="too large"):
+        datago.resize(wide, (3, 1))
+    assert datago.resize(wide[:, :600_000], (3, 1)).shape == (1, 3)
+
+
+def test_bad_resize_arguments():
+    img = np.zeros((8, 8, 3), np.uint8)
+    for size in [(8,), (8, 8, 8), None, "8x8", (8.0, 8), (True, 8)]:
+        with pytest.raises(ValueError):
+            datago.resize(img, size)
+    for box in [(0, 0, float("nan"), 8), (0, 0, float("inf"), 8), (0, 0, 9, 8), ("a", 0, 1, 1)]:
+        with pytest.raises(ValueError, match="box"):
+            datago.resize(img, (4, 4), box=box)
+
+
 # --------------------------------------------------------------------------- survival
 
 def test_survival_after_everything():

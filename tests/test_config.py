@@ -25,7 +25,7 @@ SOURCE_KEYS = ["root_path", "random_sampling", "rank", "world_size", "scan_sizes
                "sizes_cache"]
 IMAGE_KEYS = ["crop_and_resize", "default_image_size", "downsampling_ratio",
               "min_aspect_ratio", "max_aspect_ratio", "pre_encode_images", "image_to_rgb8",
-              "encode_format", "jpeg_quality", "filter", "max_pixels"]
+              "encode_format", "jpeg_quality", "filter", "max_pixels", "mask_palette"]
 
 
 # --------------------------------------------------------------------- helpers
@@ -47,7 +47,8 @@ def full_config(root: str) -> dict:
                          "downsampling_ratio": 32, "min_aspect_ratio": 0.25,
                          "max_aspect_ratio": 4.0, "pre_encode_images": True,
                          "image_to_rgb8": True, "encode_format": "jpeg",
-                         "jpeg_quality": 80, "filter": "lanczos", "max_pixels": 100_000_000},
+                         "jpeg_quality": 80, "filter": "lanczos", "max_pixels": 100_000_000,
+                         "mask_palette": {"seg": [[0, 0, 0], [255, 0, 0]]}},
         "limit": 1000,
         "samples_buffer_size": 32,
         "batch_size": 8,
@@ -99,7 +100,8 @@ def test_full_config_parses_to_expected_dataclasses(root):
         image=ImageConfig(crop_and_resize=True, default_image_size=1024, downsampling_ratio=32,
                           min_aspect_ratio=0.25, max_aspect_ratio=4.0, pre_encode_images=True,
                           image_to_rgb8=True, encode_format="jpeg", jpeg_quality=80,
-                          filter="lanczos", max_pixels=100_000_000),
+                          filter="lanczos", max_pixels=100_000_000,
+                          mask_palette={"seg": ((0, 0, 0), (255, 0, 0))}),
         loader=LoaderConfig(batch_size=8, num_threads=3, samples_buffer_size=32, limit=1000,
                             seed=7, drop_last=True, on_error="raise", sync_buckets=False,
                             remainder="drop", prefetch_batches=3, max_open_batches=4,
@@ -155,7 +157,7 @@ def test_minimal_config_defaults(root):
 def test_dataclass_defaults_match_the_documented_ones(root):
     img = ImageConfig()
     assert dataclasses.astuple(img) == (True, 512, 16, 0.5, 2.0, False, False, "png", 92,
-                                        "triangle", datago.DEFAULT_MAX_PIXELS)
+                                        "triangle", datago.DEFAULT_MAX_PIXELS, None)
     assert dataclasses.astuple(LoaderConfig()) == (None, None, 64, None, 0, False, "skip",
                                                    True, "pad", 2, 8, 256 << 20, None)
     src = FileSourceConfig(root)

@@ -176,3 +176,28 @@ def test_bad_box_size_and_filter():
         datago.resize(img, (5, 5), filter="cubic-spline")
     with pytest.raises(ValueError, match="out must be"):
         datago.resize(img, (5, 5), out=np.zeros((5, 6, 3), np.uint8))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32])
+def test_nearest_labels_any_type(dtype):
+    """Label images of any supported type: values copied, same geometry as the uint8
+    nearest filter; the output is never narrower than the source."""
+    rng = np.random.default_rng(5)
+    hi = {np.uint8: 256, np.uint16: 65536, np.int32: 2**31 - 1}[dtype]
+    lab = rng.integers(0, hi, (37, 53, 2)).astype(dtype)
+    box = (3.5, 1.25, 50.0, 36.0)
+    got = _resample.nearest(lab, 29, 17, box=box)
+    assert got.dtype == dtype and got.shape == (17, 29, 2)
+    xs = np.clip(np.floor(3.5 + (np.arange(29) + 0.5) * (50.0 - 3.5) / 29).astype(int), 0, 52)
+    ys = np.clip(np.floor(1.25 + (np.arange(17) + 0.5) * (36.0 - 1.25) / 17).astype(int), 0, 36)
+    assert np.array_equal(got, lab[ys][:, xs])
+    if dtype == np.uint8:       # the same pixels as the uint8 resampler's nearest filter
+        ref = datago.resize(np.ascontiguousarray(lab[:, :, :1]), (29, 17), box=box, filter="nearest")
+        assert np.array_equal(got[:, :, :1], ref)
+    wide = _resample.nearest(lab, 29, 17, box=box, dtype=np.int32)
+    assert wide.dtype == np.int32 and np.array_equal(wide, got.astype(np.int32))
+    if dtype != np.uint8:
+        with pytest.raises(ValueError, match="output of type"):
+            _resample.nearest(lab, 29, 17, dtype=np.uint8)
+        two_d = datago.resize(lab[:, :, 0], (29, 17), box=box, filter="nearest")
+        assert two_d.dtype == dtype and np.array_equal(two_d, got[:, :, 0])

@@ -35,7 +35,8 @@ import torch
 from datago import _shm
 from datago.buckets import nearest_bucket
 from datago.errors import DatagoError, DecodeError, ImageTooLargeError
-from datago.image import DEFAULT_MAX_PIXELS, decode, decode_to_bucket, read_header
+from datago.image import (DEFAULT_MAX_PIXELS, MaskMismatchError, decode_to_bucket,
+                          decode_with_warning, read_header)
 from datago.sources.filesystem import SampleRef
 
 # skip reasons, in the order of the stats counters
@@ -44,12 +45,14 @@ REASONS = ("read_error", "decode_error", "too_large", "bad_attributes", "bad_lat
            "http_4xx", "http_5xx", "http_429", "timeout", "truncated", "reset", "connect",
            "wrong_content_type",
            # archive members (datago._codecs)
-           "bad_member", "crc_mismatch")
+           "bad_member", "crc_mismatch",
+           # a mask that cannot be aligned with its image or read as asked
+           "mask_mismatch")
 COUNTERS = ("samples", "batches", "bytes", "dropped", "t_read", "t_decode", "t_wait",
             "padded", "dropped_remainder", "early_flushed", "cache_hits", "cache_misses",
             "shm_created", "shm_reused", "shm_unpooled", "shards_failed",
             "stream_ignored_members", "stream_too_large_members", "stream_no_image",
-            "stream_pages", "stream_random_repeat") + \
+            "stream_pages", "stream_random_repeat", "decoded_with_warnings") + \
     tuple(f"source_{k}" for k in range(16)) + \
     tuple(f"skipped_{r}" for r in REASONS)
 
@@ -103,6 +106,7 @@ def summarize(table: torch.Tensor) -> dict:
         "padded": int(v["padded"]),
         "dropped_remainder": int(v["dropped_remainder"]),
         "early_flushed": int(v["early_flushed"]),
+        "decoded_with_warnings": int(v["decoded_with_warnings"]),
         "cache": {"hits": int(v["cache_hits"]), "misses": int(v["cache_misses"]),
                   "hit_ratio": (v["cache_hits"] / (v["cache_hits"] + v["cache_misses"])
                                 if v["cache_hits"] + v["cache_misses"] else None)},
@@ -221,23 +225,46 @@ def _parse_npy(raw: bytes) -> np.ndarray:
     return arr
 
 
+MAX_JSON_DEPTH = 100
+"""Deepest nesting of a sidecar JSON accepted (deeper: ``bad_attributes``).  Python's
+parser gives up near 1,000 levels (RecursionError) and the pickling that carries a
+batch out of a DataLoader worker near 500; no real annotation nests this deep."""
+
+
+def _check_depth(text: str, value) -> None:
+    """ValueError when ``value`` (parsed from ``text``) nests more than MAX_JSON_DEPTH
+    arrays/objects; cheap unless the text holds that many brackets at all."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        for x in (v.values() if isinstance(v, dict) else v):
+            if isinstance(x, (dict, list)):
+                stack.append((x, depth + 1))
+
+
 def merge_attributes(ref: SampleRef, texts: list) -> dict:
     """A sample's attributes: those its source knows, merged with its sidecar texts
     (``[(name, bytes, location)]``: a ``.json`` object without a name merged, a
-    named one or a ``.txt`` under its name).  ``SampleError`` (bad_attributes)."""
+    named one or a ``.txt`` under its name).  ``SampleError`` (bad_attributes),
+    also for JSON nested deeper than ``MAX_JSON_DEPTH``."""
     attributes = dict(ref.attributes) if ref.attributes else {}
     try:
         for name, raw, p in texts:
             text = raw.decode("utf-8")
             if _is_json(p):
                 value = json.loads(text)
+                _check_depth(text, value)
                 if name == "" and isinstance(value, dict):
                     attributes.update(value)
                 else:
                     attributes[name or "json"] = value
             else:
                 attributes[name or "txt"] = text
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise SampleError(ref.id, "bad_attributes", e) from None
     return attributes
 
@@ -268,7 +295,7 @@ def load(ref: SampleRef, stats: Stats, read=_read, parts: Optional[tuple] = None
                 latents.append((name, _parse_npy(raw)))
             else:
                 latents.append((name, raw))      # another format: its bytes, as they are
-        except (ValueError, OSError, EOFError) as e:
+        except (ValueError, OSError, EOFError, RecursionError) as e:
             raise SampleError(ref.id, "bad_latent", f"latent {name!r}: {e}") from None
     attributes = merge_attributes(ref, texts)
     try:
@@ -324,7 +351,7 @@ class Batch:
         self.meta: List[Optional[tuple]] = []
         self.futures: List[Future] = []
         for name in mask_names:
-            self._table("mask", self.masks, name, 1)
+            self._mask_name(name)
         for name in image_names:
             self._table("image", self.images, name, 3)
 
@@ -334,6 +361,54 @@ class Batch:
             table[name] = _alloc((self.capacity, h, w, channels), self.shared, stats=self.stats,
                                  pool_bytes=self.pool_bytes)
             self.present[(kind, name)] = np.zeros(self.capacity, dtype=bool)
+
+    # masks: a table's type and channels are those of its masks (uint8 or int32;
+    # 1 or 3 channels), known once one is decoded, so it is allocated by the first
+    # ``put_mask`` and widened if a later mask needs more
+    def _mask_name(self, name: str) -> None:
+        if ("mask", name) not in self.present:
+            self.present[("mask", name)] = np.zeros(self.capacity, dtype=bool)
+
+    def _mask_table(self, name: str, dtype: torch.dtype, channels: int) -> torch.Tensor:
+        """A zero-filled (capacity, H, W, channels) table, holding the old one's values."""
+        w, h = self.bucket
+        size = torch.empty((), dtype=dtype).element_size()
+        t = _alloc((self.capacity, h, w, channels * size), self.shared, stats=self.stats,
+                   pool_bytes=self.pool_bytes)
+        if size > 1:
+            t = t.view(dtype)
+        old = self.masks.get(name)
+        if old is not None:
+            t.copy_(old.expand(-1, -1, -1, channels) if old.shape[3] != channels else old)
+        self.masks[name] = t
+        return t
+
+    def put_mask(self, name: str, slot: int, mask: np.ndarray) -> None:
+        """Copy a decoded (H, W, C) mask into its slot (decode threads).  The table
+        widens to the widest type and the most channels seen in the batch (a grey
+        mask in a colour table is replicated); values are never changed."""
+        src = torch.from_numpy(mask)
+        with self._lock:
+            t = self.masks.get(name)
+            dtype = torch.int32 if src.dtype != torch.uint8 or (
+                t is not None and t.dtype == torch.int32) else torch.uint8
+            channels = max(src.shape[2], t.shape[3] if t is not None else 1)
+            if t is None or t.dtype != dtype or t.shape[3] != channels:
+                t = self._mask_table(name, dtype, channels)
+            t[slot].copy_(src)
+            self.present[("mask", name)][slot] = True
+
+    def mask_tables(self) -> Dict[str, torch.Tensor]:
+        """The mask tables in the order their names were first seen (deterministic,
+        unlike the order in which decode threads allocate them)."""
+        return {name: self.masks[name] for kind, name in self.present
+                if kind == "mask" and name in self.masks}
+
+    def finish_masks(self) -> None:
+        """Tables for mask names no decoded sample had (all zero, uint8, 1 channel)."""
+        for kind, name in self.present:
+            if kind == "mask" and name not in self.masks:
+                self._mask_table(name, torch.uint8, 1)
 
     @property
     def image(self) -> torch.Tensor:
@@ -361,35 +436,71 @@ class Batch:
     def assign(self, loaded: "_Loaded") -> int:
         """Give ``loaded`` the next slot; allocate the tensors of its masks and additional
         images.  Consumer thread only: decode threads never change the tables."""
-        for kind, table, items, channels in (("mask", self.masks, loaded.masks, 1),
-                                             ("image", self.images, loaded.images, 3)):
-            for name, _ in items:
-                self._table(kind, table, name, channels)
+        for name, _ in loaded.masks:
+            self._mask_name(name)
+        for name, _ in loaded.images:
+            self._table("image", self.images, name, 3)
         self.samples.append(loaded)
         self.meta.append(None)
         return len(self.samples) - 1
 
 
+def _palette_ids(rgb: np.ndarray, colours: tuple, name: str) -> np.ndarray:
+    """(H, W, 3) uint8 colours -> (H, W, 1) ids: the index of each colour in
+    ``colours`` (uint8 for up to 256 colours, else int32); MaskMismatchError when a
+    colour is not listed."""
+    pal = np.array(colours, dtype=np.int32)
+    keys = (pal[:, 0] << 16) | (pal[:, 1] << 8) | pal[:, 2]
+    order = np.argsort(keys)
+    sorted_keys = keys[order]
+    px = rgb.astype(np.int32)
+    k = (px[..., 0] << 16) | (px[..., 1] << 8) | px[..., 2]
+    pos = np.minimum(np.searchsorted(sorted_keys, k), len(sorted_keys) - 1)
+    found = sorted_keys[pos] == k
+    if not found.all():
+        bad = k[~found]
+        c = int(bad[0])
+        raise MaskMismatchError(f"mask {name!r}: {bad.size} pixels have colours not in "
+                                f"mask_palette (the first: {[c >> 16, (c >> 8) & 255, c & 255]})")
+    ids = order[pos]
+    return ids.astype(np.uint8 if len(colours) <= 256 else np.int32)[:, :, None]
+
+
 def _decode_into(loaded: _Loaded, batch: Batch, slot: int, cfg, stats: Stats) -> None:
-    """Decode a sample's image, masks and additional images into its batch slot."""
+    """Decode a sample's image, masks and additional images into its batch slot.
+
+    Masks follow the image: same bucket, and the image's crop box (scaled to the
+    mask's size when it differs); their values are kept (``decode_to_bucket``
+    with ``mask=True``), or mapped to ids through ``cfg.mask_palette``."""
     t0 = time.perf_counter()
+    palettes = getattr(cfg, "mask_palette", None) or {}
+    warned = 0
     try:
         res = decode_to_bucket(loaded.data, bucket=batch.bucket, out=batch.image_np()[slot],
                                filter=cfg.filter, max_pixels=cfg.max_pixels)
+        warned += res.warning is not None
         for name, data in loaded.masks:
-            decode_to_bucket(data, bucket=batch.bucket, out=batch.masks[name].numpy()[slot],
-                             mask=True, max_pixels=cfg.max_pixels)
-            batch.present[("mask", name)][slot] = True
+            colours = palettes.get(name, palettes.get("*"))
+            m = decode_to_bucket(data, mask=True, like=res, max_pixels=cfg.max_pixels,
+                                 mode=None if colours is None else "RGB")
+            warned += m.warning is not None
+            batch.put_mask(name, slot, m.image if colours is None
+                           else _palette_ids(m.image, colours, name))
         for name, data in loaded.images:
-            decode_to_bucket(data, bucket=batch.bucket, out=batch.images[name].numpy()[slot],
-                             filter=cfg.filter, max_pixels=cfg.max_pixels)
+            r = decode_to_bucket(data, bucket=batch.bucket, out=batch.images[name].numpy()[slot],
+                                 filter=cfg.filter, max_pixels=cfg.max_pixels)
+            warned += r.warning is not None
             batch.present[("image", name)][slot] = True
     except ImageTooLargeError as e:
         raise SampleError(loaded.ref.id, "too_large", e) from None
+    except MaskMismatchError as e:
+        raise SampleError(loaded.ref.id, "mask_mismatch", e) from None
     except DecodeError as e:
         raise SampleError(loaded.ref.id, "decode_error", e) from None
     finally:
         stats.add("t_decode", time.perf_counter() - t0)
+    if warned:
+        stats.add("decoded_with_warnings", warned)
     batch.meta[slot] = (res.original_size, res.crop_coords)
 
 
@@ -399,6 +510,7 @@ def _output(batch: Batch, good: List[int], stats: Stats, step: Optional[int] = N
     n = len(good)
     if n == 0 and step is None:
         return None                 # streaming mode: nothing to yield
+    batch.finish_masks()
     # planned batches are yielded even when every sample failed (an empty batch):
     # every rank must take part in every step
     if good != list(range(n)):                  # move the survivors to the front
@@ -422,7 +534,7 @@ def _output(batch: Batch, good: List[int], stats: Stats, step: Optional[int] = N
         "crop_coords": torch.tensor([m[1] for m in meta], dtype=torch.int64).reshape(n, 2),
         "bucket": BucketShape(h, w),
         "attributes": [s.attributes for s in samples],
-        "masks": {k: t[:n].permute(0, 3, 1, 2) for k, t in batch.masks.items()},
+        "masks": {k: t[:n].permute(0, 3, 1, 2) for k, t in batch.mask_tables().items()},
         "additional_images": {k: t[:n].permute(0, 3, 1, 2) for k, t in batch.images.items()},
         "latents": collate_latents([s.latents for s in samples]),
     }
@@ -695,7 +807,10 @@ class Engine(_ErrorPolicy):
             t0 = time.perf_counter()
             try:
                 max_pixels = self.cfg.max_pixels if self.cfg else DEFAULT_MAX_PIXELS
-                img = torch.from_numpy(decode(loaded.data, max_pixels=max_pixels))
+                arr, warning = decode_with_warning(loaded.data, max_pixels=max_pixels)
+                img = torch.from_numpy(arr)
+                if warning is not None:
+                    self.stats.add("decoded_with_warnings")
             except ImageTooLargeError as e:
                 raise SampleError(ref.id, "too_large", e) from None
             except DecodeError as e:
@@ -719,7 +834,7 @@ class Engine(_ErrorPolicy):
                 "crop_coords": torch.tensor(batch.meta[0][1]),
                 "bucket": BucketShape(bucket[1], bucket[0]),
                 "attributes": loaded.attributes,
-                "masks": {k: t[0].permute(2, 0, 1) for k, t in batch.masks.items()},
+                "masks": {k: t[0].permute(2, 0, 1) for k, t in batch.mask_tables().items()},
                 "additional_images": {k: t[0].permute(2, 0, 1) for k, t in batch.images.items()},
             }
         out["latents"] = {name: _latent_tensor(a) for name, a in loaded.latents}

@@ -610,6 +610,12 @@ class ImageConfig:
     """Resampling filter: "triangle", "bicubic", "lanczos" or "box" (masks use nearest)."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images announcing more pixels are skipped (decompression-bomb guard)."""
+    mask_palette: Optional[dict] = None
+    """Colour-coded masks to class ids: ``{mask name: [[r, g, b], ...]}``; a mask
+    of that name (``"*"``: any mask without its own entry) is read as colours
+    and each pixel becomes the index of its colour in the list (uint8 ids for up
+    to 256 colours, else int32).  A colour not in the list skips the sample
+    (``mask_mismatch``).  Without an entry, RGB masks are kept as 3 channels."""
 
     _section = "image_config"
 
@@ -631,12 +637,40 @@ class ImageConfig:
         _check_int(f"{p}.jpeg_quality", self.jpeg_quality, minimum=0, maximum=100)
         _check_choice(f"{p}.filter", self.filter, FILTERS)
         _check_int(f"{p}.max_pixels", self.max_pixels, minimum=1)
+        if self.mask_palette is not None:
+            object.__setattr__(self, "mask_palette",
+                               _check_palettes(f"{p}.mask_palette", self.mask_palette))
 
     @property
     def buckets(self) -> list:
         """The bucket list ``[(width, height), ...]`` (see ``make_buckets``)."""
         return make_buckets(self.default_image_size, self.downsampling_ratio,
                             self.min_aspect_ratio, self.max_aspect_ratio)
+
+
+def _check_palettes(path: str, value: Any) -> dict:
+    """``{name: [[r, g, b], ...]}`` -> ``{name: ((r, g, b), ...)}``, validated."""
+    if not isinstance(value, Mapping):
+        _fail(path, f"must be an object {{mask name: [[r, g, b], ...]}}, got {value!r}")
+    out = {}
+    for name, colours in value.items():
+        p = f"{path}.{name}"
+        if not isinstance(name, str) or not name:
+            _fail(path, f"mask names must be non-empty strings, got {name!r}")
+        if isinstance(colours, (str, bytes)) or not isinstance(colours, (list, tuple)) or not colours:
+            _fail(p, f"must be a non-empty list of [r, g, b] colours, got {colours!r}")
+        seen = {}
+        for i, c in enumerate(colours):
+            if (not isinstance(c, (list, tuple)) or len(c) != 3
+                    or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 255
+                           for v in c)):
+                _fail(f"{p}[{i}]", f"must be [r, g, b] with integers 0..255, got {c!r}")
+            c = tuple(c)
+            if c in seen:
+                _fail(f"{p}[{i}]", f"colour {list(c)} is already id {seen[c]}")
+            seen[c] = i
+        out[name] = tuple(seen)
+    return out
 
 
 @dataclass(frozen=True)
@@ -813,14 +847,14 @@ class DatagoConfig:
                  "source_config": {f.name: getattr(c, f.name) for f in fields(type(c))}}
                 for w, t, c in self.source.sources], "exhausted": self.source.exhausted}
             out["image_config"] = None if self.image is None else {
-                f.name: getattr(self.image, f.name) for f in fields(ImageConfig)}
+                f.name: _plain(getattr(self.image, f.name)) for f in fields(ImageConfig)}
             out.update({f.name: getattr(self.loader, f.name) for f in fields(LoaderConfig)})
             return out
         out = {"source_type": self.source_type,
                      "source_config": {f.name: getattr(self.source, f.name)
                                        for f in fields(type(self.source))}}
         out["image_config"] = None if self.image is None else {
-            f.name: getattr(self.image, f.name) for f in fields(ImageConfig)}
+            f.name: _plain(getattr(self.image, f.name)) for f in fields(ImageConfig)}
         out.update({f.name: getattr(self.loader, f.name) for f in fields(LoaderConfig)})
         return out
 
@@ -833,6 +867,15 @@ def _image_and_loader(d: Mapping[str, Any], loader_keys: list) -> tuple:
         _check_keys("image_config", img, valid)
         image = ImageConfig(**{k: v for k, v in img.items() if k in valid})
     return image, LoaderConfig(**{k: d[k] for k in loader_keys if k in d})
+
+
+def _plain(value: Any) -> Any:
+    """A config value in its JSON form (tuples as lists)."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _section_dict(path: str, value: Any) -> dict:

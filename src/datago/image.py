@@ -7,8 +7,9 @@ GIL released; WebP, BMP, GIF and TIFF go through Pillow with the same contract
 Conventions
 -----------
 * Arrays are ``(H, W, C)`` uint8, C = 3 (``"RGB"``), 4 (``"RGBA"``) or 1 (``"L"``).
-* The EXIF orientation (JPEG APP1, PNG eXIf before the image data, or any format
-  Pillow reads) is applied: the array is what an image viewer shows.
+* The EXIF orientation (the first JPEG APP1 Exif, the last PNG eXIf wherever it
+  is, or any format Pillow reads; read as Pillow reads it, every entry
+  bounds-checked) is applied: the array is what an image viewer shows.
 * Alpha dropped by ``"RGB"``/``"L"`` is composited over ``background``
   (default mid-grey ``(128, 128, 128)``, as the reference datago does).
 * 16-bit samples are reduced by rounding, ``round(v / 257)``, not truncation.
@@ -17,10 +18,22 @@ Conventions
 * CMYK/YCCK JPEGs are read as Adobe-inverted CMYK and converted like Pillow.
 * ``max_pixels`` (default ``DEFAULT_MAX_PIXELS`` = 178,956,970, Pillow's
   decompression-bomb error threshold) is checked against the header before any
-  pixel buffer is allocated: ``ImageTooLargeError``.
+  pixel buffer is allocated: ``ImageTooLargeError``.  Values above
+  ``HARD_MAX_PIXELS`` (2**40) act as that limit.  Buckets, resize targets and
+  boxes are validated the same way (sides in 1..2**31 - 1, at most
+  ``max_pixels`` pixels): an impossible size is a ``ValueError``, never an
+  allocation attempt.
 * Corrupt, truncated, empty or unsupported data raises ``DecodeError`` (a
   ``ValueError``) whose message names the format and the cause.  A partially
-  decoded image is never returned.
+  decoded image is never returned.  JPEG headers that libjpeg decodes with a
+  warning but correct pixels (bytes before a marker, an APPn length below 2, an
+  unknown JFIF version or Adobe transform, bad scan parameters in a sequential
+  file) are accepted; ``BucketResult.warning`` says so.  Warnings about the
+  compressed data itself (bad Huffman code, premature end, lost restart sync,
+  inconsistent progression) are errors.
+
+Masks (``decode_to_bucket(..., mask=True)``) keep their values: see
+``decode_to_bucket``.
 """
 
 from __future__ import annotations
@@ -30,16 +43,25 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from datago._core import _pipeline, _resample
+from datago._core._pipeline import MaskMismatchError
 from datago.buckets import Bucket, nearest_bucket
 from datago.errors import DecodeError
 
 __all__ = [
-    "DEFAULT_BACKGROUND", "DEFAULT_FILTER", "DEFAULT_MAX_PIXELS", "BucketResult",
-    "ImageInfo", "decode", "decode_to_bucket", "read_header", "resize",
+    "DEFAULT_BACKGROUND", "DEFAULT_FILTER", "DEFAULT_MAX_PIXELS", "HARD_MAX_PIXELS",
+    "MASK_ASPECT_TOLERANCE", "BucketResult", "ImageInfo", "MaskMismatchError", "decode",
+    "decode_to_bucket", "decode_with_warning", "read_header", "resize",
 ]
 
 DEFAULT_MAX_PIXELS = 178_956_970
 """Largest width x height decoded by default (Pillow's DecompressionBombError limit)."""
+
+HARD_MAX_PIXELS = 1 << 40
+"""A larger ``max_pixels`` acts as this (no image that size can be held in memory)."""
+
+MASK_ASPECT_TOLERANCE = 0.01
+"""A mask whose size differs from its image's is aligned when the aspect ratios
+differ by at most this fraction; otherwise it is a ``MaskMismatchError``."""
 
 DEFAULT_BACKGROUND: Tuple[int, int, int] = (128, 128, 128)
 """Colour under transparent pixels when alpha is dropped (the reference datago's grey)."""
@@ -78,13 +100,16 @@ class BucketResult(NamedTuple):
     * ``crop_coords``: ``(top, left)`` of the crop in the cover-resized image, in
       output pixels (SDXL's ``crops_coords_top_left``);
     * ``crop_box``: ``(left, top, right, bottom)`` of the crop in source pixels
-      (display orientation, floats).
+      (display orientation, floats);
+    * ``warning``: None, or what libjpeg would have warned about in a JPEG header
+      datago repaired to decode it (the loader counts ``decoded_with_warnings``).
     """
     image: np.ndarray
     bucket: Bucket
     original_size: Tuple[int, int]
     crop_coords: Tuple[int, int]
     crop_box: Tuple[float, float, float, float]
+    warning: Optional[str] = None
 
 
 def _view(data: BytesLike) -> Union[bytes, memoryview]:
@@ -103,11 +128,17 @@ def _view(data: BytesLike) -> Union[bytes, memoryview]:
     return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
 
 
+def _max_pixels(max_pixels) -> int:
+    """``max_pixels`` validated (a positive integer), capped at HARD_MAX_PIXELS."""
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels <= 0:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    return min(int(max_pixels), HARD_MAX_PIXELS)
+
+
 def _check_common(mode: str, max_pixels: int, background) -> bytes:
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels <= 0:
-        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    _max_pixels(max_pixels)
     try:
         bg = bytes(int(c) for c in background)
     except (TypeError, ValueError):
@@ -160,24 +191,45 @@ def decode(data: BytesLike, *, mode: str = "RGB", max_pixels: int = DEFAULT_MAX_
     ImageTooLargeError (more than ``max_pixels`` pixels, from the header),
     TypeError (``data`` is not bytes-like) or ValueError (bad arguments).
     """
+    return decode_with_warning(data, mode=mode, max_pixels=max_pixels, background=background)[0]
+
+
+def decode_with_warning(data: BytesLike, *, mode: str = "RGB",
+                        max_pixels: int = DEFAULT_MAX_PIXELS,
+                        background: Sequence[int] = DEFAULT_BACKGROUND
+                        ) -> Tuple[np.ndarray, Optional[str]]:
+    """``decode``, and the warning of a JPEG header datago repaired (or None): what
+    ``BucketResult.warning`` reports for ``decode_to_bucket``."""
     bg = _check_common(mode, max_pixels, background)
+    mp = _max_pixels(max_pixels)
     view = _view(data)
-    res = _pipeline.decode(view, mode, int(max_pixels), bg)
+    res = _pipeline.decode(view, mode, mp, bg)
     if res is None:
         from datago import _fallback
-        return _fallback.decode(view, mode, int(max_pixels), bg, indices=False)
-    arr, orientation = res
-    return _orient(arr, orientation)
+        return _fallback.decode(view, mode, mp, bg, indices=False), None
+    arr, orientation, warning = res
+    return _orient(arr, orientation), warning
+
+
+def _size_pair(size, what: str = "size") -> Tuple[int, int]:
+    try:
+        w, h = size
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a (width, height) pair, got {size!r}") from None
+    return (_resample.check_extent(w, f"{what} width"), _resample.check_extent(h, f"{what} height"))
 
 
 def resize(img: np.ndarray, size: Tuple[int, int], *, box=None, filter: str = DEFAULT_FILTER,
-           out: Optional[np.ndarray] = None) -> np.ndarray:
+           out: Optional[np.ndarray] = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Resample ``img[box]`` to ``size = (width, height)`` with an antialiased filter.
 
     ``img`` is uint8 (H, W) or (H, W, C) with C in 1, 3, 4; ``box`` is
     ``(left, top, right, bottom)`` in source pixels (floats allowed, default the
     whole image).  ``out``, if given, receives the result (any strides, e.g. a
-    slice of a batch).  The GIL is released while resampling.
+    slice of a batch).  The GIL is released while resampling.  A target with a
+    side outside 1..2**31 - 1 or more than ``max_pixels`` pixels raises
+    ValueError.  With ``filter="nearest"``, label images of type uint16 or int32
+    (any number of channels) are accepted too; their values are copied.
 
     Filters: ``"triangle"`` (default; antialiased bilinear, support 1), ``"lanczos"``
     (Lanczos-3, support 3, sharper, about 1.7x the cost), ``"box"`` (area average)
@@ -188,8 +240,12 @@ def resize(img: np.ndarray, size: Tuple[int, int], *, box=None, filter: str = DE
     close to 1, where it is visually on par with Lanczos for training data while
     costing about 60% as much (benchmarks/RESULTS.md).
     """
-    w, h = size
-    return _resample.resize(img, int(w), int(h), box=box, filter=filter, out=out)
+    w, h = _size_pair(size, "target")
+    mp = _max_pixels(max_pixels)
+    arr = np.asarray(img)
+    if filter == "nearest" and arr.dtype in (np.uint16, np.int32):
+        return _resample.nearest(arr, w, h, box=box, out=out, max_pixels=mp)
+    return _resample.resize(img, w, h, box=box, filter=filter, out=out, max_pixels=mp)
 
 
 def _picker(buckets, bucket) -> Callable[[int, int], Bucket]:
@@ -213,7 +269,8 @@ def decode_to_bucket(data: BytesLike, buckets: Optional[Sequence[Bucket]] = None
                      bucket: Optional[Bucket] = None, out: Optional[np.ndarray] = None,
                      mask: bool = False, mode: Optional[str] = None,
                      filter: str = DEFAULT_FILTER, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     background: Sequence[int] = DEFAULT_BACKGROUND) -> BucketResult:
+                     background: Sequence[int] = DEFAULT_BACKGROUND,
+                     like: Optional[BucketResult] = None) -> BucketResult:
     """Decode, pick the bucket, cover-resize and centre-crop in one fused pass.
 
     Steps: read the header; apply the EXIF orientation; pick the bucket nearest to
@@ -227,40 +284,169 @@ def decode_to_bucket(data: BytesLike, buckets: Optional[Sequence[Bucket]] = None
     ``out``: optional uint8 array of shape (bucket_h, bucket_w, C) (any strides, e.g.
     ``batch[i]`` of an (N, H, W, C) array or a transposed (C, H, W) view); it
     must match the chosen bucket.  ``mode``: ``"RGB"`` (C = 3, default) or ``"L"``
-    (C = 1, the default for masks).  ``mask=True`` resamples with nearest
-    neighbour and no DCT scaling, so label values survive; palette PNG masks give
-    their palette indices.
+    (C = 1).
+
+    ``mask=True`` reads a label mask: its values are kept exactly (nearest
+    neighbour, no DCT scaling, no colour conversion, alpha dropped, never
+    composited):
+
+    * 8-bit (and 1/2/4-bit) grey gives the stored values as uint8 (not scaled);
+      palette images give their indices (uint8);
+    * 16-bit grey gives int32 (torch.int32 in batches: torch.uint16 supports few
+      operations); ``out`` may also be uint16;
+    * colour (RGB, RGBA, colour JPEG) gives 3 channels, never averaged to luma;
+    * ``mode="RGB"`` asks for colours instead (palette expanded, grey
+      replicated; for ``mask_palette`` mapping), ``mode="L"`` refuses a colour
+      mask (``MaskMismatchError``);
+    * ``like=result`` (the image's ``BucketResult``) aligns the mask with that
+      image: same bucket, and the image's crop box scaled to the mask's size
+      when the sizes differ and the aspect ratios agree within
+      ``MASK_ASPECT_TOLERANCE`` (1%); otherwise ``MaskMismatchError`` (a
+      ``ValueError``).  Without ``like`` the mask gets its own cover crop.
 
     Raises the same errors as ``decode``.
     """
+    if mask:
+        return _mask_to_bucket(data, buckets, bucket, out, mode, max_pixels, like)
+    if like is not None:
+        raise ValueError("like= aligns a mask with its image: use it with mask=True")
     if mode is None:
-        mode = "L" if mask else "RGB"
+        mode = "RGB"
     if mode not in ("RGB", "L"):
         raise ValueError(f"decode_to_bucket supports mode 'RGB' or 'L', got {mode!r}")
     bg = _check_common(mode, max_pixels, background)
+    mp = _max_pixels(max_pixels)
     filt = _resample.filter_id(filter)
     pick = _picker(buckets, bucket)
     view = _view(data)
     if out is not None and not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy array (use tensor.numpy() for a torch tensor), "
                         f"got {type(out).__name__}")
-    res = _pipeline.decode_to_bucket(view, pick, out, mode, bool(mask), filt,
-                                     int(max_pixels), bg)
+    res = _pipeline.decode_to_bucket(view, pick, out, mode, False, filt, mp, bg)
     if res is None:
         from datago import _fallback
-        arr = _fallback.decode(view, mode, int(max_pixels), bg, indices=mask)
+        arr = _fallback.decode(view, mode, mp, bg, indices=False)
         dh, dw = arr.shape[:2]
-        tw, th = pick(dw, dh)
+        tw, th = _size_pair(pick(dw, dh), "bucket")
         box = _pipeline.cover_box(dw, dh, tw, th)
         if out is not None and out.ndim == 2:
             out = out[:, :, None]
         if out is not None and out.shape != (th, tw, arr.shape[2]):
             raise ValueError(f"out must have shape ({th}, {tw}, {arr.shape[2]}) for bucket "
                              f"{tw}x{th}, got {tuple(out.shape)}")
-        img = _resample.resize(arr, tw, th, box=box, filter="nearest" if mask else filter, out=out)
-        res = (img, (dw, dh), (tw, th), box, 1)
-    img, (dw, dh), (tw, th), box, _ = res
+        img = _resample.resize(arr, tw, th, box=box, filter=filter, out=out, max_pixels=mp)
+        res = (img, (dw, dh), (tw, th), box, 1, None)
+    return _result(res)
+
+
+def _result(res) -> BucketResult:
+    img, (dw, dh), (tw, th), box, _, warning = res
     scale = max(tw / dw, th / dh)
     crop = (int(round(box[1] * scale)), int(round(box[0] * scale)))
-    return BucketResult(img, (tw, th), (dh, dw), crop, tuple(float(v) for v in box))
+    return BucketResult(img, (tw, th), (dh, dw), crop, tuple(float(v) for v in box), warning)
+
+
+_MASK_WANT = {None: _pipeline.MASK_VALUES, "L": _pipeline.MASK_ONE, "RGB": _pipeline.MASK_COLOURS}
+
+
+def _follow(like) -> Callable[[int, int], tuple]:
+    """The mask ``pick`` that aligns a mask with the image of ``like``."""
+    try:
+        ih, iw = (int(v) for v in like.original_size)
+        tw, th = (int(v) for v in like.bucket)
+        box = tuple(float(v) for v in like.crop_box)
+    except (AttributeError, TypeError, ValueError):
+        raise TypeError(f"like must be the image's BucketResult, got {type(like).__name__}") from None
+
+    def pick(dw: int, dh: int):
+        if (dw, dh) == (iw, ih):
+            return tw, th, box
+        off = abs((dw * ih) / (dh * iw) - 1.0)
+        if off > MASK_ASPECT_TOLERANCE:
+            raise MaskMismatchError(
+                f"the mask is {dw}x{dh} and its image {iw}x{ih}: aspect ratios "
+                f"{dw / dh:.4f} and {iw / ih:.4f} differ by {off:.1%} (more than "
+                f"{MASK_ASPECT_TOLERANCE:.0%}), so the mask cannot be aligned")
+        sx, sy = dw / iw, dh / ih
+        x0, y0, x1, y1 = box
+        return tw, th, (min(x0 * sx, dw), min(y0 * sy, dh), min(x1 * sx, dw), min(y1 * sy, dh))
+    return pick
+
+
+def _mask_to_bucket(data, buckets, bucket, out, mode, max_pixels, like) -> BucketResult:
+    if mode not in _MASK_WANT:
+        raise ValueError(f"a mask is read with mode None (its values), 'L' (one channel) or "
+                         f"'RGB' (colours), got {mode!r}")
+    want = _MASK_WANT[mode]
+    mp = _max_pixels(max_pixels)
+    if like is not None:
+        if buckets is not None or bucket is not None:
+            raise ValueError("like= gives the mask its image's bucket: do not pass buckets or bucket")
+        pick = _follow(like)
+    else:
+        choose = _picker(buckets, bucket)
+
+        def pick(dw: int, dh: int):
+            tw, th = _size_pair(choose(dw, dh), "bucket")
+            return tw, th, _pipeline.cover_box(dw, dh, tw, th)
+    view = _view(data)
+    if out is not None and not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy array (use tensor.numpy() for a torch tensor), "
+                        f"got {type(out).__name__}")
+    res = _pipeline.mask_to_bucket(view, pick, out, want, mp)
+    if res is None:
+        arr = _pillow_mask(view, want, mp)
+        dh, dw = arr.shape[:2]
+        tw, th, box = pick(dw, dh)
+        img = _resample.nearest(arr, tw, th, box=box, out=out,
+                                dtype=np.uint8 if arr.dtype == np.uint8 else np.int32,
+                                max_pixels=mp)
+        if img.ndim == 2:
+            img = img[:, :, None]
+        res = (img, (dw, dh), (tw, th), box, 1, None)
+    return _result(res)
+
+
+def _pillow_mask(view, want: int, max_pixels: int) -> np.ndarray:
+    """A mask in another format (GIF, BMP, TIFF, WebP) as (H, W, C) values in display
+    orientation: uint8, uint16 (16-bit grey) or int32 (32-bit integer TIFF)."""
+    from PIL import Image, ImageOps
+    from datago import _fallback
+    im = _fallback._open(view, max_pixels)
+    fmt = im.format
+    try:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+    except Image.DecompressionBombError as e:
+        from datago.errors import ImageTooLargeError
+        raise ImageTooLargeError(f"{fmt}: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
+        raise DecodeError(f"{fmt}: decoding failed: {e}") from None
+    m = im.mode
+    if m == "F":
+        raise MaskMismatchError(f"{fmt}: a floating-point image is not a label mask")
+    if want == _pipeline.MASK_COLOURS:
+        if m.startswith("I"):
+            raise MaskMismatchError(f"{fmt}: a 16/32-bit mask has no 8-bit colours to match "
+                                    "a palette against (mask_palette needs 8-bit colour masks)")
+        if m in ("1", "L", "LA", "La"):
+            a = np.asarray(im.convert("L") if m != "L" else im, dtype=np.uint8)
+            return np.repeat(a[:, :, None], 3, axis=2)
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    if m in ("1", "L", "P"):
+        a = np.asarray(im).astype(np.uint8)[:, :, None]          # "1": 0/1; "P": indices
+    elif m in ("LA", "La", "PA"):
+        a = np.asarray(im)[:, :, :1].astype(np.uint8)
+    elif m.startswith("I;16"):
+        a = np.asarray(im).astype(np.uint16)[:, :, None]
+    elif m == "I":
+        a = np.asarray(im).astype(np.int32)[:, :, None]
+    elif m in ("RGB", "RGBA", "RGBX"):
+        a = np.asarray(im)[:, :, :3]
+    else:                                                        # CMYK, YCbCr, ...
+        a = np.asarray(im.convert("RGB"))
+    if want == _pipeline.MASK_ONE and a.shape[2] != 1:
+        raise MaskMismatchError(f"{fmt}: a colour (RGB) mask has 3 channels; reading it as "
+                                "one would average its labels")
+    return np.ascontiguousarray(a)
 

@@ -1,5 +1,10 @@
 # cython: language_level=3
-"""Declarations shared by the resampler and its per-ISA kernel builds (no .pyx)."""
+"""Declarations shared by the resampler and its per-ISA kernel builds (no .pyx).
+
+Sizes: extents are ``int`` (the callers refuse anything above 2**31 - 1); every
+product of extents (offsets, buffer sizes) is computed in ``size_t`` or
+``Py_ssize_t``.
+"""
 from libc.stdint cimport int16_t, uint8_t
 
 cdef enum Filter:
@@ -15,6 +20,8 @@ cdef enum:
     R_RGBA = 12         # strip height for 4-channel output (T keeps 4 channels)
     R_GREY = 48         # strip height for 1-channel images
     MAX_TAPS = 4096
+    MAX_PLAN = 1 << 28  # weights one axis plan may hold (out_size x ntaps): 1.5 GiB
+    MAX_WORK = 1 << 30  # bytes of strip scratch one resampling pass may use
 
 cdef struct AxisPlan:
     int in_size     # extent of the source along this axis
@@ -22,8 +29,8 @@ cdef struct AxisPlan:
     int ntaps       # taps per output sample (longest window; shorter ones padded with 0)
     int span0       # first source index read
     int span1       # one past the last source index read
-    int cap         # allocated outputs
-    int wcap        # allocated weights
+    size_t cap      # allocated outputs
+    size_t wcap     # allocated weights
     int* lo         # [out_size] source index of tap 0
     int* nz         # [out_size] number of non-zero taps
     int16_t* w      # [out_size * ntaps] fixed-point weights (Q15, or Q14 with negative lobes)

@@ -290,36 +290,36 @@ cdef void _strips(acc_t* work, const AxisPlan* px, const AxisPlan* py, int filt,
             for k in range(nty):
                 rp[k] = ring_buf + <size_t>((lo + k) % ring) * n
             if acc_t is float:
-                wy = py.wf + y * nty
+                wy = py.wf + <size_t>y * nty
                 vbias = 0
             else:
-                wy = py.w + y * nty
+                wy = py.w + <size_t>y * nty
                 vbias = <int16_t>(py.nz[y] // 2)   # each tap truncates by 1/2 unit on average
-            _vtaps(rows + rr * n, rp, wy, nty, n, vbias)
+            _vtaps(rows + <size_t>rr * n, rp, wy, nty, n, vbias)
         # transpose the strip: T[x][rr][c], 3 colour channels (an RGBX source's X is
         # dropped: the 4-element moves overlap, each one's 4th element is overwritten
         # by the next; T has padding for the very last one)
         if CT == 4:
             for x in range(cw):
-                tp = T + x * LANES
-                rowp = rows + x * 4
+                tp = T + <size_t>x * LANES
+                rowp = rows + <size_t>x * 4
                 for rr in range(R_RGBA):
                     memcpy(tp + rr * 4, rowp + rr * n, 4 * sizeof(acc_t))
         elif C == 4:    # constant trip counts: fully unrolled moves
             for x in range(cw):
-                tp = T + x * LANES
-                rowp = rows + x * 4
+                tp = T + <size_t>x * LANES
+                rowp = rows + <size_t>x * 4
                 for rr in range(R_COLOR):
                     memcpy(tp + rr * 3, rowp + rr * n, 4 * sizeof(acc_t))
         elif C == 3:    # the same overlapping 4-element moves (the 4th is the next pixel's)
             for x in range(cw):
-                tp = T + x * LANES
-                rowp = rows + x * 3
+                tp = T + <size_t>x * LANES
+                rowp = rows + <size_t>x * 3
                 for rr in range(R_COLOR):
                     memcpy(tp + rr * 3, rowp + rr * n, 4 * sizeof(acc_t))
         else:
             for x in range(cw):
-                tp = T + x * LANES
+                tp = T + <size_t>x * LANES
                 for rr in range(R):
                     tp[rr] = rows[rr * n + x]
         # pass 2: one output column at a time over 48 lanes, then round and store
@@ -342,12 +342,12 @@ cdef void _strips(acc_t* work, const AxisPlan* px, const AxisPlan* py, int filt,
                     xe = 1
         for x in range(xs, xe):
             if acc_t is float:
-                wx = px.wf + x * ntx
+                wx = px.wf + <size_t>x * ntx
                 hbias = 0
             else:
-                wx = px.w + x * ntx
+                wx = px.w + <size_t>x * ntx
                 hbias = <int16_t>(px.nz[x] // 2)
-            _hcol(T + (px.lo[x] - px.span0) * LANES, wx, ntx, hbias, shift, u)
+            _hcol(T + <size_t>(px.lo[x] - px.span0) * LANES, wx, ntx, hbias, shift, u)
             dp = d0 + x * d_px
             if packed3 and x < ow - 1:       # byte 4 of each row is rewritten by x + 1
                 for rr in range(r):

@@ -1,9 +1,18 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Decode and decode-to-bucket for JPEG and PNG, with the GIL released.
+"""Decode, decode-to-bucket and mask-to-bucket for JPEG and PNG, with the GIL released.
+
+Entry points: ``read_header``, ``decode``, ``decode_to_bucket`` (images:
+colour converted, antialiased resampling) and ``mask_to_bucket`` (label masks:
+values kept, nearest neighbour, widened to int32 for 16-bit sources).
 
 One shape per entry point: validate and allocate with the GIL, run the C work in
 ``with nogil`` blocks, turn return codes into exceptions (``JpegDecoder.check``,
 ``PngDecoder.check``), return numpy arrays that own their memory.
+
+Sizes: header sizes are checked against ``max_pixels`` (and the libraries'
+limits) before anything is allocated; buckets and boxes returned by the ``pick``
+callbacks are validated (sides in 1..MAX_EXTENT, at most ``max_pixels`` pixels)
+before they reach C; buffer sizes are ``size_t`` products.
 
 Per-thread state (``_State``): the TurboJPEG handle, the resampler's plans and
 scratch, and a scratch pixel buffer reused across images.  It lives in a
@@ -21,7 +30,9 @@ from libc.string cimport memcmp, memcpy
 
 from datago._core cimport spng
 from datago._core cimport turbojpeg as tj
-from datago._core._jpeg cimport JpegDecoder, JpegInfo
+from datago._core._exif cimport JpegWalk
+from datago._core._jpeg cimport (JpegDecoder, JpegInfo, HDR_REPAIR, jpeg_repaired,
+                                 jpeg_warning)
 from datago._core._png cimport (PngDecoder, PngScan, Inflater, png_scan, png_gather,
                                 png_unfilter, png_fast_message, FAST_OK, FAST_FALLBACK)
 from datago._core._kernels cimport FILTER_NEAREST
@@ -29,7 +40,14 @@ from datago._core._resample cimport Resampler
 from datago._core._pixels cimport cmyk_convert, luma, rgba16_to_rgba8, rgba8_convert
 
 from datago._core._jpeg import scale_numerator
-from datago.errors import DecodeError, ImageTooLargeError
+from datago._core._resample import MAX_EXTENT, check_extent, plan_error
+from datago.errors import DatagoError, DecodeError, ImageTooLargeError
+
+
+class MaskMismatchError(DatagoError, ValueError):
+    """A mask that cannot be aligned with its image or read as labels: an aspect ratio
+    more than 1% off the image's, a colour missing from the configured palette, or a
+    source that cannot be read the way asked (the loader counts ``mask_mismatch``)."""
 
 cdef enum:
     FMT_UNKNOWN = 0
@@ -160,6 +178,11 @@ def read_header(data):
         st = _state()
         with nogil:
             rc = st.jpeg.read_header(&v[0], n, &info)
+        if rc == HDR_REPAIR:
+            v = jpeg_repaired(v, &info.walk)
+            n = v.shape[0]
+            with nogil:
+                rc = st.jpeg.read_header(&v[0], n, &info)
         if rc != 0 and (info.width > 65500 or info.height > 65500):
             # a well-formed frame header libjpeg will not decode: the size is still known
             return ("jpeg", info.width, info.height, info.orientation)
@@ -179,8 +202,10 @@ def read_header(data):
 def decode(data, str mode, long long max_pixels, bytes background):
     """Full-size decode of a JPEG or PNG to (H, W, C) uint8 in stored orientation.
 
-    Returns (array, orientation).  ``background`` is 3 bytes (RGB) for alpha
-    compositing.  Other formats: returns None (the Python layer falls back).
+    Returns (array, orientation, warning): ``warning`` is None, or what libjpeg
+    would have warned about in a header datago repaired (``_jpeg``).
+    ``background`` is 3 bytes (RGB) for alpha compositing.  Other formats:
+    returns None (the Python layer falls back).
     """
     cdef const uint8_t[::1] v = data
     cdef size_t n = v.shape[0]
@@ -196,18 +221,42 @@ def decode(data, str mode, long long max_pixels, bytes background):
     return None
 
 
+cdef tuple _jpeg_header(_State st, const uint8_t[::1] v, JpegInfo* info, long long max_pixels):
+    """Read a JPEG header and check its size: ``(fixed, warning)``.
+
+    ``fixed`` is None, or the repaired copy of the file to decode instead (a header
+    libjpeg would warn about, ``_jpeg``'s docstring); ``warning`` then says what
+    was repaired.  ``info`` describes the data to decode.
+    """
+    cdef size_t n = v.shape[0]
+    cdef int rc
+    cdef const uint8_t[::1] f
+    fixed = warning = None
+    with nogil:
+        rc = st.jpeg.read_header(&v[0], n, info)
+    if rc == HDR_REPAIR:
+        warning = jpeg_warning(&info.walk)
+        fixed = jpeg_repaired(v, &info.walk)
+        f = fixed
+        with nogil:
+            rc = st.jpeg.read_header(&f[0], f.shape[0], info)
+    _check_header(rc, info.width, info.height, max_pixels, "JPEG")
+    st.jpeg.check(rc, "reading the header")
+    _check_size(info.width, info.height, max_pixels, "JPEG")
+    return fixed, warning
+
+
 cdef tuple _decode_jpeg(const uint8_t[::1] v, int C, long long max_pixels):
     cdef _State st = _state()
-    cdef size_t n = v.shape[0]
+    cdef size_t n
     cdef JpegInfo info
     cdef int rc, pf
     cdef uint8_t* buf
     cdef uint8_t[:, :, ::1] o
-    with nogil:
-        rc = st.jpeg.read_header(&v[0], n, &info)
-    _check_header(rc, info.width, info.height, max_pixels, "JPEG")
-    st.jpeg.check(rc, "reading the header")
-    _check_size(info.width, info.height, max_pixels, "JPEG")
+    fixed, warning = _jpeg_header(st, v, &info, max_pixels)
+    if fixed is not None:
+        v = fixed
+    n = v.shape[0]
     out = np.empty((info.height, info.width, C), dtype=np.uint8)
     o = out
     if not _is_cmyk(info.colorspace):
@@ -227,7 +276,7 @@ cdef tuple _decode_jpeg(const uint8_t[::1] v, int C, long long max_pixels):
         with nogil:
             cmyk_convert(buf, &o[0, 0, 0], <size_t>info.width * info.height, C)
             st.trim()
-    return out, info.orientation
+    return out, info.orientation, warning
 
 
 cdef uint8_t* _png_rgba(PngDecoder png, _State st, const uint8_t* bg, uint8_t* dst,
@@ -321,7 +370,7 @@ cdef void _fast_rows(uint8_t* buf, PngScan* scan, uint8_t* dst, Py_ssize_t d_str
     (dst = buf + 1, d_stride = the PNG row stride) when the pixels do not grow.
     """
     cdef size_t stride = 1 + <size_t>scan.width * scan.channels
-    cdef uint32_t y, x
+    cdef size_t y, x
     cdef int ch = scan.channels, k
     cdef const uint8_t* s
     cdef uint8_t* d
@@ -369,7 +418,7 @@ cdef tuple _decode_png(const uint8_t[::1] v, int C, long long max_pixels, bytes 
             with nogil:
                 _fast_rows(buf, &scan, &fo[0, 0, 0], <Py_ssize_t>scan.width * C, C, fbg)
                 st.trim()
-            return out, scan.orientation
+            return out, scan.orientation, None
     return _decode_png_spng(v, C, max_pixels, background, indices)
 
 
@@ -405,7 +454,7 @@ cdef tuple _decode_png_spng(const uint8_t[::1] v, int C, long long max_pixels, b
         out = np.empty((h, w, 1), dtype=np.uint8)
         o = out
         _png_indices(png, st, &o[0, 0, 0])
-        return out, orient
+        return out, orient, None
     out = np.empty((h, w, C), dtype=np.uint8)
     o = out
     fmt = 0
@@ -425,7 +474,7 @@ cdef tuple _decode_png_spng(const uint8_t[::1] v, int C, long long max_pixels, b
     else:
         _png_rgba(png, st, bg, &o[0, 0, 0], C)
     st.trim()
-    return out, orient
+    return out, orient, None
 
 
 cdef int _png_indices(PngDecoder png, _State st, uint8_t* dst) except -1:
@@ -589,7 +638,8 @@ def decode_to_bucket(data, pick, out, str mode, bint mask, int filt, long long m
     ``pick(display_w, display_h) -> (bucket_w, bucket_h)`` chooses the bucket once the
     header is read; ``out`` is None or a uint8 (bh, bw, C) array (any strides).
     Returns (out, (display_w, display_h), (bucket_w, bucket_h), crop box in display
-    pixels as (left, top, right, bottom), orientation).
+    pixels as (left, top, right, bottom), orientation, warning); ``warning`` as
+    in ``decode``.
     """
     cdef const uint8_t[::1] v = data
     cdef size_t n = v.shape[0]
@@ -619,14 +669,14 @@ def decode_to_bucket(data, pick, out, str mode, bint mask, int filt, long long m
     if fmt == FMT_UNKNOWN:
         return None
     st = _state()
+    warning = None
     # 1. header: stored size and orientation
     if fmt == FMT_JPEG:
-        with nogil:
-            rc = st.jpeg.read_header(&v[0], n, &info)
-        _check_header(rc, info.width, info.height, max_pixels, "JPEG")
-        st.jpeg.check(rc, "reading the header")
+        fixed, warning = _jpeg_header(st, v, &info, max_pixels)
+        if fixed is not None:
+            v = fixed
+            n = v.shape[0]
         sw, sh, orient = info.width, info.height, info.orientation
-        _check_size(sw, sh, max_pixels, "JPEG")
     else:
         fast = _fast_scan(v, &scan, max_pixels) == FAST_OK
         if fast:
@@ -636,9 +686,7 @@ def decode_to_bucket(data, pick, out, str mode, bint mask, int filt, long long m
             sw, sh, orient = png.ihdr.width, png.ihdr.height, png.orient
     dw, dh = (sh, sw) if orient >= 5 else (sw, sh)
     # 2. bucket and cover crop, in display coordinates, mapped to stored coordinates
-    tw, th = pick(dw, dh)
-    if tw <= 0 or th <= 0:
-        raise ValueError(f"bucket must have positive size, got {tw}x{th}")
+    tw, th = _bucket(pick(dw, dh), max_pixels)
     scale = max(<double>tw / dw, <double>th / dh)
     _cover(dw, dh, tw, th, crop)
     _source_box(orient, sw, sh, crop[0], crop[1], crop[2], crop[3], box)
@@ -716,13 +764,227 @@ def decode_to_bucket(data, pick, out, str mode, bint mask, int filt, long long m
         if rc == 0:
             rc = st.rs.run(buf, s_row, srcC, dst, d_row, d_px, d_ch, C)
         st.trim()
-    if rc == -2:
-        raise ValueError(f"downscale {sw}x{sh} -> {ow}x{oh} needs too many filter taps")
-    if rc < 0:
-        raise MemoryError("no memory for the resampling plan")
-    return out, (dw, dh), (tw, th), (crop[0], crop[1], crop[2], crop[3]), orient
+    if rc != 0:
+        plan_error(rc, f"resampling {sw}x{sh} -> {ow}x{oh}")
+    return out, (dw, dh), (tw, th), (crop[0], crop[1], crop[2], crop[3]), orient, warning
+
+
+cdef tuple _bucket(r, long long max_pixels):
+    """(width, height) of the bucket a ``pick`` callback returned, validated."""
+    try:
+        tw, th = r[0], r[1]
+    except (TypeError, IndexError):
+        raise ValueError(f"the bucket must be a (width, height) pair, got {r!r}") from None
+    tw = check_extent(tw, "bucket width")
+    th = check_extent(th, "bucket height")
+    if tw * th > max_pixels:
+        raise ValueError(f"bucket {tw}x{th} = {tw * th} pixels exceeds max_pixels={max_pixels}")
+    return tw, th
 
 
 cdef uint8_t* _data(arr):
     cdef uint8_t[:, ::1] a = arr
     return &a[0, 0]
+
+
+# ----------------------------------------------------------------------------- masks
+
+MASK_VALUES = 0         # the stored values: 1 channel (grey, palette indices) or 3 (colour)
+MASK_ONE = 1            # the stored values, and the mask must have one channel
+MASK_COLOURS = 3        # colours: palette expanded, grey replicated (8-bit sources)
+
+_LABEL_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int32))
+
+
+def _channels_contiguous(a):
+    """``a`` (H, W, C) with the channel stride equal to the item size (a view), or
+    ValueError; a single channel's stride is free (``out[:, :, None]`` has 0)."""
+    if a.strides[2] == a.dtype.itemsize:
+        return a
+    if a.shape[2] == 1:
+        return np.lib.stride_tricks.as_strided(a, strides=(a.strides[0], a.strides[1],
+                                                           a.dtype.itemsize))
+    raise ValueError("out must have contiguous channels")
+
+
+cdef tuple _mask_layout(int colour_type, int bit_depth, int want):
+    """(channels, item size) of a mask's values, or MaskMismatchError.
+
+    colour_type is the PNG's (0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA);
+    alpha is never part of a mask's values (it is dropped, not composited)."""
+    cdef int C = 3 if colour_type == 2 or colour_type == 6 else 1
+    cdef int item = 2 if bit_depth == 16 else 1
+    if want == MASK_COLOURS:
+        if item == 2:
+            raise MaskMismatchError("a 16-bit mask has no 8-bit colours to match a palette "
+                                    "against (mask_palette needs 8-bit colour masks)")
+        return 3, 1
+    if want == MASK_ONE and C == 3:
+        raise MaskMismatchError("a colour (RGB) mask has 3 channels; reading it as one "
+                                "would average its labels")
+    return C, item
+
+
+cdef tuple _mask_box(r, int dw, int dh, long long max_pixels):
+    """(bucket_w, bucket_h, x0, y0, x1, y1) from a mask ``pick`` callback, validated."""
+    try:
+        tw, th, box = r
+        x0, y0, x1, y1 = (float(b) for b in box)
+    except (TypeError, ValueError):
+        raise ValueError(f"pick must return (bucket_w, bucket_h, (x0, y0, x1, y1)), got {r!r}") from None
+    tw, th = _bucket((tw, th), max_pixels)
+    if not (0.0 <= x0 < x1 <= dw and 0.0 <= y0 < y1 <= dh):
+        raise ValueError(f"crop box {(x0, y0, x1, y1)} is not inside the {dw}x{dh} mask")
+    return tw, th, x0, y0, x1, y1
+
+
+def mask_to_bucket(data, pick, out, int want, long long max_pixels):
+    """Decode a label mask (JPEG or PNG) and resample it, nearest neighbour, into a bucket.
+
+    Values are kept: 8-bit sources give uint8, 16-bit ones int32 (or ``out``'s
+    type); palette PNGs give their indices; grey PNGs of 1, 2 or 4 bits give the
+    stored values (not scaled to 0..255); colour sources give 3 channels; alpha
+    is dropped.  ``want``: MASK_VALUES, MASK_ONE (a colour source raises
+    MaskMismatchError) or MASK_COLOURS (3 colour channels: palette expanded,
+    grey replicated; 16-bit raises MaskMismatchError).  JPEG masks are decoded at
+    full scale (no DCT scaling, which would blend labels).
+
+    ``pick(display_w, display_h) -> (bucket_w, bucket_h, (x0, y0, x1, y1))``: the
+    bucket and the crop box in display pixels of the mask, once the header is
+    read (it may raise, e.g. MaskMismatchError).  ``out``: None, or a uint8,
+    uint16 or int32 array of shape (bucket_h, bucket_w, C) (or (h, w) when
+    C = 1) with contiguous channels, at least as wide as the values.
+
+    Returns (out, (display_w, display_h), (bucket_w, bucket_h), box, orientation,
+    warning), or None for other formats.
+    """
+    cdef const uint8_t[::1] v = data
+    cdef size_t n = v.shape[0]
+    cdef _State st
+    cdef PngDecoder png = None
+    cdef JpegInfo info
+    cdef PngScan scan
+    cdef int fmt, rc = 0, orient, sw, sh, dw, dh, tw, th, ow, oh, C, item, pf, ct = 0, bd = 8
+    cdef int srcC, s_item, d_item
+    cdef bint fast = False
+    cdef double box[4]
+    cdef double sbox[4]
+    cdef size_t size = 0
+    cdef uint8_t* buf = NULL
+    cdef uint8_t* dst
+    cdef uint8_t[:, :, :] o
+    cdef Py_ssize_t s_row, s_px, d_row, d_px
+    if want != MASK_VALUES and want != MASK_ONE and want != MASK_COLOURS:
+        raise ValueError(f"want must be MASK_VALUES, MASK_ONE or MASK_COLOURS, got {want}")
+    if n == 0:
+        raise DecodeError("empty input (0 bytes)")
+    fmt = _sniff(&v[0], n)
+    if fmt == FMT_UNKNOWN:
+        return None
+    st = _state()
+    warning = None
+    # 1. header: stored size, orientation, layout of the values
+    if fmt == FMT_JPEG:
+        fixed, warning = _jpeg_header(st, v, &info, max_pixels)
+        if fixed is not None:
+            v = fixed
+            n = v.shape[0]
+        sw, sh, orient = info.width, info.height, info.orientation
+        C, item = _mask_layout(0 if info.colorspace == tj.TJCS_GRAY else 2, 8, want)
+    else:
+        fast = _fast_scan(v, &scan, max_pixels) == FAST_OK
+        if fast:
+            sw, sh, orient = scan.width, scan.height, scan.orientation
+            ct, bd = (0 if scan.channels == 1 else (2 if scan.channels == 3 else 6)), 8
+        else:
+            png = _png_open(v, max_pixels)
+            sw, sh, orient = png.ihdr.width, png.ihdr.height, png.orient
+            ct, bd = png.ihdr.color_type, png.ihdr.bit_depth
+        C, item = _mask_layout(ct, bd, want)
+    dw, dh = (sh, sw) if orient >= 5 else (sw, sh)
+    # 2. bucket and crop box (display coordinates), mapped to stored coordinates
+    tw, th, box[0], box[1], box[2], box[3] = _mask_box(pick(dw, dh), dw, dh, max_pixels)
+    _source_box(orient, sw, sh, box[0], box[1], box[2], box[3], sbox)
+    ow, oh = (th, tw) if orient >= 5 else (tw, th)
+    # 3. output
+    if out is None:
+        out = np.empty((th, tw, C), dtype=np.uint8 if item == 1 else np.int32)
+    elif not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+    elif out.ndim == 2 and C == 1:
+        out = out[:, :, None]
+    if out.ndim != 3 or out.shape[0] != th or out.shape[1] != tw or out.shape[2] != C:
+        raise ValueError(f"out must have shape ({th}, {tw}, {C}) for bucket {tw}x{th}, "
+                         f"got {tuple(out.shape)}")
+    if out.dtype not in _LABEL_DTYPES or out.dtype.itemsize < item:
+        raise ValueError(f"out must be {'uint8, ' if item == 1 else ''}uint16 or int32 for "
+                         f"{8 * item}-bit mask values, got {out.dtype}")
+    out = _channels_contiguous(out)
+    d_item = out.dtype.itemsize
+    o = out.view(np.uint8)                  # raises for a read-only array
+    dst = _oriented_dst(orient, &o[0, 0, 0], th, tw, out.strides[0], out.strides[1],
+                        &d_row, &d_px)
+    # 4. the values at full size, in the scratch (or an array kept alive here)
+    keep = None
+    s_item = item
+    if fmt == FMT_JPEG:
+        if _is_cmyk(info.colorspace):
+            pf, srcC = tj.TJPF_CMYK, 4
+        elif info.colorspace == tj.TJCS_GRAY:
+            pf, srcC = tj.TJPF_GRAY, 1
+        else:
+            pf, srcC = tj.TJPF_RGB, 3
+        with nogil:
+            buf = st.reserve(<size_t>sw * sh * srcC)
+            if buf != NULL:
+                rc = st.jpeg.decode(&v[0], n, buf, sw, sw * srcC, sh, pf)
+        if buf == NULL:
+            raise MemoryError("JPEG: no memory for the decode buffer")
+        st.jpeg.check(rc, "decoding")
+        if pf == tj.TJPF_CMYK:
+            with nogil:
+                cmyk_convert(buf, buf, <size_t>sw * sh, 3)
+            srcC = 3
+        s_row, s_px = <Py_ssize_t>sw * srcC, srcC
+    else:
+        if fast:
+            buf = _fast_inflate(v, st, &scan)
+            fast = buf != NULL
+        if fast:                            # unfiltered rows: pixels at buf + 1
+            srcC = 1 if scan.channels == 1 else 3
+            s_row, s_px = 1 + <Py_ssize_t>sw * scan.channels, scan.channels
+            buf = buf + 1
+        else:
+            if png is None:
+                png = _png_open(v, max_pixels)
+            if want == MASK_COLOURS and ct == spng.SPNG_COLOR_TYPE_INDEXED:
+                pf, srcC, s_px = spng.SPNG_FMT_RGB8, 3, 3          # the palette's colours
+            elif bd < 8:                    # packed samples: one byte per pixel
+                keep = np.empty((sh, sw), dtype=np.uint8)
+                buf = _data(keep)
+                _png_indices(png, st, buf)
+                pf, srcC, s_px = 0, 1, 1
+            else:                           # the stored samples, host-endian
+                pf = spng.SPNG_FMT_PNG
+                srcC = 1 if ct == 0 or ct == 3 or ct == 4 else 3
+                s_px = item * (1 if ct == 0 or ct == 3 else (2 if ct == 4 else (3 if ct == 2 else 4)))
+            if pf:
+                with nogil:
+                    rc = spng.spng_decoded_image_size(png.ctx, pf, &size)
+                    if rc == 0:
+                        buf = st.reserve(size)
+                        if buf != NULL:
+                            rc = png.decode(buf, size, pf, 0)
+                png.check(rc, "decoding")
+                if buf == NULL:
+                    raise MemoryError("PNG: no memory for the decode buffer")
+            s_row = <Py_ssize_t>sw * s_px
+    # 5. nearest neighbour from the crop into out
+    with nogil:
+        rc = st.rs.plan(sw, sh, sbox[0], sbox[1], sbox[2], sbox[3], ow, oh, FILTER_NEAREST)
+        if rc == 0:
+            rc = st.rs.run_labels(buf, s_item, s_row, s_px, srcC, dst, d_item, d_row, d_px, C)
+        st.trim()
+    if rc != 0:
+        plan_error(rc, f"resampling {sw}x{sh} -> {ow}x{oh}")
+    return out, (dw, dh), (tw, th), (box[0], box[1], box[2], box[3]), orient, warning

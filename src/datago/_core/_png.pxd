@@ -19,7 +19,7 @@ cdef struct PngScan:
     uint32_t width
     uint32_t height
     int channels                # 1 grey, 3 RGB, 4 RGBA
-    int orientation             # EXIF (eXIf before the image data), 1..8
+    int orientation             # EXIF (the last eXIf chunk), 1..8
     size_t idat_total           # bytes of compressed image data
     int idat_count              # number of IDAT chunks
     const uint8_t* idat0        # data of the first IDAT
@@ -27,6 +27,7 @@ cdef struct PngScan:
     char bad_chunk[5]           # type of the chunk that failed its CRC
 
 cdef int png_scan(const uint8_t* d, size_t n, PngScan* p) noexcept nogil
+cdef int png_orientation(const uint8_t* d, size_t n) noexcept nogil
 cdef void png_gather(const uint8_t* d, size_t n, uint8_t* dst) noexcept nogil
 cdef int png_unfilter(uint8_t* buf, uint32_t w, uint32_t h, int bpp) noexcept nogil
 cdef str png_fast_message(int code, PngScan* p)

@@ -1,6 +1,9 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """PNG: a fast path for the common files, libspng for everything else.
 
+EXIF orientation: the last eXIf chunk with a valid CRC, before or after the image
+data (as Pillow reads it), on both paths.
+
 Fast path (8-bit grey, RGB or RGBA, not interlaced, no tRNS -- the bulk of
 photo and mask datasets): our own chunk walk (every chunk's CRC checked),
 libdeflate's whole-buffer zlib inflate (2.4x faster than zlib's streaming inflate
@@ -48,10 +51,9 @@ cdef class PngDecoder:
 
         Sets ``pre_width``/``pre_height`` from the IHDR bytes first, so the caller can
         apply max_pixels even to a header libspng rejects; reads tRNS and the EXIF
-        orientation (eXIf before IDAT).
+        orientation (``png_orientation``: eXIf wherever it is).
         """
         cdef spng.spng_trns trns
-        cdef spng.spng_exif exif
         cdef int rc
         if n >= 24 and data[12] == 0x49 and data[13] == 0x48 and data[14] == 0x44 and data[15] == 0x52:
             self.pre_width = (<long long>data[16] << 24) | (data[17] << 16) | (data[18] << 8) | data[19]
@@ -70,11 +72,7 @@ cdef class PngDecoder:
             self.has_trns = True
         elif rc != spng.SPNG_ECHUNKAVAIL:
             return rc
-        rc = spng.spng_get_exif(self.ctx, &exif)
-        if rc == 0 and exif.data != NULL:
-            self.orient = tiff_orientation(<const uint8_t*>exif.data, exif.length)
-        elif rc != 0 and rc != spng.SPNG_ECHUNKAVAIL:
-            return rc
+        self.orient = png_orientation(data, n)
         return 0
 
     cdef bint has_alpha(self) noexcept nogil:
@@ -165,17 +163,39 @@ cdef int png_scan(const uint8_t* d, size_t n, PngScan* p) noexcept nogil:
                 break
             if memcmp(t, b"tRNS", 4) == 0:
                 return FAST_FALLBACK
-            if memcmp(t, b"eXIf", 4) == 0:
-                if not seen_idat and p.orientation == 1:
-                    p.orientation = tiff_orientation(t + 4, length)
+            if memcmp(t, b"eXIf", 4) == 0:            # the last one counts (as Pillow)
+                p.orientation = tiff_orientation(t + 4, length)
             elif 0x41 <= t[0] <= 0x5A and pos > 8:      # critical chunk
                 if memcmp(t, b"PLTE", 4) != 0 or ct == 0:
                     return FAST_FALLBACK     # unknown critical chunk, or PLTE in grey
         pos += 12 + length
     if not seen_idat:
         return FAST_FALLBACK
+    if <unsigned long long>p.width * p.height > (<unsigned long long>1 << 40):
+        return FAST_FALLBACK                     # beyond any max_pixels: libspng reports it
     p.raw_size = (1 + <size_t>p.width * p.channels) * p.height
     return FAST_OK
+
+
+cdef int png_orientation(const uint8_t* d, size_t n) noexcept nogil:
+    """EXIF orientation of a PNG (signature already checked): the last eXIf chunk with
+    a valid CRC, before or after the image data (Pillow reads both); 1 when none."""
+    cdef size_t pos = 8
+    cdef size_t length
+    cdef const uint8_t* t
+    cdef int o = 1
+    while pos + 12 <= n:
+        length = _be32(d + pos)
+        if length > 0x7FFFFFFF or pos + 12 + length > n:
+            break
+        t = d + pos + 4
+        if memcmp(t, b"IEND", 4) == 0:
+            break
+        if (memcmp(t, b"eXIf", 4) == 0
+                and ld.libdeflate_crc32(0, t, length + 4) == _be32(t + 4 + length)):
+            o = tiff_orientation(t + 4, length)
+        pos += 12 + length
+    return o
 
 
 cdef void png_gather(const uint8_t* d, size_t n, uint8_t* dst) noexcept nogil:

@@ -38,14 +38,14 @@ the generic build (tests compare them for every orientation).
 """
 
 from libc.math cimport ceil, floor, fabs, sin, M_PI, lrint
-from libc.stdint cimport int16_t, int32_t, uint8_t
+from libc.stdint cimport int16_t, int32_t, uint8_t, uint16_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy, memset
 
 import numpy as np
 
 from datago._core._kernels cimport (
-    AxisPlan, KernelTable, LANES, MAX_TAPS, R_COLOR, R_GREY, R_RGBA, wbits,
+    AxisPlan, KernelTable, LANES, MAX_PLAN, MAX_TAPS, MAX_WORK, R_COLOR, R_GREY, R_RGBA, wbits,
     FILTER_BICUBIC, FILTER_BOX, FILTER_LANCZOS3, FILTER_NEAREST, FILTER_TRIANGLE)
 
 include "_kernels.pxi"
@@ -148,12 +148,12 @@ cdef inline double _support(int filt) noexcept nogil:
 
 
 cdef inline void _window(double center, double support, int in_size, int* xmin, int* xmax) noexcept nogil:
-    xmin[0] = <int>(center - support + 0.5)
-    if xmin[0] < 0:
-        xmin[0] = 0
-    xmax[0] = <int>(center + support + 0.5)
-    if xmax[0] > in_size:
-        xmax[0] = in_size
+    """[xmin, xmax) of the samples within ``support`` of ``center``, clipped to the axis
+    (clipped in double first: a huge support must not overflow the int conversion)."""
+    cdef double a = center - support + 0.5
+    cdef double b = center + support + 0.5
+    xmin[0] = 0 if a < 0.0 else (in_size if a > in_size else <int>a)
+    xmax[0] = in_size if b > in_size else (0 if b < 0.0 else <int>b)
 
 
 cdef inline int _max_fixed_taps(int filt) noexcept nogil:
@@ -165,7 +165,8 @@ cdef int _plan_axis(AxisPlan* a, int in_size, double in0, double in1, int out_si
                     int filt) noexcept nogil:
     """Fill ``a`` to resample [in0, in1) of an axis of ``in_size`` onto ``out_size``.
 
-    Returns 0, or -1 when memory runs out.
+    Returns 0, -1 when memory runs out, or -2 when the plan would hold more than
+    MAX_PLAN weights (out_size x taps).
     """
     cdef double scale = (in1 - in0) / out_size
     cdef double fscale = scale if scale > 1.0 else 1.0
@@ -174,9 +175,12 @@ cdef int _plan_axis(AxisPlan* a, int in_size, double in0, double in1, int out_si
     cdef double center, ss, total, wx, q
     cdef int ntaps = 1
     cdef int i, x, xmin, xmax, lo, n, acc, big
+    cdef size_t nw
     cdef int16_t* row
     cdef float* rowf
     cdef void* p
+    if out_size > MAX_PLAN:
+        return -2
     if filt != FILTER_NEAREST:
         support = _support(filt) * fscale
         ntaps = 0
@@ -186,23 +190,26 @@ cdef int _plan_axis(AxisPlan* a, int in_size, double in0, double in1, int out_si
                 ntaps = xmax - xmin
         if ntaps < 1:
             ntaps = 1
-    if out_size > a.cap:
+    nw = <size_t>out_size * <size_t>ntaps
+    if out_size <= 0 or in_size <= 0 or nw > MAX_PLAN:
+        return -2
+    if <size_t>out_size > a.cap:
         p = realloc(a.lo, <size_t>out_size * 2 * sizeof(int))
         if p == NULL:
             return -1
         a.lo = <int*>p
         a.cap = out_size
     a.nz = a.lo + a.cap
-    if out_size * ntaps > a.wcap:
-        p = realloc(a.w, <size_t>out_size * ntaps * sizeof(int16_t))
+    if nw > a.wcap:
+        p = realloc(a.w, nw * sizeof(int16_t))
         if p == NULL:
             return -1
         a.w = <int16_t*>p
-        p = realloc(a.wf, <size_t>out_size * ntaps * sizeof(float))
+        p = realloc(a.wf, nw * sizeof(float))
         if p == NULL:
             return -1
         a.wf = <float*>p
-        a.wcap = out_size * ntaps
+        a.wcap = nw
     a.in_size = in_size
     a.out_size = out_size
     a.ntaps = ntaps
@@ -211,8 +218,8 @@ cdef int _plan_axis(AxisPlan* a, int in_size, double in0, double in1, int out_si
     ss = 1.0 / fscale
     for i in range(out_size):
         center = in0 + (i + 0.5) * scale
-        row = a.w + i * ntaps
-        rowf = a.wf + i * ntaps
+        row = a.w + <size_t>i * ntaps
+        rowf = a.wf + <size_t>i * ntaps
         memset(row, 0, ntaps * sizeof(int16_t))
         memset(rowf, 0, ntaps * sizeof(float))
         if filt == FILTER_NEAREST:
@@ -276,11 +283,59 @@ cdef void _nearest(const uint8_t* src, Py_ssize_t s_row, int C, const AxisPlan* 
     for y in range(py.out_size):
         srow = src + py.lo[y] * s_row
         for x in range(px.out_size):
-            sp = srow + px.lo[x] * C
+            sp = srow + <Py_ssize_t>px.lo[x] * C
             dp = dst + y * d_row + x * d_px
             for c in range(dC):
                 sc = c if c < C else C - 1
                 dp[c * d_ch] = sp[sc]
+
+
+# --- nearest neighbour for label images (masks): values copied, never blended --------
+
+ctypedef fused lsrc_t:
+    uint8_t
+    uint16_t
+    int32_t
+
+ctypedef fused ldst_t:
+    uint8_t
+    uint16_t
+    int32_t
+
+
+cdef void _nearest_labels(const lsrc_t* src, Py_ssize_t s_row, Py_ssize_t s_px, int C,
+                          const AxisPlan* px, const AxisPlan* py, ldst_t* dst,
+                          Py_ssize_t d_row, Py_ssize_t d_px, int dC) noexcept nogil:
+    """Copy the planned samples, widened to the output type (the caller never narrows).
+
+    Strides are in bytes (the output's may be negative or swapped: EXIF orientation);
+    channels are contiguous on both sides; output channel c reads source channel
+    min(c, C - 1).
+    """
+    cdef int x, y, c
+    cdef const char* srow
+    cdef char* drow
+    cdef const lsrc_t* sp
+    cdef ldst_t* dp
+    for y in range(py.out_size):
+        srow = <const char*>src + py.lo[y] * s_row
+        drow = <char*>dst + y * d_row
+        for x in range(px.out_size):
+            sp = <const lsrc_t*>(srow + px.lo[x] * s_px)
+            dp = <ldst_t*>(drow + x * d_px)
+            for c in range(dC):
+                dp[c] = <ldst_t>sp[c if c < C else C - 1]
+
+
+cdef void _labels_to(const void* src, int s_item, Py_ssize_t s_row, Py_ssize_t s_px, int C,
+                     const AxisPlan* px, const AxisPlan* py, ldst_t* dst,
+                     Py_ssize_t d_row, Py_ssize_t d_px, int dC) noexcept nogil:
+    if s_item == 1:
+        _nearest_labels(<const uint8_t*>src, s_row, s_px, C, px, py, dst, d_row, d_px, dC)
+    elif s_item == 2:
+        _nearest_labels(<const uint16_t*>src, s_row, s_px, C, px, py, dst, d_row, d_px, dC)
+    else:
+        _nearest_labels(<const int32_t*>src, s_row, s_px, C, px, py, dst, d_row, d_px, dC)
 
 
 cdef class Resampler:
@@ -304,11 +359,38 @@ cdef class Resampler:
 
     cdef int plan(self, int in_w, int in_h, double x0, double y0, double x1, double y1,
                   int out_w, int out_h, int filt) noexcept nogil:
-        """Plan both axes.  Returns 0, or -1 when memory runs out."""
+        """Plan both axes.  Returns 0, -1 when memory runs out, -2 when a plan would
+        be too large (MAX_PLAN)."""
+        cdef int rc
         self.filt = filt
-        if _plan_axis(&self.px, in_w, x0, x1, out_w, filt) < 0:
-            return -1
+        rc = _plan_axis(&self.px, in_w, x0, x1, out_w, filt)
+        if rc < 0:
+            return rc
         return _plan_axis(&self.py, in_h, y0, y1, out_h, filt)
+
+    cdef int run_labels(self, const void* src, int s_item, Py_ssize_t s_row, Py_ssize_t s_px,
+                        int C, void* dst, int d_item, Py_ssize_t d_row, Py_ssize_t d_px,
+                        int dC) noexcept nogil:
+        """Nearest-neighbour copy of a label image with the current (nearest) plans.
+
+        Item sizes name the types: 1 uint8, 2 uint16, 4 int32; ``d_item >= s_item``
+        (values are widened, never narrowed; the caller checks).  Returns 0, or -2
+        for item sizes it does not handle.
+        """
+        if d_item < s_item or not (s_item == 1 or s_item == 2 or s_item == 4):
+            return -2
+        if d_item == 1:
+            _labels_to(src, s_item, s_row, s_px, C, &self.px, &self.py, <uint8_t*>dst,
+                       d_row, d_px, dC)
+        elif d_item == 2:
+            _labels_to(src, s_item, s_row, s_px, C, &self.px, &self.py, <uint16_t*>dst,
+                       d_row, d_px, dC)
+        elif d_item == 4:
+            _labels_to(src, s_item, s_row, s_px, C, &self.px, &self.py, <int32_t*>dst,
+                       d_row, d_px, dC)
+        else:
+            return -2
+        return 0
 
     cdef int run(self, const uint8_t* src, Py_ssize_t s_row, int C,
                  uint8_t* dst, Py_ssize_t d_row, Py_ssize_t d_px, Py_ssize_t d_ch,
@@ -319,7 +401,8 @@ cdef class Resampler:
         row stride ``s_row``.  ``dst`` points at output pixel (0, 0); its strides may
         be negative or swapped (that is how EXIF orientation is applied for free).
         Output channel c reads source channel min(c, C - 1), so grey fills RGB.
-        Returns 0, -1 when memory runs out, -2 for a downscale beyond MAX_TAPS taps.
+        Returns 0, -1 when memory runs out, -2 for a downscale beyond MAX_TAPS taps
+        or a source span needing more than MAX_WORK bytes of scratch.
         """
         cdef bint use_float
         cdef size_t need
@@ -332,6 +415,8 @@ cdef class Resampler:
         use_float = (self.px.ntaps > _max_fixed_taps(self.filt)
                      or self.py.ntaps > _max_fixed_taps(self.filt))
         need = _work_bytes(&self.px, &self.py, C, sizeof(float) if use_float else sizeof(int16_t))
+        if need > MAX_WORK:
+            return -2
         if need > self.work_cap:
             p = realloc(self.work, need)
             if p == NULL:
@@ -355,36 +440,85 @@ def filter_id(name):
         raise ValueError(f"unknown filter {name!r}; expected one of {sorted(FILTERS)}") from None
 
 
-def coefficients(int in_size, double in0, double in1, int out_size, filter="triangle"):
+MAX_EXTENT = 0x7FFFFFFF
+"""Largest image or output side in pixels (sizes are C ints in the kernels)."""
+
+
+def check_extent(v, str what):
+    """``v`` as an int in 1..MAX_EXTENT, else ValueError naming ``what``."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise ValueError(f"{what} must be an integer, got {v!r}")
+    if not 1 <= v <= MAX_EXTENT:
+        raise ValueError(f"{what} must be in 1..{MAX_EXTENT}, got {v}")
+    return int(v)
+
+
+def _check_target(out_w, out_h, channels, max_pixels):
+    """Validate an output size (ValueError, before anything is allocated)."""
+    w = check_extent(out_w, "target width")
+    h = check_extent(out_h, "target height")
+    if w * h > max_pixels:
+        raise ValueError(f"target {w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}")
+    return w, h
+
+
+def _check_box(box, int in_w, int in_h):
+    if box is None:
+        return 0.0, 0.0, <double>in_w, <double>in_h
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise ValueError(f"box must be four numbers (left, top, right, bottom), got {box!r}") from None
+    if not (0 <= x0 < x1 <= in_w and 0 <= y0 < y1 <= in_h):
+        raise ValueError(f"box {tuple(box)} is not inside the {in_w}x{in_h} source")
+    return x0, y0, x1, y1
+
+
+def plan_error(int rc, str what):
+    """Raise for a failed plan/run return code (-2: ValueError, -1: MemoryError)."""
+    if rc == -2:
+        raise ValueError(f"{what} is too large for one pass (more than {MAX_PLAN} filter "
+                         f"weights per axis, more than {MAX_TAPS} vertical taps, or more "
+                         f"than {MAX_WORK >> 20} MiB of scratch)")
+    if rc < 0:
+        raise MemoryError(f"{what}: out of memory for the resampling plan")
+
+
+def coefficients(in_size, double in0, double in1, out_size, filter="triangle"):
     """One axis's plan as numpy arrays ``(lo, weights)`` with float weights (for tests)."""
     cdef Resampler rs = Resampler()
     cdef int filt = filter_id(filter)
-    cdef int i, rc
-    if in_size <= 0 or out_size <= 0 or not (0 <= in0 < in1 <= in_size):
+    cdef int i, rc, n_in, n_out
+    cdef size_t k
+    n_in = check_extent(in_size, "in_size")
+    n_out = check_extent(out_size, "out_size")
+    if not (0 <= in0 < in1 <= n_in):
         raise ValueError("need in_size > 0, out_size > 0 and 0 <= in0 < in1 <= in_size")
     with nogil:
-        rc = _plan_axis(&rs.px, in_size, in0, in1, out_size, filt)
-    if rc < 0:
-        raise MemoryError()
-    lo = np.array([rs.px.lo[i] for i in range(out_size)], dtype=np.int32)
-    w = np.array([rs.px.wf[i] for i in range(out_size * rs.px.ntaps)], dtype=np.float64)
-    return lo, w.reshape(out_size, rs.px.ntaps)
+        rc = _plan_axis(&rs.px, n_in, in0, in1, n_out, filt)
+    plan_error(rc, "coefficients")
+    lo = np.array([rs.px.lo[i] for i in range(n_out)], dtype=np.int32)
+    w = np.array([rs.px.wf[k] for k in range(<size_t>n_out * rs.px.ntaps)], dtype=np.float64)
+    return lo, w.reshape(n_out, rs.px.ntaps)
 
 
-def resize(src, int out_w, int out_h, box=None, filter="triangle", out=None):
+def resize(src, out_w, out_h, box=None, filter="triangle", out=None,
+           long long max_pixels=MAX_EXTENT):
     """Resample ``src[box]`` (uint8, (H, W) or (H, W, C), C in 1, 3, 4) to (out_h, out_w[, C]).
 
     ``box`` = (x0, y0, x1, y1) in source pixels (floats allowed; default: all).
     ``out``, if given, is a uint8 array of shape (out_h, out_w, C') with any
     strides (C' = C, or 3 from a grey source); the result is written there and
-    returned.  The GIL is released while resampling.
+    returned.  The GIL is released while resampling.  Sizes outside
+    1..MAX_EXTENT, an output above ``max_pixels`` or a plan above MAX_PLAN
+    weights raise ValueError before anything is allocated.
     """
     cdef const uint8_t[:, :, :] s3
     cdef uint8_t[:, :, :] o3
     cdef Resampler rs = Resampler()
     cdef int filt = filter_id(filter)
     cdef double x0, y0, x1, y1
-    cdef int rc, C, dC, in_w, in_h
+    cdef int rc, C, dC, in_w, in_h, ow, oh
     cdef Py_ssize_t s_row, d_row, d_px, d_ch
     arr = np.asarray(src)
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
@@ -392,38 +526,104 @@ def resize(src, int out_w, int out_h, box=None, filter="triangle", out=None):
     squeeze = arr.ndim == 2
     if squeeze:
         arr = arr[:, :, None]
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"empty source {arr.shape[1]}x{arr.shape[0]}")
+    in_h = check_extent(arr.shape[0], "source height")
+    in_w = check_extent(arr.shape[1], "source width")
+    if arr.shape[2] not in (1, 3, 4):
+        raise ValueError(f"resize supports 1, 3 or 4 channels, got {arr.shape[2]}")
+    C = arr.shape[2]
+    ow, oh = _check_target(out_w, out_h, C, max_pixels)
+    x0, y0, x1, y1 = _check_box(box, in_w, in_h)
+    with nogil:
+        rc = rs.plan(in_w, in_h, x0, y0, x1, y1, ow, oh, filt)
+    plan_error(rc, f"resize {in_w}x{in_h} -> {ow}x{oh}")
     if arr.strides[2] != 1 or arr.strides[1] != arr.shape[2]:
         arr = np.ascontiguousarray(arr)
-    in_h, in_w, C = arr.shape[0], arr.shape[1], arr.shape[2]
-    if C not in (1, 3, 4):
-        raise ValueError(f"resize supports 1, 3 or 4 channels, got {C}")
-    if out_w <= 0 or out_h <= 0 or in_w <= 0 or in_h <= 0:
-        raise ValueError(f"empty source {in_w}x{in_h} or target {out_w}x{out_h}")
-    if box is None:
-        x0, y0, x1, y1 = 0.0, 0.0, in_w, in_h
-    else:
-        x0, y0, x1, y1 = box
-        if not (0 <= x0 < x1 <= in_w and 0 <= y0 < y1 <= in_h):
-            raise ValueError(f"box {tuple(box)} is not inside the {in_w}x{in_h} source")
     if out is None:
-        res = np.empty((out_h, out_w, C), dtype=np.uint8)
+        res = np.empty((oh, ow, C), dtype=np.uint8)
     else:
         res = out if out.ndim == 3 else out[:, :, None]
-        if res.dtype != np.uint8 or res.shape[0] != out_h or res.shape[1] != out_w or res.shape[2] not in (C, 3):
-            raise ValueError(f"out must be uint8 of shape ({out_h}, {out_w}, {C}), got {out.dtype} {out.shape}")
+        if res.dtype != np.uint8 or res.shape[0] != oh or res.shape[1] != ow or res.shape[2] not in (C, 3):
+            raise ValueError(f"out must be uint8 of shape ({oh}, {ow}, {C}), got {out.dtype} {out.shape}")
     dC = res.shape[2]
     s3 = arr
     o3 = res
     s_row = arr.strides[0]
     d_row, d_px, d_ch = o3.strides[0], o3.strides[1], o3.strides[2]
     with nogil:
-        rc = rs.plan(in_w, in_h, x0, y0, x1, y1, out_w, out_h, filt)
-        if rc == 0:
-            rc = rs.run(&s3[0, 0, 0], s_row, C, &o3[0, 0, 0], d_row, d_px, d_ch, dC)
-    if rc == -2:
-        raise ValueError(f"resize: downscale {in_w}x{in_h} -> {out_w}x{out_h} is too large for one pass")
-    if rc < 0:
-        raise MemoryError("resize: out of memory for the resampling plan")
+        rc = rs.run(&s3[0, 0, 0], s_row, C, &o3[0, 0, 0], d_row, d_px, d_ch, dC)
+    plan_error(rc, f"resize {in_w}x{in_h} -> {ow}x{oh}")
+    if out is not None:
+        return out
+    return res[:, :, 0] if squeeze else res
+
+
+_LABEL_TYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int32))
+
+
+def nearest(src, out_w, out_h, box=None, out=None, dtype=None,
+            long long max_pixels=MAX_EXTENT):
+    """Nearest-neighbour resampling of a label image: values are copied, never blended.
+
+    ``src``: (H, W) or (H, W, C) uint8, uint16 or int32, any C.  Same geometry
+    as ``resize(..., filter="nearest")``: output pixel i takes source pixel
+    ``floor(box0 + (i + 0.5) * (box1 - box0) / out)``.  The result has ``dtype``
+    (default the source's; never narrower) or is written into ``out`` (uint8,
+    uint16 or int32 of shape (out_h, out_w[, C]), channels contiguous).
+    """
+    cdef Resampler rs = Resampler()
+    cdef double x0, y0, x1, y1
+    cdef int rc, C, in_w, in_h, ow, oh, s_item, d_item
+    cdef Py_ssize_t s_row, s_px, d_row, d_px
+    cdef const uint8_t[:, :, :] s3
+    cdef uint8_t[:, :, :] o3
+    arr = np.asarray(src)
+    if arr.dtype not in _LABEL_TYPES or arr.ndim not in (2, 3):
+        raise TypeError(f"nearest expects a uint8, uint16 or int32 array of shape (H, W) or "
+                        f"(H, W, C), got {arr.dtype} {arr.shape}")
+    squeeze = arr.ndim == 2 and out is None
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.shape[0] == 0 or arr.shape[1] == 0 or arr.shape[2] == 0:
+        raise ValueError(f"empty source of shape {arr.shape}")
+    in_h = check_extent(arr.shape[0], "source height")
+    in_w = check_extent(arr.shape[1], "source width")
+    C = arr.shape[2]
+    ow, oh = _check_target(out_w, out_h, C, max_pixels)
+    x0, y0, x1, y1 = _check_box(box, in_w, in_h)
+    with nogil:
+        rc = rs.plan(in_w, in_h, x0, y0, x1, y1, ow, oh, FILTER_NEAREST)
+    plan_error(rc, f"nearest {in_w}x{in_h} -> {ow}x{oh}")
+    if arr.strides[2] != arr.itemsize:
+        arr = (np.lib.stride_tricks.as_strided(arr, strides=(arr.strides[0], arr.strides[1],
+                                                             arr.itemsize))
+               if C == 1 else np.ascontiguousarray(arr))
+    if out is None:
+        dt = np.dtype(dtype) if dtype is not None else arr.dtype
+        res = np.empty((oh, ow, C), dtype=dt)
+    else:
+        res = out if out.ndim == 3 else out[:, :, None]
+        if res.shape != (oh, ow, C):
+            raise ValueError(f"out must have shape ({oh}, {ow}, {C}), got {tuple(out.shape)}")
+    if res.dtype not in _LABEL_TYPES or res.dtype.itemsize < arr.dtype.itemsize:
+        raise ValueError(f"{arr.dtype} labels need an output of type "
+                         f"{' or '.join(str(t) for t in _LABEL_TYPES if t.itemsize >= arr.dtype.itemsize)}, "
+                         f"got {res.dtype}")
+    if res.strides[2] != res.itemsize:
+        if res.shape[2] != 1:
+            raise ValueError("out must have contiguous channels")
+        res = np.lib.stride_tricks.as_strided(res, strides=(res.strides[0], res.strides[1],
+                                                            res.itemsize))
+    s_item, d_item = arr.itemsize, res.itemsize
+    s3 = arr.view(np.uint8)
+    o3 = res.view(np.uint8)
+    s_row, s_px = arr.strides[0], arr.strides[1]
+    d_row, d_px = res.strides[0], res.strides[1]
+    with nogil:
+        rc = rs.run_labels(&s3[0, 0, 0], s_item, s_row, s_px, C, &o3[0, 0, 0], d_item,
+                           d_row, d_px, C)
+    plan_error(rc, f"nearest {in_w}x{in_h} -> {ow}x{oh}")
     if out is not None:
         return out
     return res[:, :, 0] if squeeze else res
