@@ -6,9 +6,10 @@ libspng and crops/resizes into aspect-ratio buckets with the GIL released;
 """
 
 from datago.buckets import make_buckets, nearest_bucket
-from datago.client import DatagoClient, ImagePayload, Sample
+from datago.client import (DatagoClient, ImagePayload, LatentPayload, Sample, initialize_logging,
+                           live_cleanup_threads)
 from datago.config import DatagoConfig, FileSourceConfig, ImageConfig, LoaderConfig
-from datago.dataset import DatagoDataset
+from datago.dataset import DatagoDataset, DatagoMapDataset
 from datago.errors import ConfigError, DatagoError, DecodeError, ImageTooLargeError
 from datago.image import (DEFAULT_MAX_PIXELS, BucketResult, ImageInfo, decode,
                           decode_to_bucket, read_header, resize)
@@ -23,6 +24,7 @@ __all__ = [
     "DatagoClient",
     "DatagoConfig",
     "DatagoDataset",
+    "DatagoMapDataset",
     "DatagoError",
     "DecodeError",
     "FileSourceConfig",
@@ -30,12 +32,15 @@ __all__ = [
     "ImageInfo",
     "ImagePayload",
     "ImageTooLargeError",
+    "LatentPayload",
     "LoaderConfig",
     "Sample",
     "ShardDetector",
     "ShardInfo",
     "decode",
     "decode_to_bucket",
+    "initialize_logging",
+    "live_cleanup_threads",
     "make_buckets",
     "nearest_bucket",
     "read_header",
