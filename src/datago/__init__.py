@@ -10,7 +10,8 @@ from datago.client import (DatagoClient, ImagePayload, LatentPayload, Sample, in
                            live_cleanup_threads)
 from datago.config import DatagoConfig, FileSourceConfig, ImageConfig, LoaderConfig
 from datago.dataset import DatagoDataset, DatagoMapDataset
-from datago.errors import ConfigError, DatagoError, DecodeError, ImageTooLargeError
+from datago.errors import (ConfigError, DatagoError, DecodeError, ImageTooLargeError,
+                           MaskMismatchError)
 from datago.image import (DEFAULT_MAX_PIXELS, BucketResult, ImageInfo, decode,
                           decode_to_bucket, read_header, resize)
 from datago.sharding import ShardDetector, ShardInfo
@@ -34,6 +35,7 @@ __all__ = [
     "ImageTooLargeError",
     "LatentPayload",
     "LoaderConfig",
+    "MaskMismatchError",
     "Sample",
     "ShardDetector",
     "ShardInfo",

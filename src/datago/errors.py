@@ -7,7 +7,8 @@ working for code that does not know about datago.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DatagoError", "DecodeError", "ImageTooLargeError"]
+__all__ = ["ConfigError", "DatagoError", "DecodeError", "ImageTooLargeError",
+           "MaskMismatchError"]
 
 
 class DatagoError(Exception):
@@ -30,3 +31,9 @@ class ImageTooLargeError(DecodeError):
 
 class ConfigError(DatagoError, ValueError):
     """An invalid configuration; the message names the offending key path."""
+
+
+class MaskMismatchError(DatagoError, ValueError):
+    """A mask that cannot be aligned with its image or read as labels: an aspect ratio
+    more than 1% off the image's, a colour missing from the configured palette, or a
+    source that cannot be read the way asked (the loader counts ``mask_mismatch``)."""

@@ -43,7 +43,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from datago._core import _pipeline, _resample
-from datago._core._pipeline import MaskMismatchError
+from datago.errors import MaskMismatchError
 from datago.buckets import Bucket, nearest_bucket
 from datago.errors import DecodeError
 

@@ -41,13 +41,8 @@ from datago._core._pixels cimport cmyk_convert, luma, rgba16_to_rgba8, rgba8_con
 
 from datago._core._jpeg import scale_numerator
 from datago._core._resample import MAX_EXTENT, check_extent, plan_error
-from datago.errors import DatagoError, DecodeError, ImageTooLargeError
+from datago.errors import DatagoError, DecodeError, ImageTooLargeError, MaskMismatchError
 
-
-class MaskMismatchError(DatagoError, ValueError):
-    """A mask that cannot be aligned with its image or read as labels: an aspect ratio
-    more than 1% off the image's, a colour missing from the configured palette, or a
-    source that cannot be read the way asked (the loader counts ``mask_mismatch``)."""
 
 cdef enum:
     FMT_UNKNOWN = 0
