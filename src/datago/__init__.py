@@ -9,9 +9,9 @@ from datago.buckets import make_buckets, nearest_bucket
 from datago.client import (DatagoClient, ImagePayload, LatentPayload, Sample, initialize_logging,
                            live_cleanup_threads)
 from datago.config import DatagoConfig, FileSourceConfig, ImageConfig, LoaderConfig
-from datago.dataset import DatagoDataset, DatagoMapDataset
+from datago.dataset import DataLoader, DatagoDataset, DatagoMapDataset
 from datago.errors import (ConfigError, DatagoError, DecodeError, ImageTooLargeError,
-                           MaskMismatchError)
+                           MaskMismatchError, SharedMemoryError, WorkerError)
 from datago.image import (DEFAULT_MAX_PIXELS, BucketResult, ImageInfo, decode,
                           decode_to_bucket, read_header, resize)
 from datago.sharding import ShardDetector, ShardInfo
@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "BucketResult",
     "ConfigError",
+    "DataLoader",
     "DatagoClient",
     "DatagoConfig",
     "DatagoDataset",
@@ -39,6 +40,7 @@ __all__ = [
     "Sample",
     "ShardDetector",
     "ShardInfo",
+    "SharedMemoryError",
     "decode",
     "decode_to_bucket",
     "initialize_logging",
@@ -47,4 +49,5 @@ __all__ = [
     "nearest_bucket",
     "read_header",
     "resize",
+    "WorkerError",
 ]

@@ -39,17 +39,39 @@ def _open(view, max_pixels: int):
     return im
 
 
+def _typed(fn):
+    """Run ``fn()``; anything Pillow raises on bad data becomes ``DecodeError`` (it
+    raises TypeError, KeyError, IndexError, ... on some malformed TIFFs, and an
+    untyped error would end an epoch instead of skipping one file)."""
+    from PIL import Image
+    try:
+        return fn()
+    except (DecodeError, ImageTooLargeError):
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(str(e)) from None
+    except Exception as e:                    # noqa: BLE001 - see the docstring
+        raise DecodeError(f"image could not be read: {type(e).__name__}: {e}") from None
+
+
 def read_header(view):
     from datago.image import ImageInfo
-    im = _open(view, 1 << 62)
-    orientation = im.getexif().get(0x0112, 1)
-    if orientation not in range(1, 9):
-        orientation = 1
-    return ImageInfo(im.format.lower(), im.size[0], im.size[1], orientation)
+
+    def run():
+        im = _open(view, 1 << 62)
+        orientation = im.getexif().get(0x0112, 1)
+        if orientation not in range(1, 9):
+            orientation = 1
+        return ImageInfo(im.format.lower(), im.size[0], im.size[1], orientation)
+    return _typed(run)
 
 
-def decode(view, mode: str, max_pixels: int, background: bytes, indices: bool) -> np.ndarray:
-    """(H, W, C) uint8 in display orientation; ``indices`` keeps palette indices (masks)."""
+def decode(view, mode: str, max_pixels: int, background: bytes) -> np.ndarray:
+    """(H, W, C) uint8 in display orientation."""
+    return _typed(lambda: _decode(view, mode, max_pixels, background))
+
+
+def _decode(view, mode: str, max_pixels: int, background: bytes) -> np.ndarray:
     from PIL import Image, ImageOps
     im = _open(view, max_pixels)
     fmt = im.format
@@ -60,8 +82,6 @@ def decode(view, mode: str, max_pixels: int, background: bytes, indices: bool) -
         raise ImageTooLargeError(f"{fmt}: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         raise DecodeError(f"{fmt}: decoding failed: {e}") from None
-    if indices and im.mode == "P":
-        return np.array(im, dtype=np.uint8)[:, :, None]
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         a = np.array(im, dtype=np.int64)
         if im.mode == "I" and a.max(initial=0) <= 255:

@@ -38,6 +38,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from datago.errors import SharedMemoryError
+
 LIMIT = 32                  # segments per worker process
 DEFAULT_MAX_BYTES = 256 << 20   # bytes of segments kept per worker (``shared_pool_bytes``)
 _SLACK = 1.3                # a segment serves requests down to 1/1.3 of its size
@@ -58,13 +60,56 @@ def _size_class(n: int) -> int:
     return m << k
 
 
+_SHM_FULL = ("No space left on device", "Cannot allocate memory", "unable to allocate shared memory",
+             "unable to write to file", "unable to resize file", "unable to mmap",
+             "unable to open shared memory")
+
+
+def _describe_shm() -> str:
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return "/dev/shm cannot be read"
+    mib = 1 << 20
+    return (f"/dev/shm has {st.f_bavail * st.f_frsize / mib:.0f} MiB free of "
+            f"{st.f_blocks * st.f_frsize / mib:.0f} MiB")
+
+
+def _new_shared(nbytes: int, shape: Tuple[int, ...] = ()) -> torch.UntypedStorage:
+    """``torch.UntypedStorage._new_shared``; a ``SharedMemoryError`` saying what to do
+    when the shared memory is full (torch's own error is the cause)."""
+    try:
+        return torch.UntypedStorage._new_shared(nbytes)
+    except (RuntimeError, OSError) as e:
+        if not any(k in str(e) for k in _SHM_FULL):
+            raise
+        from torch.utils.data import get_worker_info
+        info = get_worker_info()
+        workers = info.num_workers if info is not None else 1
+        who = f"DataLoader worker {info.id} of {workers}" if info is not None else "this process"
+        # each worker holds its own batches (datago's prefetch_batches, 2 by default,
+        # plus the one being built) and DataLoader's prefetch_factor (2) waiting
+        est = nbytes * workers * 5
+        gib = max(1, -(-est // (1 << 30)))
+        raise SharedMemoryError(
+            f"datago: a batch tensor of shape {tuple(shape) or (nbytes,)} needs {nbytes:,} bytes "
+            f"({nbytes / (1 << 20):.1f} MiB) of shared memory and {who} could not allocate it: "
+            f"{_describe_shm()} (torch: {e}).  DataLoader workers hand their batches over in "
+            f"/dev/shm; {workers} worker(s) with the default prefetching hold about "
+            f"{est / (1 << 20):.0f} MiB of batches this size.  Fix: more shared memory for the "
+            f"container (docker run --shm-size={gib}g or more; on Kubernetes a memory-backed "
+            f"emptyDir at /dev/shm), a smaller batch_size or bucket size (or fewer workers, "
+            f"a lower prefetch_batches / prefetch_factor), or num_workers=0 (which needs no "
+            f"shared memory)") from e
+
+
 class _Segment:
     __slots__ = ("index", "size", "flat", "ptr", "idle_uses")
 
-    def __init__(self, index: int, size: int):
+    def __init__(self, index: int, size: int, shape: Tuple[int, ...] = ()):
         self.index = index
         self.size = size
-        storage = torch.UntypedStorage._new_shared(size)        # fresh pages are zero
+        storage = _new_shared(size, shape)                      # fresh pages are zero
         self.flat = torch.empty(0, dtype=torch.uint8).set_(storage)
         self.ptr = storage.data_ptr()
         self.idle_uses = _use_count(self.flat.untyped_storage())
@@ -115,9 +160,9 @@ class Pool:
             held = sum(x.size for x in self._slots if x is not None)
             index = next((i for i, s in enumerate(self._slots) if s is None), None)
             if index is None or held + size > self.max_bytes:   # full: not kept
-                storage = torch.UntypedStorage._new_shared(need)
+                storage = _new_shared(need, shape)
                 return torch.empty(0, dtype=torch.uint8).set_(storage).view(*shape), "unpooled"
-            seg = _Segment(index, size)
+            seg = _Segment(index, size, shape)
             self._slots[index] = seg
             self._by_ptr[seg.ptr] = seg
             self._flags[index] = WORKER
@@ -160,7 +205,7 @@ def alloc(shape: Tuple[int, ...], zero: bool = True,
         n = 1
         for d in shape:
             n *= d
-        storage = torch.UntypedStorage._new_shared(n)
+        storage = _new_shared(n, tuple(shape))
         return torch.empty(0, dtype=torch.uint8).set_(storage).view(*shape), "unpooled"
     p = pool()
     if max_bytes is not None:

@@ -45,7 +45,12 @@ a fingerprint of the data and config); see ``load_state_dict``.
 from __future__ import annotations
 
 import os
+import re
+import signal
+import threading
+import time
 import warnings
+import weakref
 from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -56,7 +61,7 @@ from torch.utils.data import IterableDataset
 from datago._engine import COUNTERS, Engine, Job, PlanEngine, Stats, summarize
 from datago.buckets import nearest_bucket
 from datago.config import DatagoConfig
-from datago.errors import ConfigError, DatagoError
+from datago.errors import ConfigError, DatagoError, WorkerError
 from datago.plan import EpochPlan, plan_epoch, resume_plan
 from datago.sharding import ShardDetector, ShardInfo, local_world_size, shard_hash
 from datago.fetch import FetchConfig, Fetcher, redact
@@ -65,7 +70,8 @@ from datago.sources.index import IndexSource
 from datago.sources.webdataset import WebDatasetSource, assign_shards
 from datago.sources.sizes import SizesIndex, scan_files
 
-__all__ = ["DatagoDataset", "DatagoMapDataset", "StateError", "default_num_threads"]
+__all__ = ["DataLoader", "DatagoDataset", "DatagoMapDataset", "StateError", "WorkerError",
+           "default_num_threads"]
 
 STREAMING_MODES = ("stream", "shards", "pages")   # no epoch plan: steps_per_epoch
 MAX_WORKER_ROWS = 64          # stats rows; worker ids beyond share rows (sums stay right)
@@ -160,6 +166,10 @@ class DatagoDataset(IterableDataset):
         self._worker_resume: Optional[dict] = None         # a worker's own state (StatefulDataLoader)
         self._stats = torch.zeros((MAX_WORKER_ROWS, len(COUNTERS)),
                                   dtype=torch.float64).share_memory_()
+        # per DataLoader worker, for the trainer's error when one dies (DataLoader
+        # below): pid, epoch, batches yielded in this iteration, last step, next step
+        self._workers = torch.full((MAX_WORKER_ROWS, 5), -1, dtype=torch.int64).share_memory_()
+        self._worker_row: Optional[torch.Tensor] = None
         self.buckets = self.config.buckets
         self.sizes: Optional[SizesIndex] = None
         # remote bytes get IO threads and are scanned through the fetch layer
@@ -485,6 +495,10 @@ class DatagoDataset(IterableDataset):
         loader = self.config.loader
         num_threads = loader.num_threads or default_num_threads(info.num_workers)
         stats = Stats(self._stats[info.worker_id % MAX_WORKER_ROWS])
+        self._worker_row = None
+        if _in_worker():
+            self._worker_row = self._workers[info.worker_id % MAX_WORKER_ROWS]
+            self._worker_row.copy_(torch.tensor([os.getpid(), self.epoch, 0, -1, -1]))
         if self.fetcher.cache is not None:
             self.fetcher.cache.on_lookup = lambda hit: stats.add("cache_hits" if hit else
                                                                  "cache_misses")
@@ -504,6 +518,8 @@ class DatagoDataset(IterableDataset):
             self._shared[-2] = 1
         p = self.plan(epoch, info.world_size, layouts)
         steps = range(first_of_worker - p.offset, p.num_steps, info.num_workers)
+        if self._worker_row is not None:
+            self._worker_row[4] = first_of_worker
         self._progress = {"epoch": epoch, "step": p.offset + steps.start,
                           "world_size": info.world_size, "layouts": layouts,
                           "worker_id": info.worker_id if _in_worker() else None,
@@ -526,6 +542,18 @@ class DatagoDataset(IterableDataset):
         """After yielding ``step``: this process's next step (for state_dict)."""
         if self._progress is not None:
             self._progress["step"] = step + stride
+        self._note_worker(step, stride)
+
+    def _note_worker(self, step: Optional[int], stride: int) -> None:
+        """A DataLoader worker yields a batch: its progress, for the trainer's error
+        message should the worker die (``DataLoader``)."""
+        row = self._worker_row
+        if row is None:
+            return
+        if step is None:
+            row[2] += 1
+        else:               # one copy: a kill cannot land between the count and the step
+            row[2:5].copy_(torch.tensor([int(row[2]) + 1, step, step + stride]))
 
     def _batches(self, p: EpochPlan, info: ShardInfo, steps: range, num_threads: int,
                  stats: Stats, items: np.ndarray) -> Iterator[dict]:
@@ -736,7 +764,9 @@ class DatagoDataset(IterableDataset):
         it = iter(engine)
         if quota is None:
             try:
-                yield from it
+                for out in it:
+                    self._note_worker(None, info.num_workers)
+                    yield out
             finally:
                 it.close()
                 getattr(source, "close", lambda: None)()
@@ -747,6 +777,7 @@ class DatagoDataset(IterableDataset):
                 if out is None:                      # pragma: no cover - refs() never ends
                     raise DatagoError(f"the stream ended after {k} of {quota} batches")
                 out["step"] = info.worker_id + k * info.num_workers
+                self._note_worker(out["step"], info.num_workers)
                 yield out
         finally:
             it.close()
@@ -927,6 +958,197 @@ class _prefetched:
         self._stop.set()
         if self._started:
             self._thread.join(timeout=2.0)
+
+
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)")
+_SIGNAL_HINTS = {
+    "Killed": "SIGKILL is most often the kernel's out-of-memory killer (see `dmesg`): each "
+              "worker holds num_threads decodes and prefetch_batches batches, so lower those, "
+              "the batch or bucket size, or num_workers",
+    "Bus error": "a bus error in a worker usually means /dev/shm is full: give the container "
+                 "more shared memory (docker run --shm-size=...), use smaller batches or "
+                 "num_workers=0",
+    "Segmentation fault": "a crash in native code: please report it with the ids of the "
+                          "samples of that worker's next step",
+}
+
+
+class DataLoader(torch.utils.data.DataLoader):
+    """``torch.utils.data.DataLoader`` with ``batch_size=None`` by default (a
+    ``DatagoDataset`` batches by itself), whose error when a worker dies says which
+    worker of how many it was and how far it had got::
+
+        loader = datago.dataset.DataLoader(ds, num_workers=4, pin_memory=True)
+
+    torch reports a dead worker by its pid only (``DataLoader worker (pid 4242) is
+    killed by signal: Killed.``); this raises ``WorkerError`` (a ``RuntimeError``)
+    with that message plus the worker's index, the epoch, the batches it had
+    yielded and the step it was working on, the steps the trainer had received,
+    and the usual cause of the signal.  The error is raised wherever torch raises
+    it: from ``next()``, or from its SIGCHLD handler while the loop body runs.
+    Everything else is torch's DataLoader, unchanged.
+    """
+
+    def __init__(self, dataset, batch_size=None, *args, **kwargs):
+        super().__init__(dataset, batch_size, *args, **kwargs)
+
+    def _get_iterator(self):
+        it = super()._get_iterator()
+        if self.num_workers > 0 and isinstance(self.dataset, DatagoDataset):
+            return _WatchedIterator(it, self)
+        return it
+
+
+class _WatchedIterator:
+    """torch's multi-process iterator, forwarding everything; a dead worker's
+    ``RuntimeError`` becomes a ``WorkerError`` that names it."""
+
+    def __init__(self, it, loader: DataLoader):
+        self._it = it
+        self._loader = loader
+        self._received = 0
+        self._last_step: Optional[int] = None
+        # a pid reported dead earlier may belong to one of these new workers now
+        _REPORTED.difference_update(w.pid for w in getattr(it, "_workers", None) or [])
+        _watch(self)
+
+    def __iter__(self):
+        return self
+
+    def __len__(self):
+        return len(self._it)
+
+    def __getattr__(self, name):
+        if name == "_it":                       # not set yet (copy, unpickling)
+            raise AttributeError(name)
+        return getattr(self._it, name)
+
+    def _reset(self, loader, first_iter: bool = False) -> None:
+        self._received, self._last_step = 0, None          # persistent workers: a new epoch
+        self._it._reset(loader, first_iter)
+
+    def __next__(self):
+        try:
+            out = next(self._it)
+        except (RuntimeError, OSError, EOFError) as e:
+            if isinstance(e, WorkerError):
+                raise
+            err = self.explain(e) if isinstance(e, RuntimeError) else None
+            if err is None:
+                # a worker killed while the trainer received its batch can surface as
+                # a broken connection (torch's check still saw it alive)
+                err = self._dead_worker()
+            if err is None:
+                raise
+            raise err from e
+        self._received += 1
+        step = out.get("step") if isinstance(out, dict) else None
+        if step is not None:
+            self._last_step = int(step)
+        return out
+
+    dead_wait = 2.0             # seconds to wait for a worker being killed to be seen dead
+
+    def _dead_worker(self) -> Optional[WorkerError]:
+        """A WorkerError for a worker that has died (waiting up to ``dead_wait``
+        seconds for one that is being killed), else None."""
+        workers = getattr(self._it, "_workers", None) or []
+        deadline = time.monotonic() + self.dead_wait
+        while True:
+            for proc in workers:
+                code = proc.exitcode
+                if code is not None and code != 0:
+                    what = (f"is killed by signal: {signal.strsignal(-code) or -code}."
+                            if code < 0 else f"exited unexpectedly with exit code {code}.")
+                    return self.explain(RuntimeError(f"DataLoader worker (pid {proc.pid}) {what}"))
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
+    def explain(self, exc: BaseException) -> Optional[WorkerError]:
+        """A ``WorkerError`` for torch's dead-worker error ``exc`` when the worker is
+        one of this iterator's (else None)."""
+        cause = exc.__cause__
+        if isinstance(cause, WorkerError):              # raised by the SIGCHLD handler below
+            return WorkerError(str(cause))
+        # torch's "exited unexpectedly" wraps the handler's "is killed by signal"
+        torch_msg = str(cause) if isinstance(cause, RuntimeError) and \
+            _WORKER_DIED.search(str(cause)) else str(exc)
+        pids = _pids(torch_msg) or _pids(str(exc))
+        workers = getattr(self._it, "_workers", None) or []
+        ids = [w for w, proc in enumerate(workers) if proc.pid in pids]
+        if not ids:
+            return None
+        _REPORTED.update(pids)
+        ds: DatagoDataset = self._loader.dataset
+        n = len(workers)
+        try:
+            total = f" of steps 0..{len(ds) - 1}"
+        except Exception:                              # noqa: BLE001 - streaming: unknown
+            total = ""
+        parts = []
+        for w in ids:
+            pid, epoch, done, last, nxt = ds._workers[w % MAX_WORKER_ROWS].tolist()
+            text = f"it was worker {w} of {n} (pid {workers[w].pid})"
+            if pid == workers[w].pid:
+                text += f", epoch {epoch}: it had yielded {done} batch(es)"
+                if last >= 0:
+                    text += f", the last one step {last}"
+                if nxt >= 0:
+                    text += f", and was working on step {nxt}{total}"
+            else:
+                text += ": it died before starting its epoch"
+            parts.append(text)
+        got = f"the trainer had received {self._received} batch(es) of this epoch"
+        if self._last_step is not None:
+            got += f", up to step {self._last_step}"
+        parts.append(got)
+        hints = [hint for sig, hint in _SIGNAL_HINTS.items() if f"signal: {sig}" in torch_msg]
+        return WorkerError(f"{torch_msg.strip()} datago: {'; '.join(parts)}."
+                           + "".join(f" {h}." for h in hints))
+
+
+_WATCHED: "weakref.WeakSet[_WatchedIterator]" = weakref.WeakSet()
+_SIGCHLD_WRAPPED = False
+_REPORTED: set = set()          # pids of dead workers already reported (a WorkerError)
+
+
+def _pids(text) -> set:
+    """The pids in torch's dead-worker message (``text`` or an exception)."""
+    m = _WORKER_DIED.search(str(text))
+    return {int(x) for x in m.group(1).replace(",", " ").split()} if m else set()
+
+
+def _watch(it: _WatchedIterator) -> None:
+    """Register ``it``; wrap torch's SIGCHLD handler once (main thread only), so that
+    its dead-worker error, raised wherever the main thread is, names the worker."""
+    global _SIGCHLD_WRAPPED
+    _WATCHED.add(it)
+    if _SIGCHLD_WRAPPED or not hasattr(signal, "SIGCHLD") or \
+            threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGCHLD)
+    if not callable(previous):                  # torch installed none: nothing to explain
+        return
+
+    def handler(signum, frame):
+        try:
+            previous(signum, frame)
+        except RuntimeError as e:
+            pids = _pids(e)
+            if pids and pids <= _REPORTED:
+                # torch raises again at every SIGCHLD until the dead worker is
+                # reaped -- possibly inside the handling of the first error (an
+                # except or finally block, a checkpoint being saved): once is enough
+                return
+            for w in list(_WATCHED):
+                err = w.explain(e)
+                if err is not None:
+                    raise err from e
+            raise
+
+    signal.signal(signal.SIGCHLD, handler)
+    _SIGCHLD_WRAPPED = True
 
 
 def _cache_kw(src) -> dict:

@@ -8,7 +8,7 @@ working for code that does not know about datago.
 from __future__ import annotations
 
 __all__ = ["ConfigError", "DatagoError", "DecodeError", "ImageTooLargeError",
-           "MaskMismatchError"]
+           "MaskMismatchError", "SharedMemoryError", "WorkerError"]
 
 
 class DatagoError(Exception):
@@ -37,3 +37,13 @@ class MaskMismatchError(DatagoError, ValueError):
     """A mask that cannot be aligned with its image or read as labels: an aspect ratio
     more than 1% off the image's, a colour missing from the configured palette, or a
     source that cannot be read the way asked (the loader counts ``mask_mismatch``)."""
+
+
+class SharedMemoryError(DatagoError, RuntimeError):
+    """A batch could not be allocated in shared memory (``/dev/shm`` full or too
+    small); the message names the size needed and the fixes."""
+
+
+class WorkerError(DatagoError, RuntimeError):
+    """A DataLoader worker of a ``DatagoDataset`` died: torch's message, then which
+    worker it was and how far it had got (raised by ``datago.dataset.DataLoader``)."""

@@ -173,10 +173,15 @@ def read_header(data: BytesLike) -> ImageInfo:
     if len(view) == 0:
         raise DecodeError("empty input (0 bytes)")
     info = _pipeline.read_header(view)
-    if info is not None:
-        return ImageInfo(*info)
-    from datago import _fallback
-    return _fallback.read_header(view)
+    if info is None:
+        from datago import _fallback
+        info = _fallback.read_header(view)
+    else:
+        info = ImageInfo(*info)
+    if info.width <= 0 or info.height <= 0:
+        raise DecodeError(f"{info.format.upper()}: the header gives a {info.width}x{info.height} "
+                          "image")
+    return info
 
 
 def decode(data: BytesLike, *, mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -206,7 +211,7 @@ def decode_with_warning(data: BytesLike, *, mode: str = "RGB",
     res = _pipeline.decode(view, mode, mp, bg)
     if res is None:
         from datago import _fallback
-        return _fallback.decode(view, mode, mp, bg, indices=False), None
+        return _fallback.decode(view, mode, mp, bg), None
     arr, orientation, warning = res
     return _orient(arr, orientation), warning
 
@@ -325,7 +330,7 @@ def decode_to_bucket(data: BytesLike, buckets: Optional[Sequence[Bucket]] = None
     res = _pipeline.decode_to_bucket(view, pick, out, mode, False, filt, mp, bg)
     if res is None:
         from datago import _fallback
-        arr = _fallback.decode(view, mode, mp, bg, indices=False)
+        arr = _fallback.decode(view, mode, mp, bg)
         dh, dw = arr.shape[:2]
         tw, th = _size_pair(pick(dw, dh), "bucket")
         box = _pipeline.cover_box(dw, dh, tw, th)
