@@ -406,3 +406,26 @@ def test_file_gone_mid_epoch_with_workers(tmp_path):
     assert set(ids_of(got)) == set(ids) - {early, gone_late, masked}
     st = ds.stats()
     assert st["skipped"] == {"read_error": uses[early] + uses[gone_late] + uses[masked]}
+
+
+def test_deep_attributes_from_a_source_are_bad_attributes(tmp_path):
+    """Attributes a source gives itself (an index's JSON column, an API's rows) are
+    held to the same depth limit as sidecars: counted, never an epoch-ending error."""
+    import json
+    from conftest import encode, photo
+    from datago import DatagoDataset
+    deep = "x"
+    for _ in range(600):
+        deep = [deep]
+    rows = []
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_bytes(encode(photo(32, 32, seed=i), "JPEG"))
+        rows.append({"url": f"{i}.jpg", "meta": deep if i == 1 else "ok"})
+    index = tmp_path / "index.jsonl"
+    index.write_text("\n".join(json.dumps(r) for r in rows))
+    ds = DatagoDataset({"source_type": "index", "source_config": {"index": str(index)},
+                        "image_config": {"crop_and_resize": True, "default_image_size": 32}})
+    with pytest.warns(RuntimeWarning, match="bad_attributes"):
+        got = [s["id"] for s in ds]
+    assert sorted(got) == ["0.jpg", "2.jpg"]
+    assert ds.stats()["skipped"] == {"bad_attributes": 1}

@@ -231,10 +231,11 @@ parser gives up near 1,000 levels (RecursionError) and the pickling that carries
 batch out of a DataLoader worker near 500; no real annotation nests this deep."""
 
 
-def _check_depth(text: str, value) -> None:
-    """ValueError when ``value`` (parsed from ``text``) nests more than MAX_JSON_DEPTH
-    arrays/objects; cheap unless the text holds that many brackets at all."""
-    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+def _check_depth(text: Optional[str], value) -> None:
+    """ValueError when ``value`` (parsed from ``text``; None: not from a text) nests
+    more than MAX_JSON_DEPTH arrays/objects; cheap unless the text holds that many
+    brackets at all."""
+    if text is not None and text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
         return
     stack = [(value, 1)] if isinstance(value, (dict, list)) else []
     while stack:
@@ -253,6 +254,8 @@ def merge_attributes(ref: SampleRef, texts: list) -> dict:
     also for JSON nested deeper than ``MAX_JSON_DEPTH``."""
     attributes = dict(ref.attributes) if ref.attributes else {}
     try:
+        if attributes:          # a source's own (an index's columns, an API's JSON)
+            _check_depth(None, attributes)
         for name, raw, p in texts:
             text = raw.decode("utf-8")
             if _is_json(p):
