@@ -10,7 +10,7 @@ import io
 
 import numpy as np
 
-from datago.errors import DecodeError, ImageTooLargeError
+from datago.errors import DatagoError, DecodeError, ImageTooLargeError
 
 # Formats we hand to Pillow; anything else is "unrecognised" (Pillow also opens
 # odd formats such as ICO or PCX, which are not image-dataset material).
@@ -46,7 +46,7 @@ def _typed(fn):
     from PIL import Image
     try:
         return fn()
-    except (DecodeError, ImageTooLargeError):
+    except DatagoError:                       # typed already (DecodeError, MaskMismatchError...)
         raise
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(str(e)) from None

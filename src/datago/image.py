@@ -414,7 +414,13 @@ def _mask_to_bucket(data, buckets, bucket, out, mode, max_pixels, like) -> Bucke
 
 def _pillow_mask(view, want: int, max_pixels: int) -> np.ndarray:
     """A mask in another format (GIF, BMP, TIFF, WebP) as (H, W, C) values in display
-    orientation: uint8, uint16 (16-bit grey) or int32 (32-bit integer TIFF)."""
+    orientation: uint8, uint16 (16-bit grey) or int32 (32-bit integer TIFF); every
+    error Pillow raises on bad data is a DecodeError."""
+    from datago import _fallback
+    return _fallback._typed(lambda: _pillow_mask_values(view, want, max_pixels))
+
+
+def _pillow_mask_values(view, want: int, max_pixels: int) -> np.ndarray:
     from PIL import Image, ImageOps
     from datago import _fallback
     im = _fallback._open(view, max_pixels)

@@ -111,7 +111,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import numpy as np
 import xxhash
@@ -779,10 +779,15 @@ def make_app(cat: Catalog, *, token: Optional[str] = None, page_size_max: int = 
 
     not_found = "Not found."
     SMALL_FILE = 64 << 20
+    FAST_FILE = 4 << 20
 
-    async def files(request: Request) -> Response:
-        raw = request.scope.get("raw_path") or quote(request.url.path).encode()
-        raw = raw.split(b"?", 1)[0].decode("latin-1")
+    class _Refused(Exception):
+        def __init__(self, status: int, detail: str):
+            self.status, self.detail = status, detail
+
+    def locate(raw: str, given: str) -> Tuple[Any, str]:
+        """(location, content type) of a ``/files/...`` path (raw, undecoded) whose
+        signature is ``given``; ``_Refused`` with the status otherwise."""
         at = raw.find("/files/")
         segs = [unquote(s, errors="surrogateescape") for s in raw[at + 7:].split("/")]
         if len(segs) == 3 and segs[1] == "image":
@@ -790,25 +795,66 @@ def make_app(cat: Catalog, *, token: Optional[str] = None, page_size_max: int = 
         elif len(segs) == 4 and segs[1] in _KINDS and segs[2] != "":
             kind, name = segs[1], segs[2]
         else:
-            return error(404, not_found)
+            raise _Refused(404, not_found)
         if not segs[0].isdigit() or not segs[0].isascii():
-            return error(404, not_found)
+            raise _Refused(404, not_found)
         i = int(segs[0])
         if token_b is not None:
             part = "image" if name == "" else f"{kind}/{name}"
-            given = request.query_params.get("s", "")
             if not hmac.compare_digest(given.encode("utf-8", "replace"),
                                        signature(i, part).encode()):
-                return error(403, "Missing or invalid signature.")
+                raise _Refused(403, "Missing or invalid signature.")
         if i >= len(cat.pos_of) or cat.pos_of[i] < 0:
-            return error(404, not_found)
+            raise _Refused(404, not_found)
         loc = cat.part_location(i, (kind, name))
         if loc is None or _basename(loc) != segs[-1]:
-            return error(404, not_found)
-        ctype = mimetypes.guess_type(segs[-1])[0] or "application/octet-stream"
+            raise _Refused(404, not_found)
+        return loc, mimetypes.guess_type(segs[-1])[0] or "application/octet-stream"
+
+    async def files(request: Request) -> Response:
+        raw = request.scope.get("raw_path") or quote(request.url.path).encode()
+        raw = raw.split(b"?", 1)[0].decode("latin-1")
+        try:
+            loc, ctype = locate(raw, request.query_params.get("s", ""))
+        except _Refused as e:
+            return error(e.status, e.detail)
         if _is_local_path(loc):
             return await run_in_threadpool(local, request, os.fspath(loc), ctype)
         return await run_in_threadpool(fetched, request, loc, ctype)
+
+    def fast_file(scope) -> Optional[Tuple[list, bytes]]:
+        """A plain GET of a small local file, answered without starlette (its
+        routing, request and response objects and a threadpool hop cost ~0.5 ms of
+        CPU per image; this ~0.1 ms): (headers, body), or None to let the app
+        answer (errors, ranges, conditional requests, big or remote files)."""
+        for k, _ in scope["headers"]:
+            if k in (b"range", b"if-none-match", b"if-range"):
+                return None
+        raw = (scope.get("raw_path") or b"").split(b"?", 1)[0].decode("latin-1")
+        given = ""
+        for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
+            if key == "s":
+                given = value
+        try:
+            loc, ctype = locate(raw, given)
+        except _Refused:
+            return None
+        if not _is_local_path(loc):
+            return None
+        path = os.fspath(loc)
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode) or st.st_size > FAST_FILE:
+                    return None
+                body = f.read()              # (page cache: ~30 us for an image)
+        except OSError:
+            return None
+        headers = [(b"content-type", ctype.encode("latin-1")),
+                   (b"content-length", str(len(body)).encode()),
+                   (b"accept-ranges", b"bytes"),
+                   (b"etag", f'"{st.st_mtime_ns:x}-{st.st_size:x}"'.encode())]
+        return headers, body
 
     def local(request: Request, path: str, ctype: str) -> Response:
         """A local file in one threadpool call: read whole (up to SMALL_FILE) and
@@ -886,8 +932,22 @@ def make_app(cat: Catalog, *, token: Optional[str] = None, page_size_max: int = 
               Route("/api/images/random/", random_images, methods=["GET", "HEAD"]),
               Route("/api/images/random", random_images, methods=["GET", "HEAD"]),
               Route("/files/{rest:path}", files, methods=["GET", "HEAD"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error,
-                                                         Exception: server_error})
+    inner = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
+                                                          Exception: server_error})
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "GET" and \
+                scope["path"].startswith("/files/"):
+            answer = fast_file(scope)
+            if answer is not None:
+                headers, body = answer
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await inner(scope, receive, send)
+
+    app.starlette = inner
+    return app
 
 
 # ---------------------------------------------------------------------------
