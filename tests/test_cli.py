@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from datago import cli
-from datago.sample import make_sample_corpus
+from datago.corpus import make_sample_corpus
 from datago.sources import FileListing
 import datago
 from test_dataset import make_tree

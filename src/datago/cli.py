@@ -32,11 +32,10 @@ import numpy as np
 
 from datago._progress import Progress as _Progress
 from datago.buckets import make_buckets, nearest_bucket
-from datago.dataset import available_cpus
+from datago.sharding import available_cpus
 from datago.errors import DecodeError
 from datago.image import decode_to_bucket, read_header
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 
 def _sample_images() -> int:
@@ -48,8 +47,12 @@ def _sample_images() -> int:
 
 
 def _list_images(root: Path, limit: Optional[int]) -> List[Path]:
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    return files[:limit] if limit else files
+    """The samples' main images, as the folder source lists them (masks,
+    additional images and sidecars are parts of a sample, not samples)."""
+    from datago.sources.filesystem import FileListing
+    listing = FileListing(str(root))
+    n = min(len(listing), limit) if limit else len(listing)
+    return [Path(listing.main_location(i)) for i in range(n)]
 
 
 def _pillow_to_bucket(data: bytes, buckets) -> np.ndarray:
@@ -78,7 +81,7 @@ def run_core(root: Optional[str], size: int, ratio: int, threads: int, limit: Op
              filter: str, seconds: float, out=None) -> int:
     out = out or sys.stdout
     if root is None:
-        from datago.sample import make_sample_corpus
+        from datago.corpus import make_sample_corpus
         print("generating the sample corpus (first run only) ...", file=out, flush=True)
         root_path = make_sample_corpus(n=_sample_images())
     else:
@@ -88,9 +91,12 @@ def run_core(root: Optional[str], size: int, ratio: int, threads: int, limit: Op
             return 2
     files = _list_images(root_path, limit)
     if not files:
-        print(f"datago: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root_path}", file=sys.stderr)
+        from datago.sources.filesystem import IMAGE_EXTENSIONS
+        print(f"datago: no images ({', '.join('.' + e for e in IMAGE_EXTENSIONS)}) under "
+              f"{root_path}", file=sys.stderr)
         return 2
-    datas, skipped, pixels = [], {}, 0
+    # the files are read as they are used (streamed), never all in memory at once
+    datas, skipped, pixels, nbytes = [], {}, 0, 0
     for p in files:
         b = p.read_bytes()
         try:
@@ -98,13 +104,14 @@ def run_core(root: Optional[str], size: int, ratio: int, threads: int, limit: Op
         except DecodeError as e:
             skipped[str(e).split(":")[0]] = skipped.get(str(e).split(":")[0], 0) + 1
             continue
-        datas.append(b)
+        datas.append(p)
         pixels += info.width * info.height
+        nbytes += len(b)
     if not datas:
         print("datago: no decodable image", file=sys.stderr)
         return 1
     buckets = make_buckets(size, ratio, 0.5, 2.0)
-    mb = sum(len(d) for d in datas) / 1e6
+    mb = nbytes / 1e6
     print(f"corpus: {root_path}  {len(datas)} images, {mb:.1f} MB, "
           f"{pixels / len(datas) / 1e6:.2f} MP mean"
           + (f", skipped {sum(skipped.values())} unreadable" if skipped else ""), file=out)
@@ -112,21 +119,22 @@ def run_core(root: Optional[str], size: int, ratio: int, threads: int, limit: Op
           f"{available_cpus()} CPUs available", file=out, flush=True)
 
     def ours_one() -> int:
-        for d in datas:
-            decode_to_bucket(d, buckets, filter=filter)
+        for p in datas:
+            decode_to_bucket(p.read_bytes(), buckets, filter=filter)
         return len(datas)
 
     pool = ThreadPoolExecutor(threads)
 
     def ours_many() -> int:
-        for _ in pool.map(lambda d: decode_to_bucket(d, buckets, filter=filter), datas, chunksize=8):
+        for _ in pool.map(lambda p: decode_to_bucket(p.read_bytes(), buckets, filter=filter),
+                          datas, chunksize=8):
             pass
         return len(datas)
 
     def pillow() -> int:
         n = max(1, len(datas) // 4)          # the baseline is slow: a quarter is plenty
-        for d in datas[:n]:
-            _pillow_to_bucket(d, buckets)
+        for p in datas[:n]:
+            _pillow_to_bucket(p.read_bytes(), buckets)
         return n
 
     rows = []
@@ -158,7 +166,7 @@ def run_bench(root: Optional[str], size: int, ratio: int, batch: int, threads: O
     from datago.dataset import DatagoDataset
     from datago.errors import ConfigError
     if root is None:
-        from datago.sample import make_sample_corpus
+        from datago.corpus import make_sample_corpus
         print("generating the sample corpus (first run only) ...", file=out, flush=True)
         root = str(make_sample_corpus(n=_sample_images()))
     try:

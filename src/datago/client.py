@@ -644,8 +644,8 @@ class DatagoClient:
             elif isinstance(config, dict):
                 raw = config
             else:
-                raise ConfigError(f"config must be a JSON string, a dict or a DatagoConfig, "
-                                  f"got {type(config).__name__}")
+                DatagoConfig.coerce(config)                 # raises the ConfigError
+                raise AssertionError("unreachable")         # pragma: no cover
             if isinstance(raw, dict) and "source_type" not in raw and "sources" not in raw:
                 raw = {**raw, "source_type": _infer_source_type(raw)}   # (top-level
                 # "sources": a mix of sources, datago's own)

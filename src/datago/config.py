@@ -28,7 +28,7 @@ import math
 import os
 import warnings
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional
 
 from datago.buckets import make_buckets
 from datago.errors import ConfigError
@@ -518,7 +518,7 @@ class BinsSourceConfig(_ArchiveKeys):
         p = self._section
         if isinstance(self.path, (list, tuple)):
             _fail(f"{p}.path", "must be one folder (path or URL) holding index.jsonl and "
-                  f"the bins, got a list")
+                  "the bins, got a list")
         _check_archive(p, self)
         if not self.path.startswith(("http://", "https://", "s3://")) and \
                 not os.path.isdir(self.path):
@@ -774,6 +774,19 @@ class DatagoConfig:
         return self.image.buckets if self.crop_and_resize else None
 
     # ------------------------------------------------------------------ parsing
+    @classmethod
+    def coerce(cls, config: Any) -> "DatagoConfig":
+        """A ``DatagoConfig`` from one, a dict or a JSON string (what every public
+        constructor accepts); ``ConfigError`` for anything else."""
+        if isinstance(config, cls):
+            return config
+        if isinstance(config, str):
+            return cls.from_json(config)
+        if isinstance(config, Mapping):
+            return cls.from_dict(config)
+        raise ConfigError(f"config must be a DatagoConfig, a dict or a JSON string, "
+                          f"got {type(config).__name__}")
+
     @classmethod
     def from_json(cls, text: str) -> "DatagoConfig":
         """Parse a JSON string (the reference datago's config format)."""

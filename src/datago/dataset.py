@@ -63,7 +63,8 @@ from datago.buckets import nearest_bucket
 from datago.config import DatagoConfig
 from datago.errors import ConfigError, DatagoError, WorkerError
 from datago.plan import EpochPlan, plan_epoch, resume_plan
-from datago.sharding import ShardDetector, ShardInfo, local_world_size, shard_hash
+from datago.sharding import (ShardDetector, ShardInfo, available_cpus, local_world_size,
+                             shard_hash)
 from datago.fetch import FetchConfig, Fetcher, redact
 from datago.sources.filesystem import FileListing
 from datago.sources.index import IndexSource
@@ -83,13 +84,6 @@ class StateError(DatagoError, ValueError):
     """A resume state that does not fit this dataset (other data, config or epoch)."""
 
 
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:        # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def default_num_threads(num_workers: int) -> int:
     """Decode threads per DataLoader worker: the CPUs available to this rank (its
     affinity, divided among the ranks of the node when ``LOCAL_WORLD_SIZE`` is
@@ -101,17 +95,6 @@ def default_num_threads(num_workers: int) -> int:
         # to its own cores already did it
         cpus = max(1, cpus // local)
     return max(1, cpus // max(1, num_workers))
-
-
-def _as_config(config) -> DatagoConfig:
-    if isinstance(config, DatagoConfig):
-        return config
-    if isinstance(config, str):
-        return DatagoConfig.from_json(config)
-    if isinstance(config, dict):
-        return DatagoConfig.from_dict(config)
-    raise ConfigError(f"config must be a DatagoConfig, a dict or a JSON string, "
-                      f"got {type(config).__name__}")
 
 
 def _bucket_indices(width: np.ndarray, height: np.ndarray, buckets: list,
@@ -142,7 +125,7 @@ class DatagoDataset(IterableDataset):
     def __init__(self, config: Union[DatagoConfig, dict, str], *,
                  detector: Optional[Callable[[], ShardInfo]] = None):
         super().__init__()
-        self.config = _as_config(config)
+        self.config = DatagoConfig.coerce(config)
         src = self.config.source
         loader = self.config.loader
         self.fetcher, self.listing = _make_source(self.config)
@@ -814,7 +797,7 @@ class DatagoMapDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, config: Union[DatagoConfig, dict, str]):
-        self.config = _as_config(config)
+        self.config = DatagoConfig.coerce(config)
         if self.config.loader.batch_size is not None:
             raise ConfigError("batch_size: DatagoMapDataset returns single samples; batch "
                               "them with a DataLoader and a bucket-aware batch sampler")

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import xxhash
 
@@ -75,10 +75,6 @@ class ShardInfo:
 
     def owns(self, sample_id: str) -> bool:
         return shard_hash(sample_id) % self.num_shards == self.shard
-
-    def rank_of(self, h: int) -> int:
-        """Rank owning a sample of hash ``h``."""
-        return (h % self.num_shards) // self.num_workers
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -150,6 +146,14 @@ class ShardDetector:
         return ShardInfo(rank, world, worker_id, num_workers)
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:        # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def local_world_size() -> Optional[int]:
     """Ranks on this node: ``LOCAL_WORLD_SIZE`` (torchrun), else
     ``SLURM_NTASKS_PER_NODE`` when it is a plain number; None when unknown."""
@@ -159,5 +163,3 @@ def local_world_size() -> Optional[int]:
             return int(value)
     return None
 
-
-Detector = Callable[[], ShardInfo]
