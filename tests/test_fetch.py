@@ -191,11 +191,13 @@ def test_redirects_are_followed_and_credentials_stay_on_their_host(files):
                 to = {"/same": "/a.bin", "/other": f"{target.url}/a.bin",
                       "/loop": "/loop"}.get(self.path)
                 if self.path == "/a.bin":
+                    # noted before the body goes out: the client checks as soon as it
+                    # has the body (appending after the write was a race)
+                    seen.append(self.headers.get("Authorization"))
                     self.send_response(200)
                     self.send_header("Content-Length", str(len(BODY)))
                     self.end_headers()
                     self.wfile.write(BODY)
-                    seen.append(self.headers.get("Authorization"))
                     return
                 self.send_response(302)
                 self.send_header("Location", to)
