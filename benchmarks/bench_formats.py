@@ -148,7 +148,8 @@ from bench_loader import (BATCH, DISTURBED_OTHERS, DISTURBED_STEAL, HANG_DUMP_S,
                           datago, DatagoDataset, datago_config, default_num_threads,
                           link_view, load_corpus)
 from datago.convert import convert, wds_key
-from datago.dataset import DatagoMapDataset, _make_source
+from datago.dataset import DatagoMapDataset
+from datago.sources import make_source
 from datago.config import DatagoConfig
 from datago.sources.bins import BinsSource
 from datago.sources.tfrecord import parse_example, read_records
@@ -535,7 +536,7 @@ class FormatsBench(Bench):
         # --- TFRecord reading, ours
         t0 = time.perf_counter()
         cfg = DatagoConfig.from_dict({"source_type": "tfrecord", "source_config": self.tfr_cfg})
-        self.tfr_fetcher, self.tfr_src = _make_source(cfg)
+        self.tfr_fetcher, self.tfr_src = make_source(cfg)
         self.t_build["To (TFRecordSource)"] = time.perf_counter() - t0
         self.tfr_locs = [self.tfr_src.main_location(i) for i in range(len(self.tfr_src))]
 

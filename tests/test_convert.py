@@ -15,7 +15,7 @@ import pytest
 from datago import ConfigError, DatagoError, decode, read_header
 from datago._engine import merge_attributes
 from datago.convert import convert, load_config, wds_key
-from datago.dataset import _make_source
+from datago.sources import make_source
 from conftest import encode, photo
 from test_webdataset import make_folder, npy_bytes
 
@@ -44,7 +44,7 @@ def corpus(tmp_path_factory):
 def dump(cfg, latents_as_arrays=False):
     """{id: (main bytes, masks, additional images, latents, attributes)}; samples
     whose parts cannot be read are left out."""
-    fetcher, src = _make_source(load_config(cfg))
+    fetcher, src = make_source(load_config(cfg))
     out = {}
     for i in range(len(src)):
         r = src.ref(i)
@@ -84,7 +84,7 @@ def test_folder_to_webdataset_round_trip(corpus, tmp_path):
     assert names == sorted([f"shard-{k:06d}.tar" for k in range(4)]
                            + [f"shard-{k:06d}.tar.idx.json" for k in range(4)])
     cfg = {"source_type": "webdataset", "source_config": {"url": s["pattern"]}}
-    fetcher, src = _make_source(load_config(cfg))
+    fetcher, src = make_source(load_config(cfg))
     assert src.built == 0                                  # the indexes were written
     got = dump(cfg)
     assert set(got) == {wds_key(k) for k in want}
@@ -113,7 +113,7 @@ def test_folder_to_tfrecord_round_trip(corpus, tmp_path):
     assert all(os.path.exists(tmp_path / "t" / f"{n}.tfidx.json") for n in s["shards"])
     cfg = {"source_type": "tfrecord", "source_config": {
         "path": str(tmp_path / "t" / "shard-*.tfrecord"), "id_key": "image/filename"}}
-    fetcher, src = _make_source(load_config(cfg))
+    fetcher, src = make_source(load_config(cfg))
     assert src.built == 0
     got = dump(cfg, latents_as_arrays=True)
     assert set(got) == set(want)

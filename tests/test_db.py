@@ -436,8 +436,17 @@ def test_the_reference_client_reads_datago_serve(tree, server, ref_python):
                             "max_aspect_ratio": 2.0},
            "limit": N, "samples_buffer_size": 8}
     env = dict(os.environ, DATAROOM_API_URL=server.api_url, DATAROOM_API_KEY=KEY)
-    proc = subprocess.run([ref_python, "-I", "-c", REF_SCRIPT, json.dumps(cfg)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    # The reference client hangs now and then (about one run in five here, before
+    # or after its first page; its own deadlocks are a known fault, see the
+    # reference notes): a run that has not ended in 60 s is tried once more.
+    for attempt in (1, 2):
+        try:
+            proc = subprocess.run([ref_python, "-I", "-c", REF_SCRIPT, json.dumps(cfg)],
+                                  env=env, capture_output=True, text=True, timeout=60)
+            break
+        except subprocess.TimeoutExpired:
+            if attempt == 2:
+                raise
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert sorted(s["id"] for s in got) == sorted(ids)

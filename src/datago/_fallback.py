@@ -71,17 +71,23 @@ def decode(view, mode: str, max_pixels: int, background: bytes) -> np.ndarray:
     return _typed(lambda: _decode(view, mode, max_pixels, background))
 
 
-def _decode(view, mode: str, max_pixels: int, background: bytes) -> np.ndarray:
+def load(view, max_pixels: int):
+    """(the decoded Pillow image in display orientation, its format)."""
     from PIL import Image, ImageOps
     im = _open(view, max_pixels)
     fmt = im.format
     try:
         im.load()
-        im = ImageOps.exif_transpose(im)
+        return ImageOps.exif_transpose(im), fmt
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"{fmt}: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         raise DecodeError(f"{fmt}: decoding failed: {e}") from None
+
+
+def _decode(view, mode: str, max_pixels: int, background: bytes) -> np.ndarray:
+    from PIL import Image
+    im, fmt = load(view, max_pixels)
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         a = np.array(im, dtype=np.int64)
         if im.mode == "I" and a.max(initial=0) <= 255:

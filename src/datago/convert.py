@@ -574,9 +574,9 @@ def convert(src, dst, format: str = "bins", *, reencode: Optional[str] = None,
         raise ConfigError("DST is SRC: convert into another folder")
     if cfg.source_type == "file" and os.path.abspath(dst) == os.path.abspath(cfg.source.root_path):
         raise ConfigError("DST is SRC: convert into another folder")
-    from datago.dataset import _make_source
+    from datago.sources import make_source
     from datago.sharding import available_cpus
-    fetcher, source = _make_source(cfg)
+    fetcher, source = make_source(cfg)
     n = len(source) if limit is None else min(limit, len(source))
     sizes = source.known_sizes()
     remote = source.kind != "file" and source.remote()

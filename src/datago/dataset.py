@@ -62,13 +62,13 @@ from datago._engine import COUNTERS, Engine, Job, PlanEngine, Stats, summarize
 from datago.buckets import nearest_bucket
 from datago.config import DatagoConfig
 from datago.errors import ConfigError, DatagoError, WorkerError
+from datago._prefetch import prefetched as _prefetched
 from datago.plan import EpochPlan, plan_epoch, resume_plan
 from datago.sharding import (ShardDetector, ShardInfo, available_cpus, local_world_size,
                              shard_hash)
-from datago.fetch import FetchConfig, Fetcher, redact
-from datago.sources.filesystem import FileListing
-from datago.sources.index import IndexSource
-from datago.sources.webdataset import WebDatasetSource, assign_shards
+from datago.fetch import redact
+from datago.sources import make_source
+from datago.sources.webdataset import assign_shards
 from datago.sources.sizes import SizesIndex, scan_files
 
 __all__ = ["DataLoader", "DatagoDataset", "DatagoMapDataset", "StateError", "WorkerError",
@@ -128,7 +128,7 @@ class DatagoDataset(IterableDataset):
         self.config = DatagoConfig.coerce(config)
         src = self.config.source
         loader = self.config.loader
-        self.fetcher, self.listing = _make_source(self.config)
+        self.fetcher, self.listing = make_source(self.config)
         n = len(self.listing)
         # stable id hashes: shard membership, shuffle keys, the sizes cache key
         self._hashes = np.fromiter((shard_hash(i) for i in self.listing.hash_keys()),
@@ -804,7 +804,7 @@ class DatagoMapDataset(torch.utils.data.Dataset):
         if getattr(self.config.source, "streaming", False):
             raise ConfigError("source_config.streaming: a streamed source has no random "
                               "access; DatagoMapDataset needs a source that lists its samples")
-        self.fetcher, self.listing = _make_source(self.config)
+        self.fetcher, self.listing = make_source(self.config)
         self.buckets = self.config.buckets
         self._engine: Optional[Engine] = None
         self._pid = None
@@ -878,69 +878,6 @@ class DatagoMapDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return f"DatagoMapDataset({self.config.source_type}, samples={len(self)})"
-
-
-class _prefetched:
-    """Iterate ``items`` in a thread of its own (started by the first ``next``), at
-    most ``maxsize`` ahead; its exceptions are raised here, in order; ``close()``
-    stops it."""
-
-    _END = object()
-
-    def __init__(self, items, maxsize: int):
-        import queue
-        import threading
-        self._q: "queue.Queue" = queue.Queue(max(1, maxsize))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(iter(items),),
-                                        name="datago-stream", daemon=True)
-        self._started = False                      # the thread starts on the first next()
-
-    def _put(self, item) -> bool:
-        import queue
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, it) -> None:
-        try:
-            for item in it:
-                if not self._put((True, item)):
-                    return
-            self._put((True, self._END))
-        except BaseException as e:                 # handed to the consumer
-            self._put((False, e))
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if not self._started:
-            self._started = True
-            self._thread.start()
-        ok, item = self._q.get()
-        if not ok:
-            self._stop.set()
-            raise item
-        if item is self._END:
-            self._stop.set()
-            raise StopIteration
-        return item
-
-    def close(self) -> None:
-        # the thread stops at its next hand-over (it may be inside a network read,
-        # bounded by timeout_s): wait a little, never the whole timeout
-        self._stop.set()
-        if self._started:
-            self._thread.join(timeout=2.0)
 
 
 _WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)")
@@ -1132,54 +1069,6 @@ def _watch(it: _WatchedIterator) -> None:
 
     signal.signal(signal.SIGCHLD, handler)
     _SIGCHLD_WRAPPED = True
-
-
-def _cache_kw(src) -> dict:
-    if not src.cache_limit_bytes:
-        return {}
-    from datago.sources.sizes import default_cache_dir
-    return {"cache_dir": src.cache_dir or os.path.dirname(default_cache_dir()),
-            "cache_limit_bytes": src.cache_limit_bytes}
-
-
-def _make_source(config: DatagoConfig):
-    """(fetcher, source) for the config's source_type."""
-    src = config.source
-    if config.source_type == "index":
-        fetcher = Fetcher(FetchConfig(io_concurrency=src.io_concurrency, timeout_s=src.timeout_s,
-                                      **_cache_kw(src)))
-        return fetcher, IndexSource(src.index, url_column=src.url_column,
-                                    width_column=src.width_column,
-                                    height_column=src.height_column,
-                                    mask_columns=src.mask_columns,
-                                    image_columns=src.image_columns, fetcher=fetcher)
-    if config.source_type == "webdataset":
-        headers = {"Authorization": f"Bearer {src.auth_token}"} if src.auth_token else {}
-        fetcher = Fetcher(FetchConfig(io_concurrency=src.io_concurrency, timeout_s=src.timeout_s,
-                                      headers=headers, **_cache_kw(src)))
-        return fetcher, WebDatasetSource(src.url, reference_image_type=src.reference_image_type,
-                                         index_dir=src.index_dir, cache_dir=src.cache_dir,
-                                         fetcher=fetcher, streaming=src.streaming)
-    if config.source_type == "db":
-        from datago.sources.db import DBSource
-        fetcher = Fetcher(FetchConfig(io_concurrency=src.io_concurrency, timeout_s=src.timeout_s,
-                                      **_cache_kw(src)))
-        rank = src.rank if src.rank is not None else ShardDetector(src.rank, src.world_size).resolve()[0]
-        return fetcher, DBSource(src, fetcher, rank=rank)
-    if config.source_type == "mix":
-        from datago.sources.mix import build
-        return build(config, _make_source)
-    if config.source_type in ("zip", "tfrecord", "bins"):
-        fetcher = Fetcher(FetchConfig(io_concurrency=src.io_concurrency, timeout_s=src.timeout_s,
-                                      **_cache_kw(src)))
-        if config.source_type == "zip":
-            from datago.sources.zip import ZipSource as Archive
-        elif config.source_type == "tfrecord":
-            from datago.sources.tfrecord import TFRecordSource as Archive
-        else:
-            from datago.sources.bins import BinsSource as Archive
-        return fetcher, Archive(src, fetcher)
-    return Fetcher(), FileListing(src.root_path)
 
 
 def _in_worker() -> bool:

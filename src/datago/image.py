@@ -421,18 +421,8 @@ def _pillow_mask(view, want: int, max_pixels: int) -> np.ndarray:
 
 
 def _pillow_mask_values(view, want: int, max_pixels: int) -> np.ndarray:
-    from PIL import Image, ImageOps
     from datago import _fallback
-    im = _fallback._open(view, max_pixels)
-    fmt = im.format
-    try:
-        im.load()
-        im = ImageOps.exif_transpose(im)
-    except Image.DecompressionBombError as e:
-        from datago.errors import ImageTooLargeError
-        raise ImageTooLargeError(f"{fmt}: {e}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
-        raise DecodeError(f"{fmt}: decoding failed: {e}") from None
+    im, fmt = _fallback.load(view, max_pixels)
     m = im.mode
     if m == "F":
         raise MaskMismatchError(f"{fmt}: a floating-point image is not a label mask")

@@ -960,7 +960,7 @@ def open_source(root: Optional[str] = None, config: Optional[str] = None):
     from datago.errors import ConfigError
     if config is not None:
         from datago.config import DatagoConfig
-        from datago.dataset import _make_source
+        from datago.sources import make_source
         with open(config, encoding="utf-8") as f:
             try:
                 d = json.load(f)
@@ -972,7 +972,7 @@ def open_source(root: Optional[str] = None, config: Optional[str] = None):
         if getattr(cfg.source, "streaming", False):
             raise ConfigError("a streaming webdataset source lists no samples; "
                               "index its shards (datago index) and serve without streaming")
-        fetcher, source = _make_source(cfg)
+        fetcher, source = make_source(cfg)
         name = os.path.splitext(os.path.basename(config))[0]
         return (fetcher, source, name, getattr(cfg.source, "cache_dir", None),
                 getattr(cfg.source, "sizes_cache", True))

@@ -67,8 +67,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import queue
-import threading
 import time
 import warnings
 from array import array
@@ -78,6 +76,7 @@ from urllib.parse import urlencode, urlsplit
 import numpy as np
 import xxhash
 
+from datago._prefetch import prefetched
 from datago.errors import DatagoError
 from datago.fetch import FetchError, Fetcher, Inline, redact
 from datago.sources.base import SampleRef, Source
@@ -150,19 +149,14 @@ def _origin(url: str) -> tuple:
 # ---------------------------------------------------------------------------- pages
 
 class _Pages:
-    """The pages of one query, fetched in a thread of its own up to ``prefetch``
-    ahead; iterating gives each page's validated ``results`` list; the thread's
-    errors are raised there, in order.  ``close()`` stops the thread."""
-
-    _END = object()
+    """The pages of one query, fetched ``prefetch`` ahead in a thread of its own
+    (``datago._prefetch``); iterating gives each page's validated ``results`` list;
+    fetch errors are raised there, in order.  ``close()`` stops the thread."""
 
     def __init__(self, fetcher: Fetcher, url: str, api_url: str, key: str, prefetch: int):
         self._fetcher, self._first, self._key = fetcher, url, key
         self._origin = _origin(api_url)
-        self._q: "queue.Queue" = queue.Queue(maxsize=prefetch)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="datago-db-pages", daemon=True)
-        self._started = False
+        self._it = prefetched(self._walk(), prefetch, name="datago-db-pages")
         self.pages = 0
 
     def _headers(self, url: str) -> Dict[str, str]:
@@ -187,51 +181,27 @@ class _Pages:
                              e.attempts) from None
         return _parse_page(body, url, number)
 
-    def _run(self) -> None:
+    def _walk(self) -> Iterator[list]:
         url: Optional[str] = self._first
         seen = set()
         number = 0
-        try:
-            while url is not None and not self._stop.is_set():
-                if url in seen:
-                    raise DBPageError(f"dataroom API: page {number + 1} repeats an earlier "
-                                      f"page's cursor ({redact(url)}); stopping instead of "
-                                      "reading the same rows again")
-                seen.add(url)
-                number += 1
-                results, url = self._fetch(url, number)
-                if not self._put(results):
-                    return
-            self._put(self._END)
-        except BaseException as e:      # handed to the reader, raised there
-            self._put(e)
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        while url is not None:
+            if url in seen:
+                raise DBPageError(f"dataroom API: page {number + 1} repeats an earlier "
+                                  f"page's cursor ({redact(url)}); stopping instead of "
+                                  "reading the same rows again")
+            seen.add(url)
+            number += 1
+            results, url = self._fetch(url, number)
+            yield results
 
     def __iter__(self) -> Iterator[list]:
-        if not self._started:
-            self._started = True
-            self._thread.start()
-        while True:
-            item = self._q.get()
-            if item is self._END:
-                return
-            if isinstance(item, BaseException):
-                raise item
+        for results in self._it:
             self.pages += 1
-            yield item
+            yield results
 
     def close(self) -> None:
-        self._stop.set()
-        if self._started:
-            self._thread.join(timeout=2.0)
+        self._it.close()
 
 
 def _parse_page(body: bytes, url: str, number: int) -> Tuple[list, Optional[str]]:

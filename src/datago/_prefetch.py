@@ -1,0 +1,69 @@
+"""A thread that runs an iterator ahead of its consumer (a WebDataset shard read as
+a stream, an API's pages), bounded, its exceptions raised at the consumer."""
+
+from __future__ import annotations
+
+__all__ = ["prefetched"]
+
+
+class prefetched:
+    """Iterate ``items`` in a thread of its own (started by the first ``next``), at
+    most ``maxsize`` ahead; its exceptions are raised here, in order; ``close()``
+    stops it."""
+
+    _END = object()
+
+    def __init__(self, items, maxsize: int, name: str = "datago-stream"):
+        import queue
+        import threading
+        self._q: "queue.Queue" = queue.Queue(max(1, maxsize))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iter(items),),
+                                        name=name, daemon=True)
+        self._started = False                      # the thread starts on the first next()
+
+    def _put(self, item) -> bool:
+        import queue
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, it) -> None:
+        try:
+            for item in it:
+                if not self._put((True, item)):
+                    return
+            self._put((True, self._END))
+        except BaseException as e:                 # handed to the consumer
+            self._put((False, e))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self._started:
+            self._started = True
+            self._thread.start()
+        ok, item = self._q.get()
+        if not ok:
+            self._stop.set()
+            raise item
+        if item is self._END:
+            self._stop.set()
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        # the thread stops at its next hand-over (it may be inside a network read,
+        # bounded by timeout_s): wait a little, never the whole timeout
+        self._stop.set()
+        if self._started:
+            self._thread.join(timeout=2.0)
