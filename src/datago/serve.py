@@ -1042,7 +1042,7 @@ def serve(root: Optional[str] = None, *, config: Optional[str] = None,
     sys.stderr.flush()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            lifespan="off", server_header=False,
-                                           timeout_graceful_shutdown=5))
+                                           timeout_graceful_shutdown=5, timeout_keep_alive=75))
     try:
         server.run(sockets=[sock])
     finally:
