@@ -434,21 +434,27 @@ def test_the_reference_client_reads_datago_serve(tree, server, ref_python):
            "image_config": {"crop_and_resize": True, "default_image_size": 64,
                             "downsampling_ratio": 16, "min_aspect_ratio": 0.5,
                             "max_aspect_ratio": 2.0},
-           "limit": N, "samples_buffer_size": 8}
+           "limit": N, "samples_buffer_size": 64}
     env = dict(os.environ, DATAROOM_API_URL=server.api_url, DATAROOM_API_KEY=KEY)
-    # The reference client hangs now and then (about one run in five here, before
-    # or after its first page; its own deadlocks are a known fault, see the
-    # reference notes): a run that has not ended in 60 s is tried once more.
-    for attempt in (1, 2):
+    # The reference client has two faults of its own that show here (diagnosed with
+    # a logging proxy and a request log in the server: every request was answered
+    # in full): with a small samples_buffer_size it deadlocks now and then within
+    # its first pages (1 run in 6 at 8; none in 330 runs at 64, hence 64), and about
+    # one run in 60 it hands out a latent of length 0 whose 200 bytes the server
+    # did send.  Such a run is tried again (3 tries, 60 s each).
+    for attempt in (1, 2, 3):
         try:
             proc = subprocess.run([ref_python, "-I", "-c", REF_SCRIPT, json.dumps(cfg)],
                                   env=env, capture_output=True, text=True, timeout=60)
-            break
         except subprocess.TimeoutExpired:
-            if attempt == 2:
+            if attempt == 3:
                 raise
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+            continue
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        if attempt < 3 and any(0 in s["latents"].values() for s in got):
+            continue
+        break
     assert sorted(s["id"] for s in got) == sorted(ids)
     for s in got:
         assert s["source"] == "photos"
