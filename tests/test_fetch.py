@@ -63,6 +63,28 @@ def test_nginx_whole_and_ranges(nginx):
     f.close()
 
 
+def test_what_a_whole_read_sends(files):
+    """Whole reads skip httpx's request objects (the transport's short way): the
+    request must still carry the configured headers, a Range for a member, no
+    compression, and reuse one kept-alive connection; a URL that needs
+    normalising (a space, non-ASCII) takes httpx's way and arrives the same."""
+    (files / "with space é.bin").write_bytes(BODY[:77])
+    with FaultServer(files) as srv:
+        f = fast(headers={"X-Team": "vision"})
+        assert f.read(f"{srv.url}/a.bin") == BODY
+        assert f.read(Member(f"{srv.url}/a.bin", 10, 20)) == BODY[10:30]
+        assert f.read(f"{srv.url}/with space é.bin") == BODY[:77]
+        whole, ranged = srv.requests("/a.bin")
+        for rec in (whole, ranged):
+            h = {k.lower(): v for k, v in rec.headers.items()}
+            assert h["x-team"] == "vision" and h["accept-encoding"] == "identity"
+            assert h["host"] == f"127.0.0.1:{srv.port}"
+        assert whole.range is None and ranged.range == "bytes=10-29"
+        assert whole.peer == ranged.peer                       # one kept-alive connection
+        assert srv.requests("/with space é.bin")[0].headers.get("X-Team") == "vision"
+        f.close()
+
+
 @pytest.mark.parametrize("kind,reason", [("500", "http_5xx"), ("503", "http_5xx"),
                                          ("429", "http_429"), ("reset", "reset"),
                                          ("truncate", "truncated"), ("drop", "reset")])
