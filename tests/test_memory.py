@@ -53,11 +53,20 @@ def wide(tmp_path_factory):
     return root
 
 
+# glibc keeps freed memory in per-thread arenas and raises its mmap threshold as
+# big blocks are freed, so a process's peak RSS also counts what the allocator
+# chose to keep -- 40-60 MB that came and went with thread timing here.  The probe
+# fixes those choices (big blocks mmapped and returned at once, two arenas), so
+# that the peak measures the loader's live memory.
+_LIVE_MEMORY = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "65536",
+                "MALLOC_TRIM_THRESHOLD_": "1048576"}
+
+
 def probe(root, lo, hi, scan=True, max_open=8):
     r = subprocess.run([sys.executable, "-c", _PROBE, str(root), str(lo), str(hi),
                         "1" if scan else "0", str(max_open)],
                        capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **_LIVE_MEMORY})
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 

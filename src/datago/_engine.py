@@ -84,12 +84,13 @@ class Stats:
 
     def __init__(self, row: torch.Tensor):
         self.row = row
+        self._values = row.numpy()          # the same memory: ~1 us an add, not torch's ~20
         self._lock = threading.Lock()
         self._idx = {name: i for i, name in enumerate(COUNTERS)}
 
     def add(self, name: str, value: float = 1.0) -> None:
         with self._lock:
-            self.row[self._idx[name]] += value
+            self._values[self._idx[name]] += value
 
 
 def summarize(table: torch.Tensor) -> dict:

@@ -127,20 +127,22 @@ class _Stream(io.RawIOBase):
 
     def __init__(self, chunks):
         self._it = iter(chunks)
-        self._buf = b""
+        self._buf = memoryview(b"")
+        self._pos = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
-        while not self._buf:
+        while self._pos >= len(self._buf):
             try:
-                self._buf = next(self._it)
+                self._buf = memoryview(next(self._it))
             except StopIteration:
                 return 0
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
+            self._pos = 0
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = self._buf[self._pos:self._pos + n]         # one copy, no re-slicing
+        self._pos += n
         return n
 
 
