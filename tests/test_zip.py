@@ -440,6 +440,47 @@ def test_member_inflating_past_its_declared_size_fails_as_bad_member(data, tmp_p
     assert ds.stats()["skipped"] == {"bad_member": 1, "truncated": 1}
 
 
+def test_a_member_whose_bytes_changed_fails_its_crc(data, tmp_path):
+    """A bit flipped inside a stored JPEG (a quantisation step) still decodes, to
+    wrong pixels: the
+    directory's CRC-32 catches it (``crc_mismatch``), as it does for a deflate
+    member that inflates to the right size with the wrong content."""
+    _, files = data
+    jpgs = sorted(n for n in files if n.endswith(".jpg"))[:4]
+    path = tmp_path / "flipped.zip"
+    write_zip(path, {n: files[n] for n in jpgs}, method=zipfile.ZIP_STORED)
+    raw = bytearray(path.read_bytes())
+    start = raw.index(files[jpgs[0]])
+    at = raw.index(b"\xff\xdb", start) + 15           # a quantisation step in the DQT
+    raw[at] ^= 0x01
+    path.write_bytes(bytes(raw))
+    src = ZipSource(str(path))
+    from datago import decode
+    from datago.fetch import FetchError, Member
+    loc = src.ref(list(src.ids()).index(jpgs[0])).path
+    flipped = decode(Fetcher().read(Member(loc.url, loc.offset, loc.size)))
+    assert not np.array_equal(flipped, decode(files[jpgs[0]]))   # only the CRC tells
+    with pytest.raises(FetchError, match="CRC-32") as e:
+        Fetcher().read(loc)
+    assert e.value.reason == "crc_mismatch"
+    ds = DatagoDataset(zip_cfg(str(path), source={"scan_sizes": False}))
+    with pytest.warns(RuntimeWarning, match="crc_mismatch"):
+        ids = {i for b in ds for i in b["id"]}
+    assert ids == set(jpgs[1:]) and ds.stats()["skipped"] == {"crc_mismatch": 1}
+    # deflate: the right size, the wrong content
+    from datago._codecs import decode_member
+    import zlib
+    body = b"caption " * 100
+    c = zlib.compressobj(6, zlib.DEFLATED, -15)
+    z = c.compress(body) + c.flush()
+    ok = Member("x.zip", 0, len(z), "a.txt", "deflate", len(body), zlib.crc32(body))
+    assert decode_member(ok, z) == body
+    with pytest.raises(FetchError) as e:
+        decode_member(Member("x.zip", 0, len(z), "a.txt", "deflate", len(body),
+                             zlib.crc32(body) ^ 1), z)
+    assert e.value.reason == "crc_mismatch"
+
+
 # ---------------------------------------------------------------------- corrupt archives
 def test_truncated_or_corrupt_archives_raise_naming_the_file(data, tmp_path):
     base, _ = data

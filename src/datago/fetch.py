@@ -75,6 +75,7 @@ class Member:
     name: str = ""            # the member's name (its extension tells the format)
     codec: str = ""           # how the stored bytes become the content (datago._codecs)
     raw_size: int = 0         # the content's size, for codecs that inflate
+    crc32: int = -1           # the content's CRC-32 to check (a ZIP member's), -1: none
 
     def __str__(self) -> str:
         return f"{redact(self.url)}[{self.offset}:{self.offset + self.size}]"
@@ -251,7 +252,7 @@ class Fetcher:
                 data = self._cached(loc.url, loc.offset, loc.size, cache)
             else:
                 data = self._local(loc.url, loc.offset, loc.size)
-            if loc.codec:
+            if loc.codec or loc.crc32 >= 0:
                 from datago._codecs import decode_member
                 return decode_member(loc, data)
             return data

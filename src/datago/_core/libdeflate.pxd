@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Declarations of libdeflate (>= 1.0): whole-buffer zlib inflate and CRC-32."""
+"""Declarations of libdeflate (>= 1.0): whole-buffer zlib and raw-deflate inflate, CRC-32."""
 from libc.stdint cimport uint32_t
 
 cdef extern from "libdeflate.h" nogil:
@@ -19,3 +19,7 @@ cdef extern from "libdeflate.h" nogil:
                                                  size_t out_nbytes_avail,
                                                  size_t* actual_out_nbytes_ret)
     uint32_t libdeflate_crc32(uint32_t crc, const void* buffer, size_t length)
+    libdeflate_result libdeflate_deflate_decompress(libdeflate_decompressor* d, const void* src,
+                                                    size_t in_nbytes, void* out,
+                                                    size_t out_nbytes_avail,
+                                                    size_t* actual_out_nbytes_ret)

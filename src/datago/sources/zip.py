@@ -63,8 +63,9 @@ differ), ``overlapping_member`` (a member whose bytes overlap another's: the
 overlapping-files bomb), ``duplicate_member`` (a name seen before in the same
 archive: the first wins).  Directories are skipped.  A sample whose main image
 was refused takes another of its images as main, or is counted as orphan
-sidecars.  Pixel bombs are stopped by the decoder's ``max_pixels``.  CRC-32
-values are not checked.
+sidecars.  Pixel bombs are stopped by the decoder's ``max_pixels``.  Every
+member's content is checked against its directory's CRC-32 when read
+(``crc_mismatch``, libdeflate's CRC: ~45 us per 400 KB).
 
 ``known_sizes()`` is None: image sizes come from the dataset's header scan
 (``fetcher.head`` on the members, which inflates a deflate member whole), cached
@@ -112,8 +113,9 @@ _U32, _U16 = 0xFFFFFFFF, 0xFFFF
 _CACHE_VERSION = 1
 
 # One central directory entry: (name, name bytes, flags, method, compressed size,
-# uncompressed size, local header offset (archive-relative, before the prefix shift))
-Entry = Tuple[str, bytes, int, int, int, int, int]
+# uncompressed size, local header offset (archive-relative, before the prefix shift),
+# CRC-32 of the content)
+Entry = Tuple[str, bytes, int, int, int, int, int, int]
 
 
 def _bad(url: str, why: str) -> DatagoError:
@@ -224,7 +226,7 @@ def read_central_directory(url: str, fetcher: Optional[Fetcher] = None):
     while p < n_cd:
         if p + 46 > n_cd or cd[p:p + 4] != _CEN:
             raise _bad(url, f"corrupt central directory at entry {len(entries)}")
-        (_, _, _, flags, method, _, _, _, csize, usize, nlen, elen, clen, disk_start, _, _,
+        (_, _, _, flags, method, _, _, crc, csize, usize, nlen, elen, clen, disk_start, _, _,
          lho) = unpack(cd, p)
         q = p + 46
         raw = cd[q:q + nlen]
@@ -238,7 +240,7 @@ def read_central_directory(url: str, fetcher: Optional[Fetcher] = None):
             except ValueError as e:
                 raise _bad(url, f"entry {len(entries)}: {e}") from None
         name = raw.decode("utf-8", "surrogateescape") if flags & 0x800 else raw.decode("cp437")
-        entries.append((name, raw, flags, method, csize, usize, lho))
+        entries.append((name, raw, flags, method, csize, usize, lho, crc))
     if len(entries) % 65536 != total % 65536:            # (some writers wrap the count)
         raise _bad(url, f"the central directory has {len(entries)} entries, its end record "
                         f"says {total}")
@@ -281,6 +283,7 @@ class ZipSource(Source):
         self._csize = array("q")
         self._usize = array("q")
         self._method = array("b")
+        self._crc = array("L")
         self._patterns: List[Pattern] = []
         self._pattern_ids: Dict[Pattern, int] = {}
         roots = []
@@ -327,7 +330,7 @@ class ZipSource(Source):
 
         keep: List[int] = []
         seen = set()
-        for k, (name, _, flags, method, csize, usize, lho) in enumerate(entries):
+        for k, (name, _, flags, method, csize, usize, lho, _) in enumerate(entries):
             if name.endswith("/"):
                 continue                                    # a directory
             if name in seen:
@@ -427,6 +430,7 @@ class ZipSource(Source):
                 self._csize.append(e[4])
                 self._usize.append(e[5])
                 self._method.append(e[3])
+                self._crc.append(e[7])
 
     def _data_offsets(self, url: str, entries: List[Entry], keep: List[int], base: int,
                       size: int, cd_hash: str) -> Dict[int, int]:
@@ -473,7 +477,7 @@ class ZipSource(Source):
 
         def parse(g: List[int], data: bytes, start: int) -> None:
             for k in g:
-                name, raw, _, method, _, _, lho = entries[k]
+                name, raw, _, method, _, _, lho, _ = entries[k]
                 p = base + lho - start
                 head = data[p:p + 30 + len(raw)]
                 if len(head) < 30:
@@ -548,7 +552,7 @@ class ZipSource(Source):
             return Inline(b"", name)                       # an empty member (no range to read)
         deflate = self._method[m] == 8
         return Member(self.archives[self._arch[i]], self._off[m], csize, name,
-                      "deflate" if deflate else "", usize if deflate else 0)
+                      "deflate" if deflate else "", usize if deflate else 0, self._crc[m])
 
     def main_location(self, i: int):
         i = self._index(i)
