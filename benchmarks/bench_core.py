@@ -7,7 +7,7 @@
 Every .jpg/.jpeg/.png under CORPUS_DIR (recursive, sorted; ``--limit`` keeps the
 first N) is read into memory first, so file IO is not measured.  For each bucket
 size (``make_buckets(512, 16, 0.5, 2.0)``, ``make_buckets(1024, 32, 0.5, 2.0)``)
-five variants do the same job -- decode, EXIF orientation, nearest bucket, cover
+four variants do the same job -- decode, EXIF orientation, nearest bucket, cover
 resize, centre crop to an (H, W, 3) uint8 array -- side by side in one process:
 
 (a) naive Pillow: open, exif_transpose, alpha over grey 128, RGB, LANCZOS cover
@@ -15,9 +15,11 @@ resize, centre crop to an (H, W, 3) uint8 array -- side by side in one process:
 (b) best plain Python: PyTurboJPEG DCT-scaled decode (PNG: cv2.imdecode),
     orientation with numpy, cv2.resize INTER_AREA, crop (cv2 on 1 thread);
 (c) datago.decode_to_bucket, 1 thread;
-(d) datago.decode_to_bucket over a 2-thread ThreadPoolExecutor;
-(e) datago's decode-only ceiling: the same path as (c) stopped after the
-    DCT-scaled decode (no resample), 1 thread.
+(d) datago.decode_to_bucket over a 2-thread ThreadPoolExecutor.
+
+(An earlier variant (e), datago's decode-only ceiling, stopped (c) after the
+DCT-scaled decode through a test-only switch of the core; the switch is gone, and
+the variant with it: benchmarks/RESULTS.md.)
 
 The machine this runs on is usually shared and noisy, so the variants are
 interleaved: R rounds, each running every variant once over the whole list in an
@@ -47,7 +49,7 @@ from turbojpeg import TJPF_RGB, TurboJPEG
 
 import datago
 from _common import cover_size, cpu_counters, cpu_model, version
-from datago._core import _jpeg, _pipeline, _png, _resample
+from datago._core import _jpeg, _png, _resample
 
 EXTENSIONS = {".jpg", ".jpeg", ".png"}
 DOWNSAMPLING = {512: 16, 1024: 32}        # bucket size -> VAE factor / patch size
@@ -63,13 +65,11 @@ VARIANTS = [
     ("b", "TurboJPEG scaled / cv2 + cv2 INTER_AREA, 1 thread"),
     ("c", "datago.decode_to_bucket, 1 thread"),
     ("d", f"datago.decode_to_bucket, {THREADS} threads"),
-    ("e", "datago decode-only ceiling (no resample), 1 thread"),
 ]
 RATIOS = [  # (label, numerator, denominator, target)
     ("c/a", "c", "a", 3.0),
     ("c/b", "c", "b", 1.15),
     ("d/c", "d", "c", 1.8),
-    ("c/e", "c", "e", 0.75),
 ]
 
 tj = TurboJPEG()
@@ -158,19 +158,6 @@ def variant_c(data: bytes, buckets) -> np.ndarray:
     return datago.decode_to_bucket(data, buckets, filter=FILTER).image
 
 
-def make_variant_e(buckets):
-    """datago's decode-only ceiling: header, bucket, DCT scale and decode of (c), no resample."""
-    pick = lambda w, h: datago.nearest_bucket(w, h, buckets)       # noqa: E731
-    filt = _resample.filter_id("triangle")
-    bg = bytes(GREY)
-    max_pixels = datago.DEFAULT_MAX_PIXELS
-
-    def variant_e(data: bytes, _buckets=None):
-        return _pipeline.decode_to_bucket(data, pick, None, "RGB", False, filt, max_pixels,
-                                          bg, False)
-    return variant_e
-
-
 # --------------------------------------------------------------------------- harness
 
 class FileError(RuntimeError):
@@ -218,7 +205,7 @@ def timed(run) -> Run:
     return Run(wall, ours / wall, max(0.0, busy1 - busy0 - ours) / wall, (steal1 - steal0) / wall)
 
 
-def sanity_check(datas, paths, infos, buckets, fn_e) -> list[str]:
+def sanity_check(datas, paths, infos, buckets) -> list[str]:
     """(a), (b), (c) give the bucket shape on a spread of images (incl. rotated and PNG);
     also report how far apart their pixels are (mean |diff|, 0..255)."""
     n = len(datas)
@@ -241,7 +228,6 @@ def sanity_check(datas, paths, infos, buckets, fn_e) -> list[str]:
             if outs[name].shape != want or outs[name].dtype != np.uint8:
                 raise AssertionError(f"sanity: variant {name} gave {outs[name].shape} "
                                      f"{outs[name].dtype} for {paths[i]}, want {want} uint8")
-        fn_e(d)
         a = outs["a"].astype(np.int16)
         diffs_ab.append(float(np.abs(outs["b"] - a).mean()))
         diffs_ac.append(float(np.abs(outs["c"] - a).mean()))
@@ -258,16 +244,14 @@ def bench_size(size: int, datas, paths, infos, rounds: int, ex) -> tuple[list[st
     """Time the variants for one bucket size; returns (notes, markdown table lines)."""
     ratio = DOWNSAMPLING.get(size, max(1, size // 32))
     buckets = datago.make_buckets(size, ratio, 0.5, 2.0)
-    fn_e = make_variant_e(buckets)
     runs = {
         "a": lambda ds, ps: run_serial(variant_a, ds, ps, buckets),
         "b": lambda ds, ps: run_serial(variant_b, ds, ps, buckets),
         "c": lambda ds, ps: run_serial(variant_c, ds, ps, buckets),
         "d": lambda ds, ps: run_threaded(ex, ds, ps, buckets),
-        "e": lambda ds, ps: run_serial(fn_e, ds, ps, buckets),
     }
     notes = [f"buckets: make_buckets({size}, {ratio}, 0.5, 2.0), {len(buckets)} buckets"]
-    notes += sanity_check(datas, paths, infos, buckets, fn_e)
+    notes += sanity_check(datas, paths, infos, buckets)
     w = min(WARMUP_IMAGES, len(datas))
     for name in runs:                                         # warm-up
         runs[name](datas[:w], paths[:w])

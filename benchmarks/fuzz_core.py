@@ -9,8 +9,9 @@
     python benchmarks/fuzz_core.py --minimize crash-1234 --target decode      # shrink one
 
 Acceptable outcomes of a target: a result (checked: shapes and dtypes, the
-header's size equals the decoded size, the bucket's shape), ``DecodeError``,
-``ImageTooLargeError`` or ``ValueError``.  Anything else is a finding: another
+header's size equals the decoded size, the bucket's shape; a decoded PNG's pixels
+equal libspng's alone, ``_pipeline.decode_png_libspng``, the PNG fast path's
+reference), ``DecodeError``, ``ImageTooLargeError`` or ``ValueError``.  Anything else is a finding: another
 exception, a crash (a signal: segfault, abort, bus error), a hang (an input
 that runs longer than ``--timeout`` seconds) or a broken invariant.  Findings
 are saved under ``--crash-dir`` (default ``/tmp/datago_fuzz/crashes``) as
@@ -134,7 +135,28 @@ def target_decode(data: bytes) -> str:
     if arr.shape[:2] != (h, w):
         raise Finding(f"read_header says {w}x{h} (display), decode gave "
                       f"{arr.shape[1]}x{arr.shape[0]}")
+    if info.format == "png":
+        return f"ok:png:{mode}" + _png_matches_libspng(data, mode, arr)
     return f"ok:{info.format}:{mode}"
+
+
+def _png_matches_libspng(data: bytes, mode: str, arr: np.ndarray) -> str:
+    """A PNG ``decode`` read (through the fast path where it applies) must have
+    libspng's pixels: ``_pipeline.decode_png_libspng`` is the reference.  Returns ""
+    or, when libspng refuses a file the fast path read, an outcome suffix naming
+    that (a distinct outcome, not a finding: the two may differ on what they accept)."""
+    from datago._core import _pipeline
+    from datago.image import DEFAULT_BACKGROUND, _orient
+    try:
+        ref, orientation, _ = _pipeline.decode_png_libspng(data, mode, MAX_PIXELS,
+                                                           bytes(DEFAULT_BACKGROUND))
+    except acceptable() as e:
+        return f":libspng-refuses:{type(e).__name__}"
+    ref = _orient(ref, orientation)
+    if ref.shape != arr.shape or not np.array_equal(ref, arr):
+        raise Finding(f"PNG decode({mode}) and libspng alone (the reference) differ: "
+                      f"{arr.shape} vs {ref.shape}")
+    return ""
 
 
 def target_decode_to_bucket(data: bytes) -> str:

@@ -1,4 +1,9 @@
-"""The PNG fast path (libdeflate + our unfilter) against libspng and exact pixels."""
+"""The PNG fast path (libdeflate + our unfilter) against libspng and exact pixels.
+
+The reference is libspng alone: ``_pipeline.decode_png_libspng`` (``decode``
+through libspng, never the fast path) and, inside the fused paths, the same
+pixels stored Adam7-interlaced, which the fast path leaves to libspng.
+"""
 
 import struct
 import zlib
@@ -8,6 +13,7 @@ import pytest
 
 import datago
 from datago._core import _pipeline
+from datago.image import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS, _orient
 
 
 def chunk(typ: bytes, body: bytes, crc_ok: bool = True) -> bytes:
@@ -38,12 +44,23 @@ def filter_rows(img: np.ndarray, filters) -> bytes:
     return bytes(out)
 
 
+# Adam7 passes: (x0, y0, dx, dy)
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+         (0, 1, 1, 2))
+
+
 def encode(img, colour_type, filters=(0, 1, 2, 3, 4), idat_parts=1, extra_before=b"",
-           extra_after=b"", level=6):
+           extra_after=b"", level=6, interlace=False):
     h, w = img.shape[:2]
-    data = zlib.compress(filter_rows(img, filters), level)
+    if interlace:       # each pass filtered as an image of its own; empty passes left out
+        raw = b"".join(filter_rows(img[y0::dy, x0::dx], filters)
+                       for x0, y0, dx, dy in ADAM7 if img[y0::dy, x0::dx].size)
+    else:
+        raw = filter_rows(img, filters)
+    data = zlib.compress(raw, level)
     cuts = np.linspace(0, len(data), idat_parts + 1).astype(int)
-    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0))
+    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0,
+                                                             int(interlace)))
     out += extra_before
     for a, b in zip(cuts[:-1], cuts[1:]):
         out += chunk(b"IDAT", data[a:b])
@@ -51,15 +68,16 @@ def encode(img, colour_type, filters=(0, 1, 2, 3, 4), idat_parts=1, extra_before
     return out
 
 
-def both_paths(fn):
-    try:
-        _pipeline.set_png_fast(True)
-        fast = fn()
-        _pipeline.set_png_fast(False)
-        slow = fn()
-    finally:
-        _pipeline.set_png_fast(True)
-    return fast, slow
+def libspng(data, mode="RGB", background=DEFAULT_BACKGROUND):
+    """The reference: ``datago.decode(data, mode=mode)`` through libspng alone."""
+    arr, orientation, _ = _pipeline.decode_png_libspng(data, mode, DEFAULT_MAX_PIXELS,
+                                                       bytes(background))
+    return _orient(arr, orientation)
+
+
+def both_paths(data, mode="RGB"):
+    """``datago.decode`` (the fast path where it applies) and the libspng reference."""
+    return datago.decode(data, mode=mode), libspng(data, mode)
 
 
 IMG = np.random.default_rng(0).integers(0, 256, (29, 41, 4), dtype=np.uint8)
@@ -72,7 +90,7 @@ IMG = np.random.default_rng(0).integers(0, 256, (29, 41, 4), dtype=np.uint8)
 def test_filters_and_modes_match_libspng(ct, channels, filters, mode):
     img = IMG[:, :, :channels].copy()
     data = encode(img, ct, filters, idat_parts=3)
-    fast, slow = both_paths(lambda: datago.decode(data, mode=mode))
+    fast, slow = both_paths(data, mode)
     assert np.array_equal(fast, slow)
     if mode == "RGBA" and ct == 6:
         assert np.array_equal(fast, img)
@@ -83,17 +101,65 @@ def test_filters_and_modes_match_libspng(ct, channels, filters, mode):
 
 
 @pytest.mark.parametrize("ct, channels", [(0, 1), (2, 3), (6, 4)])
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+def test_interlaced_copy_takes_libspng_and_matches(ct, channels, mode):
+    """The oracle of the fused tests below: the Adam7 copy decodes (through libspng)
+    to the same pixels as the original."""
+    img = IMG[:, :, :channels].copy()
+    data = encode(img, ct, (4, 1, 3), idat_parts=2)
+    adam7 = encode(img, ct, (4, 1, 3), idat_parts=2, interlace=True)
+    assert np.array_equal(datago.decode(adam7, mode=mode), libspng(data, mode))
+    assert np.array_equal(libspng(adam7, mode), libspng(data, mode))
+
+
+def _corrupt_idat(data: bytes) -> bytes:
+    """``data`` with its first IDAT replaced by a zlib stream whose first deflate block
+    has the reserved type 3 (CRC valid)."""
+    at = data.index(b"IDAT")
+    n = struct.unpack(">I", data[at - 4:at])[0]
+    return data[:at - 4] + chunk(b"IDAT", b"\x78\x9c" + b"\xff" * 20) + data[at + 8 + n:]
+
+
+@pytest.mark.parametrize("ct, channels", [(0, 1), (2, 3), (6, 4)])
+def test_which_path_decodes(ct, channels):
+    """The comparisons here are not vacuous: a corrupt stream is reported in the words of
+    the path that read it -- the fast path (libdeflate) for the plain files in
+    decode, decode_to_bucket and masks, libspng for their Adam7 copies and for the
+    reference."""
+    img = IMG[:, :, :channels].copy()
+    fast_words, spng_words = "zlib stream or Adler-32", "IDAT stream error"
+    for interlace, words in ((False, fast_words), (True, spng_words)):
+        data = _corrupt_idat(encode(img, ct, interlace=interlace))
+        for fn in (datago.decode, lambda d: datago.decode_to_bucket(d, bucket=(16, 16)),
+                   lambda d: datago.decode_to_bucket(d, bucket=(16, 16), mask=True)):
+            with pytest.raises(datago.DecodeError, match=words):
+                fn(data)
+        with pytest.raises(datago.DecodeError, match=spng_words):
+            libspng(data)
+
+
+@pytest.mark.parametrize("ct, channels", [(0, 1), (2, 3), (6, 4)])
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_decode_to_bucket_matches_libspng(ct, channels, mode):
     rng = np.random.default_rng(ct)
     img = rng.integers(0, 256, (150, 230, channels), dtype=np.uint8)
     data = encode(img, ct, (4, 1, 3), idat_parts=5)
+    adam7 = encode(img, ct, (4, 1, 3), idat_parts=5, interlace=True)     # libspng's route
+    ref = libspng(data, mode)
     for bucket in [(64, 48), (300, 200), (16, 128)]:
-        fast, slow = both_paths(lambda: datago.decode_to_bucket(data, bucket=bucket, mode=mode))
+        fast = datago.decode_to_bucket(data, bucket=bucket, mode=mode)
+        slow = datago.decode_to_bucket(adam7, bucket=bucket, mode=mode)
         assert np.array_equal(fast.image, slow.image)
-        assert fast.crop_box == slow.crop_box
-    fm, sm = both_paths(lambda: datago.decode_to_bucket(data, bucket=(60, 40), mask=True))
+        assert fast.crop_box == slow.crop_box == _pipeline.cover_box(230, 150, *bucket)
+        # and libspng's full decode through the resampler alone gives the same pixels
+        want = datago.resize(ref, bucket, box=fast.crop_box).reshape(fast.image.shape)
+        assert np.array_equal(fast.image, want)
+    fm = datago.decode_to_bucket(data, bucket=(60, 40), mask=True)
+    sm = datago.decode_to_bucket(adam7, bucket=(60, 40), mask=True)
     assert np.array_equal(fm.image, sm.image)
+    values = img[:, :, :3]                                   # a mask's values: alpha dropped
+    want = datago.resize(values, (60, 40), box=fm.crop_box, filter="nearest")
+    assert np.array_equal(fm.image, want.reshape(fm.image.shape))
 
 
 def test_ancillary_chunks_exif_and_plte_hint():
@@ -101,7 +167,7 @@ def test_ancillary_chunks_exif_and_plte_hint():
     exif = b"MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00"
     data = encode(img, 2, extra_before=chunk(b"tEXt", b"Comment\x00hi") + chunk(b"eXIf", exif)
                   + chunk(b"PLTE", bytes(range(48))), extra_after=chunk(b"tIME", b"\x07\xe9\x01\x01\x00\x00\x00"))
-    fast, slow = both_paths(lambda: datago.decode(data))
+    fast, slow = both_paths(data)
     assert np.array_equal(fast, slow)
     assert np.array_equal(fast, np.rot90(img, -1))          # orientation 6 applied
     assert datago.read_header(data).orientation == 6
@@ -116,7 +182,7 @@ def test_other_types_take_libspng(ct):
         data = encode(idx, 3, extra_before=pal)
     else:
         data = encode(rng.integers(0, 256, (20, 30, 2), dtype=np.uint8), 4)
-    fast, slow = both_paths(lambda: datago.decode(data))
+    fast, slow = both_paths(data)
     assert np.array_equal(fast, slow)
 
 
@@ -159,15 +225,14 @@ def test_errors(case):
         data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 41, 29, 8, 2, 0, 0, 0))
                 + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
         match = "PNG"
-    for fast in (True, False):
-        _pipeline.set_png_fast(fast)
-        try:
-            with pytest.raises(datago.DecodeError, match=match):
-                datago.decode(data)
-            with pytest.raises(datago.DecodeError, match=match):
-                datago.decode_to_bucket(data, bucket=(16, 16))
-        finally:
-            _pipeline.set_png_fast(True)
+    with pytest.raises(datago.DecodeError, match=match):
+        datago.decode(data)
+    with pytest.raises(datago.DecodeError, match=match):
+        datago.decode_to_bucket(data, bucket=(16, 16))
+    with pytest.raises(datago.DecodeError, match=match):
+        datago.decode_to_bucket(data, bucket=(16, 16), mask=True)
+    with pytest.raises(datago.DecodeError, match=match):
+        libspng(data)
 
 
 def test_ancillary_chunk_with_bad_crc_is_ignored_by_both_paths():
@@ -175,7 +240,7 @@ def test_ancillary_chunk_with_bad_crc_is_ignored_by_both_paths():
     exif = b"MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00"
     data = encode(img, 2, extra_before=chunk(b"tEXt", b"a\x00b", crc_ok=False)
                   + chunk(b"eXIf", exif, crc_ok=False))
-    fast, slow = both_paths(lambda: datago.decode(data))
+    fast, slow = both_paths(data)
     assert np.array_equal(fast, img) and np.array_equal(slow, img)   # eXIf ignored too
 
 
@@ -184,7 +249,7 @@ def test_more_data_than_the_header_hands_over_to_libspng():
     raw = filter_rows(np.concatenate([img, img]), (0,))    # twice the rows
     data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 41, 29, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
-    fast, slow = both_paths(lambda: _try(lambda: datago.decode(data)))
+    fast, slow = _try(lambda: datago.decode(data)), _try(lambda: libspng(data))
     assert type(fast) is type(slow)
     if isinstance(fast, np.ndarray):
         assert np.array_equal(fast, slow)

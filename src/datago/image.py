@@ -327,7 +327,7 @@ def decode_to_bucket(data: BytesLike, buckets: Optional[Sequence[Bucket]] = None
     if out is not None and not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy array (use tensor.numpy() for a torch tensor), "
                         f"got {type(out).__name__}")
-    res = _pipeline.decode_to_bucket(view, pick, out, mode, False, filt, mp, bg)
+    res = _pipeline.decode_to_bucket(view, pick, out, mode, filt, mp, bg)
     if res is None:
         from datago import _fallback
         arr = _fallback.decode(view, mode, mp, bg)

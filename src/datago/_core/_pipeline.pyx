@@ -3,7 +3,9 @@
 
 Entry points: ``read_header``, ``decode``, ``decode_to_bucket`` (images:
 colour converted, antialiased resampling) and ``mask_to_bucket`` (label masks:
-values kept, nearest neighbour, widened to int32 for 16-bit sources).
+values kept, nearest neighbour, widened to int32 for 16-bit sources); the last
+two share their steps (header, plan, decode, resample: see "to bucket").
+``decode_png_libspng`` is the reference the PNG fast path must match (tests, fuzzer).
 
 One shape per entry point: validate and allocate with the GIL, run the C work in
 ``with nogil`` blocks, turn return codes into exceptions (``JpegDecoder.check``,
@@ -108,15 +110,6 @@ cdef int _sniff(const uint8_t* p, size_t n) noexcept nogil:
     return FMT_UNKNOWN
 
 
-def sniff(data):
-    """'jpeg', 'png' or None, from the magic bytes."""
-    cdef const uint8_t[::1] v = data
-    if v.shape[0] == 0:
-        return None
-    f = _sniff(&v[0], v.shape[0])
-    return "jpeg" if f == FMT_JPEG else ("png" if f == FMT_PNG else None)
-
-
 cdef int _channels(str mode) except -1:
     if mode == "RGB":
         return 3
@@ -212,7 +205,7 @@ def decode(data, str mode, long long max_pixels, bytes background):
     if fmt == FMT_JPEG:
         return _decode_jpeg(v, C, max_pixels)
     if fmt == FMT_PNG:
-        return _decode_png(v, C, max_pixels, background, False)
+        return _decode_png(v, C, max_pixels, background)
     return None
 
 
@@ -274,6 +267,23 @@ cdef tuple _decode_jpeg(const uint8_t[::1] v, int C, long long max_pixels):
     return out, info.orientation, warning
 
 
+cdef uint8_t* _spng_scratch(PngDecoder png, _State st, int fmt, int flags,
+                           size_t* size) except NULL:
+    """Decode with libspng to ``fmt`` into the scratch: the buffer, its size in ``size``."""
+    cdef int rc
+    cdef uint8_t* buf = NULL
+    with nogil:
+        rc = spng.spng_decoded_image_size(png.ctx, fmt, size)
+        if rc == 0:
+            buf = st.reserve(size[0])
+            if buf != NULL:
+                rc = png.decode(buf, size[0], fmt, flags)
+    png.check(rc, "decoding")
+    if buf == NULL:
+        raise MemoryError("PNG: no memory for the decode buffer")
+    return buf
+
+
 cdef uint8_t* _png_rgba(PngDecoder png, _State st, const uint8_t* bg, uint8_t* dst,
                        int dC) except NULL:
     """Decode to RGBA (8 or 16 bit) in scratch, then convert into ``dst``.
@@ -283,18 +293,8 @@ cdef uint8_t* _png_rgba(PngDecoder png, _State st, const uint8_t* bg, uint8_t* d
     """
     cdef size_t size = 0
     cdef size_t npix = <size_t>png.ihdr.width * png.ihdr.height
-    cdef int rc
     cdef int fmt = spng.SPNG_FMT_RGBA16 if png.ihdr.bit_depth == 16 else spng.SPNG_FMT_RGBA8
-    cdef uint8_t* buf = NULL
-    with nogil:
-        rc = spng.spng_decoded_image_size(png.ctx, fmt, &size)
-        if rc == 0:
-            buf = st.reserve(size)
-            if buf != NULL:
-                rc = png.decode(buf, size, fmt, spng.SPNG_DECODE_TRNS)
-    png.check(rc, "decoding")
-    if buf == NULL:
-        raise MemoryError("PNG: no memory for the decode buffer")
+    cdef uint8_t* buf = _spng_scratch(png, st, fmt, spng.SPNG_DECODE_TRNS, &size)
     if dst == NULL:
         dst = buf
     with nogil:
@@ -304,20 +304,9 @@ cdef uint8_t* _png_rgba(PngDecoder png, _State st, const uint8_t* bg, uint8_t* d
     return dst
 
 
-cdef bint _png_fast_enabled = True
-
-
-def set_png_fast(bint enabled):
-    """Turn the PNG fast path on or off (for tests and benchmarks; results are identical)."""
-    global _png_fast_enabled
-    _png_fast_enabled = enabled
-
-
 cdef int _fast_scan(const uint8_t[::1] v, PngScan* scan, long long max_pixels) except -2:
     """Run the fast path's chunk walk: FAST_OK or FAST_FALLBACK, else raise."""
     cdef int rc
-    if not _png_fast_enabled:
-        return FAST_FALLBACK
     with nogil:
         rc = png_scan(&v[0], v.shape[0], scan)
     if rc < 0:
@@ -397,9 +386,8 @@ cdef void _fast_rows(uint8_t* buf, PngScan* scan, uint8_t* dst, Py_ssize_t d_str
                         d[k * x + 3] = 255
 
 
-cdef tuple _decode_png(const uint8_t[::1] v, int C, long long max_pixels, bytes background,
-                       bint indices):
-    """Full decode of a PNG; ``indices`` returns palette indices for palette images."""
+cdef tuple _decode_png(const uint8_t[::1] v, int C, long long max_pixels, bytes background):
+    """Full decode of a PNG: the fast path when it takes the file, else libspng."""
     cdef _State st = _state()
     cdef PngScan scan
     cdef uint8_t* buf
@@ -414,7 +402,7 @@ cdef tuple _decode_png(const uint8_t[::1] v, int C, long long max_pixels, bytes 
                 _fast_rows(buf, &scan, &fo[0, 0, 0], <Py_ssize_t>scan.width * C, C, fbg)
                 st.trim()
             return out, scan.orientation, None
-    return _decode_png_spng(v, C, max_pixels, background, indices)
+    return _decode_png_spng(v, C, max_pixels, background)
 
 
 cdef PngDecoder _png_open(const uint8_t[::1] v, long long max_pixels):
@@ -429,27 +417,37 @@ cdef PngDecoder _png_open(const uint8_t[::1] v, long long max_pixels):
     return png
 
 
-cdef tuple _decode_png_spng(const uint8_t[::1] v, int C, long long max_pixels, bytes background,
-                            bint indices):
+def decode_png_libspng(data, str mode, long long max_pixels, bytes background):
+    """``decode`` of a PNG through libspng alone, never the fast path.
+
+    The reference the PNG fast path (libdeflate + our unfilter, which ``decode``,
+    ``decode_to_bucket`` and ``mask_to_bucket`` take for 8-bit grey, RGB and RGBA
+    PNGs without tRNS or interlacing) must match bit for bit: ``tests/test_png_fast.py``
+    and ``benchmarks/fuzz_core.py`` compare the two.  Returns (array, orientation,
+    None) as ``decode`` does, or None for data that is not a PNG.
+    """
+    cdef const uint8_t[::1] v = data
+    cdef int C = _channels(mode)
+    if v.shape[0] == 0:
+        raise DecodeError("empty input (0 bytes)")
+    if _sniff(&v[0], v.shape[0]) != FMT_PNG:
+        return None
+    return _decode_png_spng(v, C, max_pixels, background)
+
+
+cdef tuple _decode_png_spng(const uint8_t[::1] v, int C, long long max_pixels, bytes background):
     cdef _State st = _state()
     cdef PngDecoder png = _png_open(v, max_pixels)
-    cdef size_t n = v.shape[0]
     cdef size_t size = 0
     cdef int rc, orient, fmt, w, h
-    cdef bint gray, alpha, palette
+    cdef bint gray, alpha
     cdef uint8_t[:, :, ::1] o
     cdef const uint8_t* bg = background
     orient = png.orient
     w = png.ihdr.width
     h = png.ihdr.height
     gray = png.ihdr.color_type == spng.SPNG_COLOR_TYPE_GRAYSCALE
-    palette = png.ihdr.color_type == spng.SPNG_COLOR_TYPE_INDEXED
     alpha = png.has_alpha()
-    if indices and palette:
-        out = np.empty((h, w, 1), dtype=np.uint8)
-        o = out
-        _png_indices(png, st, &o[0, 0, 0])
-        return out, orient, None
     out = np.empty((h, w, C), dtype=np.uint8)
     o = out
     fmt = 0
@@ -473,23 +471,15 @@ cdef tuple _decode_png_spng(const uint8_t[::1] v, int C, long long max_pixels, b
 
 
 cdef int _png_indices(PngDecoder png, _State st, uint8_t* dst) except -1:
-    """Palette indices of a palette PNG (1/2/4/8-bit), one byte per pixel."""
+    """The samples of a one-channel PNG (palette indices or grey; 1, 2, 4 or 8 bits),
+    one byte per pixel (the mask path's)."""
     cdef size_t size = 0
-    cdef int rc, bd = png.ihdr.bit_depth
-    cdef uint8_t* buf = NULL
+    cdef int bd = png.ihdr.bit_depth
+    cdef uint8_t* buf = _spng_scratch(png, st, spng.SPNG_FMT_PNG, 0, &size)
     cdef size_t w = png.ihdr.width
     cdef size_t h = png.ihdr.height
     cdef size_t stride, y, x
     cdef int per, shift
-    with nogil:
-        rc = spng.spng_decoded_image_size(png.ctx, spng.SPNG_FMT_PNG, &size)
-        if rc == 0:
-            buf = st.reserve(size)
-            if buf != NULL:
-                rc = png.decode(buf, size, spng.SPNG_FMT_PNG, 0)
-    png.check(rc, "decoding")
-    if buf == NULL:
-        raise MemoryError("PNG: no memory for the decode buffer")
     with nogil:
         stride = size // h
         per = 8 // bd
@@ -581,187 +571,103 @@ cdef uint8_t* _oriented_dst(int o, uint8_t* base, int th, int tw, Py_ssize_t row
     return base
 
 
-cdef uint8_t* _png_spng_source(const uint8_t[::1] v, PngDecoder png, _State st,
-                               long long max_pixels, int C, bint mask, const uint8_t* bg,
-                               int* srcC, Py_ssize_t* s_row, list keep) except NULL:
-    """Decode a PNG with libspng into the scratch (or an array kept alive in ``keep``),
-    ready for the resampler: returns the first pixel, sets channels and row stride."""
-    cdef size_t size = 0
-    cdef int rc = 0, pf
-    cdef uint8_t* buf = NULL
-    cdef int sw, sh
-    cdef bint gray, palette, alpha
-    if png is None:
-        png = _png_open(v, max_pixels)
-    sw, sh = png.ihdr.width, png.ihdr.height
-    gray = png.ihdr.color_type == spng.SPNG_COLOR_TYPE_GRAYSCALE
-    palette = png.ihdr.color_type == spng.SPNG_COLOR_TYPE_INDEXED
-    alpha = png.has_alpha()
-    if mask and palette:
-        # _png_indices decodes packed rows into the scratch: unpack into an array
-        idx = np.empty((sh, sw), dtype=np.uint8)
-        keep.append(idx)
-        buf = _data(idx)
-        _png_indices(png, st, buf)
-        srcC[0] = 1
-    elif png.ihdr.bit_depth <= 8 and not alpha and (C == 1 and gray or C == 3):
-        pf = spng.SPNG_FMT_G8 if gray else spng.SPNG_FMT_RGB8
-        srcC[0] = 1 if gray else 3
-        with nogil:
-            rc = spng.spng_decoded_image_size(png.ctx, pf, &size)
-            if rc == 0:
-                buf = st.reserve(size)
-                if buf != NULL:
-                    rc = png.decode(buf, size, pf, 0)
-        png.check(rc, "decoding")
-        if buf == NULL:
-            raise MemoryError("PNG: no memory for the decode buffer")
-    else:
-        srcC[0] = 1 if C == 1 else 4
-        buf = _png_rgba(png, st, bg, NULL, -4 if srcC[0] == 4 else 1)
-    s_row[0] = <Py_ssize_t>sw * srcC[0]
-    return buf
+# The steps of decode_to_bucket and mask_to_bucket, in order:
+#   header    _open_source: format, stored size, orientation, and what decoding needs
+#             (TurboJPEG's header, the PNG fast path's chunk walk, or a libspng decoder)
+#   plan      _plan_image / _plan_mask: the bucket from ``pick``, the crop box in display
+#             and stored pixels, ``out`` checked and the destination in stored orientation
+#   decode    _decode_image / _decode_mask: the pixels in the per-thread scratch
+#   resample  _resample_image / _resample_mask: the crop into ``out``, with the GIL released
 
-
-def decode_to_bucket(data, pick, out, str mode, bint mask, int filt, long long max_pixels,
-                     bytes background, bint resample=True):
-    """The fused path (JPEG/PNG).  Returns None for other formats.
-
-    ``resample=False`` stops after decoding at the chosen DCT scale (the benchmark's
-    decode-only ceiling of this same path) and returns the scaled (width, height).
-
-    ``pick(display_w, display_h) -> (bucket_w, bucket_h)`` chooses the bucket once the
-    header is read; ``out`` is None or a uint8 (bh, bw, C) array (any strides).
-    Returns (out, (display_w, display_h), (bucket_w, bucket_h), crop box in display
-    pixels as (left, top, right, bottom), orientation, warning); ``warning`` as
-    in ``decode``.
-    """
-    cdef const uint8_t[::1] v = data
-    cdef size_t n = v.shape[0]
-    cdef _State st
-    cdef PngDecoder png = None
-    cdef JpegInfo info
-    cdef int C = _channels(mode)
-    cdef int fmt, rc, orient, sw, sh, dw, dh, tw, th, ow, oh, m, pf, srcC, dstC, i
-    cdef int scaled_w, scaled_h
-    cdef double scale
-    cdef double box[4]
-    cdef double crop[4]
-    cdef size_t size = 0
-    cdef uint8_t* buf = NULL
-    cdef uint8_t* dst
-    cdef uint8_t[:, :, :] o
-    cdef Py_ssize_t d_row, d_px, d_ch, s_row
-    cdef bint fast = False
+cdef class _Source:
+    """One image once its header is read: what the steps after the header need."""
+    cdef const uint8_t[::1] v           # the data to decode (a repaired copy of some JPEGs)
+    cdef int fmt                        # FMT_JPEG or FMT_PNG
+    cdef int sw, sh, orient             # stored size, EXIF orientation 1..8
+    cdef int dw, dh                     # display size (the orientation applied)
+    cdef int colour_type, bit_depth     # PNG's; a JPEG has 0 (grey) or 2 (colour), 8 bits
+    cdef JpegInfo info                  # JPEG: the header
+    cdef bint fast                      # PNG: the fast path's chunk walk took it (scan)
     cdef PngScan scan
-    cdef list keep = []
-    cdef const uint8_t* bg = background
-    if C == 4:
-        raise ValueError("decode_to_bucket supports mode 'RGB' or 'L' (alpha is composited)")
-    if n == 0:
+    cdef PngDecoder png                 # PNG: libspng's decoder, once opened (or None)
+    cdef object warning                 # JPEG: None, or what the repaired header said
+
+
+cdef struct _Plan:
+    int tw, th                  # the bucket (display orientation)
+    int ow, oh                  # the bucket in stored orientation: what the resampler writes
+    double crop[4]              # the crop in display pixels: left, top, right, bottom
+    double box[4]               # the same crop in stored pixels
+    uint8_t* dst                # out's pixel written first, walking it in stored orientation,
+    Py_ssize_t d_row, d_px      # and out's strides in bytes along that walk
+    Py_ssize_t d_ch             # images: out's channel stride
+    int d_item                  # masks: bytes per value of out (1, 2 or 4)
+
+
+cdef struct _Pixels:
+    const uint8_t* buf          # the decoded pixel (0, 0)
+    int w, h                    # their size (a JPEG image's at its DCT scale)
+    int C                       # channels the resampler reads
+    Py_ssize_t row, px          # row and pixel strides in bytes (px: masks)
+    int item                    # masks: bytes per value (1 or 2)
+    double box[4]               # the plan's crop box in these pixels
+
+
+cdef _Source _open_source(_State st, const uint8_t[::1] v, long long max_pixels):
+    """The header step: None for a format other than JPEG and PNG.  Raises DecodeError
+    for empty or corrupt data, ImageTooLargeError above ``max_pixels``."""
+    cdef _Source src
+    cdef int fmt
+    if v.shape[0] == 0:
         raise DecodeError("empty input (0 bytes)")
-    fmt = _sniff(&v[0], n)
+    fmt = _sniff(&v[0], v.shape[0])
     if fmt == FMT_UNKNOWN:
         return None
-    st = _state()
-    warning = None
-    # 1. header: stored size and orientation
+    src = _Source()
+    src.fmt = fmt
+    src.v = v
+    src.bit_depth = 8
     if fmt == FMT_JPEG:
-        fixed, warning = _jpeg_header(st, v, &info, max_pixels)
+        fixed, src.warning = _jpeg_header(st, v, &src.info, max_pixels)
         if fixed is not None:
-            v = fixed
-            n = v.shape[0]
-        sw, sh, orient = info.width, info.height, info.orientation
+            src.v = fixed
+        src.sw, src.sh, src.orient = src.info.width, src.info.height, src.info.orientation
+        src.colour_type = 0 if src.info.colorspace == tj.TJCS_GRAY else 2
     else:
-        fast = _fast_scan(v, &scan, max_pixels) == FAST_OK
-        if fast:
-            sw, sh, orient = scan.width, scan.height, scan.orientation
+        src.fast = _fast_scan(v, &src.scan, max_pixels) == FAST_OK
+        if src.fast:
+            src.sw, src.sh, src.orient = src.scan.width, src.scan.height, src.scan.orientation
+            src.colour_type = 0 if src.scan.channels == 1 else (2 if src.scan.channels == 3 else 6)
         else:
-            png = _png_open(v, max_pixels)
-            sw, sh, orient = png.ihdr.width, png.ihdr.height, png.orient
-    dw, dh = (sh, sw) if orient >= 5 else (sw, sh)
-    # 2. bucket and cover crop, in display coordinates, mapped to stored coordinates
-    tw, th = _bucket(pick(dw, dh), max_pixels)
-    scale = max(<double>tw / dw, <double>th / dh)
-    _cover(dw, dh, tw, th, crop)
-    _source_box(orient, sw, sh, crop[0], crop[1], crop[2], crop[3], box)
-    ow, oh = (th, tw) if orient >= 5 else (tw, th)
-    # 3. output
-    if not resample:
-        dst = NULL
-        d_row = d_px = d_ch = 0
-    elif out is None:
-        out = np.empty((th, tw, C), dtype=np.uint8)
-    elif out.ndim == 2 and C == 1:
-        out = out[:, :, None]
-    if resample:
-        if out.ndim != 3 or out.shape[0] != th or out.shape[1] != tw or out.shape[2] != C:
-            raise ValueError(f"out must have shape ({th}, {tw}, {C}) for bucket {tw}x{th}, "
-                             f"got {tuple(out.shape)}")
-        o = out                      # raises for a read-only or non-uint8 array
-        dst = _oriented_dst(orient, &o[0, 0, 0], th, tw, o.strides[0], o.strides[1], &d_row, &d_px)
-        d_ch = o.strides[2]
-    # 4. decode into scratch
-    if fmt == FMT_JPEG:
-        m = 8 if (mask or scale >= 1.0) else scale_numerator(scale)
-        scaled_w = (sw * m + 7) // 8
-        scaled_h = (sh * m + 7) // 8
-        if _is_cmyk(info.colorspace):
-            pf, srcC = tj.TJPF_CMYK, 4
-        elif C == 1 or info.colorspace == tj.TJCS_GRAY:
-            pf, srcC = tj.TJPF_GRAY, 1
-        else:
-            pf, srcC = tj.TJPF_RGB, 3
-        with nogil:
-            buf = st.reserve(<size_t>scaled_w * scaled_h * srcC)
-            if buf != NULL:
-                rc = st.jpeg.decode(&v[0], n, buf, scaled_w, scaled_w * srcC, scaled_h, pf)
-        if buf == NULL:
-            raise MemoryError("JPEG: no memory for the decode buffer")
-        st.jpeg.check(rc, "decoding")
-        if pf == tj.TJPF_CMYK:
-            dstC = 1 if C == 1 else 4
-            with nogil:
-                cmyk_convert(buf, buf, <size_t>scaled_w * scaled_h, dstC)
-            srcC = dstC
-        for i in range(4):
-            box[i] = box[i] * m / 8.0
-        box[2] = min(box[2], scaled_w)
-        box[3] = min(box[3], scaled_h)
-        sw, sh = scaled_w, scaled_h
-        s_row = <Py_ssize_t>sw * srcC
+            src.png = _png_open(v, max_pixels)
+            src.sw, src.sh, src.orient = src.png.ihdr.width, src.png.ihdr.height, src.png.orient
+            src.colour_type, src.bit_depth = src.png.ihdr.color_type, src.png.ihdr.bit_depth
+    if src.orient >= 5:
+        src.dw, src.dh = src.sh, src.sw
     else:
-        if fast:
-            buf = _fast_inflate(v, st, &scan)
-            fast = buf != NULL
-        if fast:
-            # unfiltered rows in the scratch, converted in place (pixels never grow)
-            if C == 1 or scan.channels == 1:
-                srcC, dstC = 1, 1
-            elif scan.channels == 3:
-                srcC, dstC = 3, 3
-            else:
-                srcC, dstC = 4, -4
-            s_row = 1 + <Py_ssize_t>sw * scan.channels
-            if dstC != scan.channels:
-                with nogil:
-                    _fast_rows(buf, &scan, buf + 1, s_row, dstC, bg)
-            buf = buf + 1
-        else:
-            buf = _png_spng_source(v, png, st, max_pixels, C, mask, bg, &srcC, &s_row, keep)
-    if not resample:
-        st.trim()
-        return (sw, sh)
-    # 5. resample the crop into out
-    with nogil:
-        rc = st.rs.plan(sw, sh, box[0], box[1], box[2], box[3], ow, oh,
-                        FILTER_NEAREST if mask else filt)
-        if rc == 0:
-            rc = st.rs.run(buf, s_row, srcC, dst, d_row, d_px, d_ch, C)
-        st.trim()
-    if rc != 0:
-        plan_error(rc, f"resampling {sw}x{sh} -> {ow}x{oh}")
-    return out, (dw, dh), (tw, th), (crop[0], crop[1], crop[2], crop[3]), orient, warning
+        src.dw, src.dh = src.sw, src.sh
+    return src
+
+
+cdef PngDecoder _spng(_Source src, long long max_pixels):
+    """libspng's decoder of a PNG, opened on first use (the fast path may hand over)."""
+    if src.png is None:
+        src.png = _png_open(src.v, max_pixels)
+    return src.png
+
+
+cdef void _place(_Source src, int tw, int th, _Plan* p) noexcept:
+    """Complete a plan from its bucket and crop (``p.crop``, display pixels): the crop
+    in stored pixels and the bucket in stored orientation."""
+    p.tw = tw
+    p.th = th
+    _source_box(src.orient, src.sw, src.sh, p.crop[0], p.crop[1], p.crop[2], p.crop[3], p.box)
+    if src.orient >= 5:
+        p.ow = th
+        p.oh = tw
+    else:
+        p.ow = tw
+        p.oh = th
 
 
 cdef tuple _bucket(r, long long max_pixels):
@@ -775,6 +681,171 @@ cdef tuple _bucket(r, long long max_pixels):
     if tw * th > max_pixels:
         raise ValueError(f"bucket {tw}x{th} = {tw * th} pixels exceeds max_pixels={max_pixels}")
     return tw, th
+
+
+cdef int _jpeg_format(int colorspace, bint grey, int* srcC) noexcept:
+    """TurboJPEG's pixel format for a JPEG, and its channels: CMYK (4, converted after
+    decoding), grey (1) when ``grey`` or the JPEG is grey, else RGB (3)."""
+    if _is_cmyk(colorspace):
+        srcC[0] = 4
+        return tj.TJPF_CMYK
+    if grey or colorspace == tj.TJCS_GRAY:
+        srcC[0] = 1
+        return tj.TJPF_GRAY
+    srcC[0] = 3
+    return tj.TJPF_RGB
+
+
+cdef uint8_t* _jpeg_scratch(_Source src, _State st, int w, int h, int pf, int srcC) except NULL:
+    """Decode a JPEG at w x h (its size at the DCT scale chosen) into the scratch."""
+    cdef const uint8_t* data = &src.v[0]
+    cdef size_t n = src.v.shape[0]
+    cdef int rc = 0
+    cdef uint8_t* buf
+    with nogil:
+        buf = st.reserve(<size_t>w * h * srcC)
+        if buf != NULL:
+            rc = st.jpeg.decode(data, n, buf, w, w * srcC, h, pf)
+    if buf == NULL:
+        raise MemoryError("JPEG: no memory for the decode buffer")
+    st.jpeg.check(rc, "decoding")
+    return buf
+
+
+# ----------------------------------------------------------------------------- images
+
+cdef object _plan_image(_Source src, pick, out, int C, long long max_pixels, _Plan* p):
+    """The plan step of an image: the bucket ``pick`` chooses, its centred cover crop,
+    and ``out`` (allocated, or checked) with the resampler's destination.  Returns out."""
+    cdef int tw, th
+    cdef uint8_t[:, :, :] o
+    tw, th = _bucket(pick(src.dw, src.dh), max_pixels)
+    _cover(src.dw, src.dh, tw, th, p.crop)
+    _place(src, tw, th, p)
+    if out is None:
+        out = np.empty((th, tw, C), dtype=np.uint8)
+    elif out.ndim == 2 and C == 1:
+        out = out[:, :, None]
+    if out.ndim != 3 or out.shape[0] != th or out.shape[1] != tw or out.shape[2] != C:
+        raise ValueError(f"out must have shape ({th}, {tw}, {C}) for bucket {tw}x{th}, "
+                         f"got {tuple(out.shape)}")
+    o = out                      # raises for a read-only or non-uint8 array
+    p.dst = _oriented_dst(src.orient, &o[0, 0, 0], th, tw, o.strides[0], o.strides[1],
+                          &p.d_row, &p.d_px)
+    p.d_ch = o.strides[2]
+    return out
+
+
+cdef uint8_t* _png_spng_pixels(PngDecoder png, _State st, int C, const uint8_t* bg,
+                               int* srcC, Py_ssize_t* s_row) except NULL:
+    """Decode a PNG with libspng into the scratch, ready for the resampler: returns the
+    first pixel, sets channels and row stride."""
+    cdef size_t size = 0
+    cdef int pf
+    cdef uint8_t* buf
+    cdef bint gray = png.ihdr.color_type == spng.SPNG_COLOR_TYPE_GRAYSCALE
+    if png.ihdr.bit_depth <= 8 and not png.has_alpha() and (C == 1 and gray or C == 3):
+        pf = spng.SPNG_FMT_G8 if gray else spng.SPNG_FMT_RGB8
+        srcC[0] = 1 if gray else 3
+        buf = _spng_scratch(png, st, pf, 0, &size)
+    else:
+        srcC[0] = 1 if C == 1 else 4
+        buf = _png_rgba(png, st, bg, NULL, -4 if srcC[0] == 4 else 1)
+    s_row[0] = <Py_ssize_t>png.ihdr.width * srcC[0]
+    return buf
+
+
+cdef int _decode_image(_Source src, _State st, _Plan* p, int C, const uint8_t* bg,
+                       long long max_pixels, _Pixels* s) except -1:
+    """The decode step of an image, into the scratch: grey, RGB or RGBX (alpha
+    composited over ``bg``).  A JPEG is decoded at the smallest DCT scale m/8 that
+    still covers the bucket, and the crop box scaled with it."""
+    cdef double scale
+    cdef int m, pf, srcC, dstC, i
+    cdef uint8_t* buf = NULL
+    cdef PngScan* scan = &src.scan
+    s.w, s.h = src.sw, src.sh
+    for i in range(4):
+        s.box[i] = p.box[i]
+    if src.fmt == FMT_JPEG:
+        scale = max(<double>p.tw / src.dw, <double>p.th / src.dh)
+        m = 8 if scale >= 1.0 else scale_numerator(scale)
+        s.w = (src.sw * m + 7) // 8
+        s.h = (src.sh * m + 7) // 8
+        pf = _jpeg_format(src.info.colorspace, C == 1, &srcC)
+        buf = _jpeg_scratch(src, st, s.w, s.h, pf, srcC)
+        if pf == tj.TJPF_CMYK:
+            dstC = 1 if C == 1 else 4
+            with nogil:
+                cmyk_convert(buf, buf, <size_t>s.w * s.h, dstC)
+            srcC = dstC
+        for i in range(4):
+            s.box[i] = p.box[i] * m / 8.0
+        s.box[2] = min(s.box[2], s.w)
+        s.box[3] = min(s.box[3], s.h)
+        s.buf, s.C, s.row = buf, srcC, <Py_ssize_t>s.w * srcC
+        return 0
+    if src.fast:
+        buf = _fast_inflate(src.v, st, scan)
+    if buf != NULL:
+        # unfiltered rows in the scratch, converted in place (pixels never grow)
+        if C == 1 or scan.channels == 1:
+            srcC, dstC = 1, 1
+        elif scan.channels == 3:
+            srcC, dstC = 3, 3
+        else:
+            srcC, dstC = 4, -4
+        s.row = 1 + <Py_ssize_t>src.sw * scan.channels
+        if dstC != scan.channels:
+            with nogil:
+                _fast_rows(buf, scan, buf + 1, s.row, dstC, bg)
+        s.buf, s.C = buf + 1, srcC
+    else:
+        s.buf = _png_spng_pixels(_spng(src, max_pixels), st, C, bg, &s.C, &s.row)
+    return 0
+
+
+cdef int _resample_image(_State st, _Pixels* s, _Plan* p, int filt, int C) except -1:
+    """The resample step of an image: the crop of the decoded pixels into ``out``."""
+    cdef int rc
+    with nogil:
+        rc = st.rs.plan(s.w, s.h, s.box[0], s.box[1], s.box[2], s.box[3], p.ow, p.oh, filt)
+        if rc == 0:
+            rc = st.rs.run(s.buf, s.row, s.C, p.dst, p.d_row, p.d_px, p.d_ch, C)
+        st.trim()
+    if rc != 0:
+        plan_error(rc, f"resampling {s.w}x{s.h} -> {p.ow}x{p.oh}")
+    return 0
+
+
+def decode_to_bucket(data, pick, out, str mode, int filt, long long max_pixels,
+                     bytes background):
+    """The fused path (JPEG/PNG).  Returns None for other formats.
+
+    ``pick(display_w, display_h) -> (bucket_w, bucket_h)`` chooses the bucket once the
+    header is read; ``out`` is None or a uint8 (bh, bw, C) array (any strides).
+    Returns (out, (display_w, display_h), (bucket_w, bucket_h), crop box in display
+    pixels as (left, top, right, bottom), orientation, warning); ``warning`` as
+    in ``decode``.
+    """
+    cdef const uint8_t[::1] v = data
+    cdef int C = _channels(mode)
+    cdef const uint8_t* bg = background
+    cdef _State st
+    cdef _Source src
+    cdef _Plan p
+    cdef _Pixels s
+    if C == 4:
+        raise ValueError("decode_to_bucket supports mode 'RGB' or 'L' (alpha is composited)")
+    st = _state()
+    src = _open_source(st, v, max_pixels)
+    if src is None:
+        return None
+    out = _plan_image(src, pick, out, C, max_pixels, &p)
+    _decode_image(src, st, &p, C, bg, max_pixels, &s)
+    _resample_image(st, &s, &p, filt, C)
+    return (out, (src.dw, src.dh), (p.tw, p.th), (p.crop[0], p.crop[1], p.crop[2], p.crop[3]),
+            src.orient, src.warning)
 
 
 cdef uint8_t* _data(arr):
@@ -833,6 +904,99 @@ cdef tuple _mask_box(r, int dw, int dh, long long max_pixels):
     return tw, th, x0, y0, x1, y1
 
 
+cdef object _plan_mask(_Source src, pick, out, int C, int item, long long max_pixels,
+                       _Plan* p):
+    """The plan step of a mask: the bucket and crop box ``pick`` returns (validated),
+    and ``out`` (allocated, or checked: shape, a label type wide enough, contiguous
+    channels) with the resampler's destination.  Returns out (maybe a view of it)."""
+    cdef int tw, th
+    cdef uint8_t[:, :, :] o
+    tw, th, p.crop[0], p.crop[1], p.crop[2], p.crop[3] = _mask_box(
+        pick(src.dw, src.dh), src.dw, src.dh, max_pixels)
+    _place(src, tw, th, p)
+    if out is None:
+        out = np.empty((th, tw, C), dtype=np.uint8 if item == 1 else np.int32)
+    elif not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+    elif out.ndim == 2 and C == 1:
+        out = out[:, :, None]
+    if out.ndim != 3 or out.shape[0] != th or out.shape[1] != tw or out.shape[2] != C:
+        raise ValueError(f"out must have shape ({th}, {tw}, {C}) for bucket {tw}x{th}, "
+                         f"got {tuple(out.shape)}")
+    if out.dtype not in _LABEL_DTYPES or out.dtype.itemsize < item:
+        raise ValueError(f"out must be {'uint8, ' if item == 1 else ''}uint16 or int32 for "
+                         f"{8 * item}-bit mask values, got {out.dtype}")
+    out = _channels_contiguous(out)
+    p.d_item = out.dtype.itemsize
+    o = out.view(np.uint8)                  # raises for a read-only array
+    p.dst = _oriented_dst(src.orient, &o[0, 0, 0], th, tw, out.strides[0], out.strides[1],
+                          &p.d_row, &p.d_px)
+    return out
+
+
+cdef object _decode_mask(_Source src, _State st, _Plan* p, int want, int item,
+                         long long max_pixels, _Pixels* s):
+    """The decode step of a mask: its values at full size (no DCT scaling, which would
+    blend labels), in the scratch or in an array returned to be kept alive until the
+    resample is done (PNG samples of 1, 2 or 4 bits, unpacked to a byte each)."""
+    cdef int pf, srcC, i, ct = src.colour_type, bd = src.bit_depth
+    cdef size_t size = 0
+    cdef uint8_t* buf = NULL
+    cdef PngDecoder png
+    keep = None
+    s.w, s.h, s.item = src.sw, src.sh, item
+    for i in range(4):
+        s.box[i] = p.box[i]
+    if src.fmt == FMT_JPEG:
+        pf = _jpeg_format(src.info.colorspace, False, &srcC)
+        buf = _jpeg_scratch(src, st, src.sw, src.sh, pf, srcC)
+        if pf == tj.TJPF_CMYK:
+            with nogil:
+                cmyk_convert(buf, buf, <size_t>src.sw * src.sh, 3)
+            srcC = 3
+        s.row, s.px = <Py_ssize_t>src.sw * srcC, srcC
+    else:
+        if src.fast:
+            buf = _fast_inflate(src.v, st, &src.scan)
+        if buf != NULL:                     # unfiltered rows: pixels at buf + 1
+            srcC = 1 if src.scan.channels == 1 else 3
+            s.row, s.px = 1 + <Py_ssize_t>src.sw * src.scan.channels, src.scan.channels
+            buf = buf + 1
+        else:
+            png = _spng(src, max_pixels)
+            if want == MASK_COLOURS and ct == spng.SPNG_COLOR_TYPE_INDEXED:
+                pf, srcC, s.px = spng.SPNG_FMT_RGB8, 3, 3          # the palette's colours
+            elif bd < 8:                    # packed samples: one byte per pixel
+                keep = np.empty((src.sh, src.sw), dtype=np.uint8)
+                buf = _data(keep)
+                _png_indices(png, st, buf)
+                pf, srcC, s.px = 0, 1, 1
+            else:                           # the stored samples, host-endian
+                pf = spng.SPNG_FMT_PNG
+                srcC = 1 if ct == 0 or ct == 3 or ct == 4 else 3
+                s.px = item * (1 if ct == 0 or ct == 3 else (2 if ct == 4 else (3 if ct == 2 else 4)))
+            if pf:
+                buf = _spng_scratch(png, st, pf, 0, &size)
+            s.row = <Py_ssize_t>src.sw * s.px
+    s.buf, s.C = buf, srcC
+    return keep
+
+
+cdef int _resample_mask(_State st, _Pixels* s, _Plan* p, int C) except -1:
+    """The resample step of a mask: nearest neighbour from the crop into ``out``."""
+    cdef int rc
+    with nogil:
+        rc = st.rs.plan(s.w, s.h, s.box[0], s.box[1], s.box[2], s.box[3], p.ow, p.oh,
+                        FILTER_NEAREST)
+        if rc == 0:
+            rc = st.rs.run_labels(s.buf, s.item, s.row, s.px, s.C, p.dst, p.d_item, p.d_row,
+                                  p.d_px, C)
+        st.trim()
+    if rc != 0:
+        plan_error(rc, f"resampling {s.w}x{s.h} -> {p.ow}x{p.oh}")
+    return 0
+
+
 def mask_to_bucket(data, pick, out, int want, long long max_pixels):
     """Decode a label mask (JPEG or PNG) and resample it, nearest neighbour, into a bucket.
 
@@ -854,132 +1018,20 @@ def mask_to_bucket(data, pick, out, int want, long long max_pixels):
     warning), or None for other formats.
     """
     cdef const uint8_t[::1] v = data
-    cdef size_t n = v.shape[0]
     cdef _State st
-    cdef PngDecoder png = None
-    cdef JpegInfo info
-    cdef PngScan scan
-    cdef int fmt, rc = 0, orient, sw, sh, dw, dh, tw, th, ow, oh, C, item, pf, ct = 0, bd = 8
-    cdef int srcC, s_item, d_item
-    cdef bint fast = False
-    cdef double box[4]
-    cdef double sbox[4]
-    cdef size_t size = 0
-    cdef uint8_t* buf = NULL
-    cdef uint8_t* dst
-    cdef uint8_t[:, :, :] o
-    cdef Py_ssize_t s_row, s_px, d_row, d_px
+    cdef _Source src
+    cdef _Plan p
+    cdef _Pixels s
+    cdef int C, item
     if want != MASK_VALUES and want != MASK_ONE and want != MASK_COLOURS:
         raise ValueError(f"want must be MASK_VALUES, MASK_ONE or MASK_COLOURS, got {want}")
-    if n == 0:
-        raise DecodeError("empty input (0 bytes)")
-    fmt = _sniff(&v[0], n)
-    if fmt == FMT_UNKNOWN:
-        return None
     st = _state()
-    warning = None
-    # 1. header: stored size, orientation, layout of the values
-    if fmt == FMT_JPEG:
-        fixed, warning = _jpeg_header(st, v, &info, max_pixels)
-        if fixed is not None:
-            v = fixed
-            n = v.shape[0]
-        sw, sh, orient = info.width, info.height, info.orientation
-        C, item = _mask_layout(0 if info.colorspace == tj.TJCS_GRAY else 2, 8, want)
-    else:
-        fast = _fast_scan(v, &scan, max_pixels) == FAST_OK
-        if fast:
-            sw, sh, orient = scan.width, scan.height, scan.orientation
-            ct, bd = (0 if scan.channels == 1 else (2 if scan.channels == 3 else 6)), 8
-        else:
-            png = _png_open(v, max_pixels)
-            sw, sh, orient = png.ihdr.width, png.ihdr.height, png.orient
-            ct, bd = png.ihdr.color_type, png.ihdr.bit_depth
-        C, item = _mask_layout(ct, bd, want)
-    dw, dh = (sh, sw) if orient >= 5 else (sw, sh)
-    # 2. bucket and crop box (display coordinates), mapped to stored coordinates
-    tw, th, box[0], box[1], box[2], box[3] = _mask_box(pick(dw, dh), dw, dh, max_pixels)
-    _source_box(orient, sw, sh, box[0], box[1], box[2], box[3], sbox)
-    ow, oh = (th, tw) if orient >= 5 else (tw, th)
-    # 3. output
-    if out is None:
-        out = np.empty((th, tw, C), dtype=np.uint8 if item == 1 else np.int32)
-    elif not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
-    elif out.ndim == 2 and C == 1:
-        out = out[:, :, None]
-    if out.ndim != 3 or out.shape[0] != th or out.shape[1] != tw or out.shape[2] != C:
-        raise ValueError(f"out must have shape ({th}, {tw}, {C}) for bucket {tw}x{th}, "
-                         f"got {tuple(out.shape)}")
-    if out.dtype not in _LABEL_DTYPES or out.dtype.itemsize < item:
-        raise ValueError(f"out must be {'uint8, ' if item == 1 else ''}uint16 or int32 for "
-                         f"{8 * item}-bit mask values, got {out.dtype}")
-    out = _channels_contiguous(out)
-    d_item = out.dtype.itemsize
-    o = out.view(np.uint8)                  # raises for a read-only array
-    dst = _oriented_dst(orient, &o[0, 0, 0], th, tw, out.strides[0], out.strides[1],
-                        &d_row, &d_px)
-    # 4. the values at full size, in the scratch (or an array kept alive here)
-    keep = None
-    s_item = item
-    if fmt == FMT_JPEG:
-        if _is_cmyk(info.colorspace):
-            pf, srcC = tj.TJPF_CMYK, 4
-        elif info.colorspace == tj.TJCS_GRAY:
-            pf, srcC = tj.TJPF_GRAY, 1
-        else:
-            pf, srcC = tj.TJPF_RGB, 3
-        with nogil:
-            buf = st.reserve(<size_t>sw * sh * srcC)
-            if buf != NULL:
-                rc = st.jpeg.decode(&v[0], n, buf, sw, sw * srcC, sh, pf)
-        if buf == NULL:
-            raise MemoryError("JPEG: no memory for the decode buffer")
-        st.jpeg.check(rc, "decoding")
-        if pf == tj.TJPF_CMYK:
-            with nogil:
-                cmyk_convert(buf, buf, <size_t>sw * sh, 3)
-            srcC = 3
-        s_row, s_px = <Py_ssize_t>sw * srcC, srcC
-    else:
-        if fast:
-            buf = _fast_inflate(v, st, &scan)
-            fast = buf != NULL
-        if fast:                            # unfiltered rows: pixels at buf + 1
-            srcC = 1 if scan.channels == 1 else 3
-            s_row, s_px = 1 + <Py_ssize_t>sw * scan.channels, scan.channels
-            buf = buf + 1
-        else:
-            if png is None:
-                png = _png_open(v, max_pixels)
-            if want == MASK_COLOURS and ct == spng.SPNG_COLOR_TYPE_INDEXED:
-                pf, srcC, s_px = spng.SPNG_FMT_RGB8, 3, 3          # the palette's colours
-            elif bd < 8:                    # packed samples: one byte per pixel
-                keep = np.empty((sh, sw), dtype=np.uint8)
-                buf = _data(keep)
-                _png_indices(png, st, buf)
-                pf, srcC, s_px = 0, 1, 1
-            else:                           # the stored samples, host-endian
-                pf = spng.SPNG_FMT_PNG
-                srcC = 1 if ct == 0 or ct == 3 or ct == 4 else 3
-                s_px = item * (1 if ct == 0 or ct == 3 else (2 if ct == 4 else (3 if ct == 2 else 4)))
-            if pf:
-                with nogil:
-                    rc = spng.spng_decoded_image_size(png.ctx, pf, &size)
-                    if rc == 0:
-                        buf = st.reserve(size)
-                        if buf != NULL:
-                            rc = png.decode(buf, size, pf, 0)
-                png.check(rc, "decoding")
-                if buf == NULL:
-                    raise MemoryError("PNG: no memory for the decode buffer")
-            s_row = <Py_ssize_t>sw * s_px
-    # 5. nearest neighbour from the crop into out
-    with nogil:
-        rc = st.rs.plan(sw, sh, sbox[0], sbox[1], sbox[2], sbox[3], ow, oh, FILTER_NEAREST)
-        if rc == 0:
-            rc = st.rs.run_labels(buf, s_item, s_row, s_px, srcC, dst, d_item, d_row, d_px, C)
-        st.trim()
-    if rc != 0:
-        plan_error(rc, f"resampling {sw}x{sh} -> {ow}x{oh}")
-    return out, (dw, dh), (tw, th), (box[0], box[1], box[2], box[3]), orient, warning
+    src = _open_source(st, v, max_pixels)
+    if src is None:
+        return None
+    C, item = _mask_layout(src.colour_type, src.bit_depth, want)
+    out = _plan_mask(src, pick, out, C, item, max_pixels, &p)
+    keep = _decode_mask(src, st, &p, want, item, max_pixels, &s)     # alive until resampled
+    _resample_mask(st, &s, &p, C)
+    return (out, (src.dw, src.dh), (p.tw, p.th), (p.crop[0], p.crop[1], p.crop[2], p.crop[3]),
+            src.orient, src.warning)
