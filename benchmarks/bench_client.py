@@ -36,7 +36,6 @@ buckets are counted in a note (a known, deliberate difference).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -48,9 +47,11 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from _common import TreeMemorySampler, cpu_counters, cpu_model, version
+from _common import (TreeMemorySampler, clean_env, client_config, cpu_counters, cpu_model,
+                     find_images, link_view, version)
+from _report import (Report, add_out_arg, check_corpus_args, command_line, make_parser,
+                     problem_lines, runtime_line)
 
-EXTENSIONS = {".jpg", ".jpeg", ".png"}
 SIZE, RATIO, MIN_AR, MAX_AR = 512, 16, 0.5, 2.0
 BUFFER = 64
 TARGET = 1.5
@@ -123,28 +124,7 @@ print(json.dumps({"version": metadata.version("datago"), "python": sys.version.s
 
 
 def list_images(root: Path) -> List[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                  if p.is_file() and p.suffix.lower() in EXTENSIONS
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
-
-
-def link_view(folder: Path, root: Path, rel: List[str]) -> Path:
-    """A folder of symlinks to ``root / r`` for every ``r`` in ``rel`` (same paths)."""
-    for r in rel:
-        link = folder / r
-        link.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(root / r, link)
-    return folder
-
-
-def client_config(root: Path, n: int) -> dict:
-    return {"source_type": "file",
-            "source_config": {"root_path": str(root), "random_sampling": False,
-                              "rank": 0, "world_size": 1},
-            "image_config": {"crop_and_resize": True, "default_image_size": SIZE,
-                             "downsampling_ratio": RATIO, "min_aspect_ratio": MIN_AR,
-                             "max_aspect_ratio": MAX_AR, "pre_encode_images": False},
-            "limit": n, "samples_buffer_size": BUFFER}
+    return sorted(p.relative_to(root).as_posix() for p in find_images(root))
 
 
 class Runner:
@@ -158,8 +138,7 @@ class Runner:
 
     def run(self, helper: Path, cfg: dict, n: int, threads: int, root: Path) -> dict:
         arg = json.dumps({"config": cfg, "n": n, "threads": threads, "root": str(root)})
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+        env = clean_env()
         cmd = [str(self.python)] + (["-I"] if self.isolated else []) + [str(helper), arg]
         busy0, steal0 = cpu_counters()
         t0 = time.perf_counter()
@@ -204,20 +183,16 @@ def mb(b: float) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = make_parser(__doc__)
     ap.add_argument("corpus", type=Path, help="folder searched recursively for .jpg/.jpeg/.png")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--limit", type=int, default=None, help="use the first N images (sorted)")
     ap.add_argument("--threads", default="1,4", help="consumer thread counts (default 1,4)")
     ap.add_argument("--ref-venv", type=Path, default=Path("/tmp/datago_ref"),
                     help="venv holding the reference datago (pip install datago)")
-    ap.add_argument("--out", type=Path, default=None, help="also write the report to this .md")
+    add_out_arg(ap, "report")
     args = ap.parse_args(argv)
-    if args.rounds < 1:
-        ap.error("--rounds must be >= 1")
-    if args.limit is not None and args.limit < 1:
-        ap.error("--limit must be >= 1")
+    check_corpus_args(ap, args)
     thread_counts = [int(t) for t in args.threads.split(",") if t.strip()]
     if not thread_counts or min(thread_counts) < 1:
         ap.error("--threads must list counts >= 1")
@@ -235,7 +210,7 @@ def main(argv=None) -> int:
     data_root = root if n == len(rel) else link_view(work / "first_n", root, rel[:n])
     helper = work / "client_helper.py"
     helper.write_text(HELPER)
-    cfg = client_config(data_root, n)
+    cfg = client_config(data_root, SIZE, RATIO, n, MIN_AR, MAX_AR, BUFFER)
 
     ours = Runner("datago", Path(sys.executable), isolated=False)
     ref = Runner("reference", args.ref_venv / "bin" / "python", isolated=True)
@@ -244,18 +219,18 @@ def main(argv=None) -> int:
         if why:
             sys.exit(f"{r.name}: {why}")
 
-    cmd = f"python benchmarks/bench_client.py {' '.join(sys.argv[1:] if argv is None else argv)}"
-    md = ["## Environment", "",
-          f"- machine: {cpu_model()}, {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} "
-          f"usable), {platform.system()} {platform.release()}",
-          f"- datago {version('datago')} (this checkout), numpy {version('numpy')}, "
-          f"Pillow {version('pillow')}, Python {platform.python_version()}",
-          f"- corpus: {root}, first {n} of {len(rel)} images, {nbytes / 1e6:.0f} MB",
-          f"- config (both clients): file source, buckets {SIZE}/{RATIO}, aspect "
-          f"{MIN_AR}..{MAX_AR}, limit {n}, samples_buffer_size {BUFFER}; "
-          f"DATAGO_MAX_TASKS={os.environ.get('DATAGO_MAX_TASKS')}",
-          f"- command: `{cmd}`", ""]
-    print("\n".join(md), flush=True)
+    report = Report()
+    report.add(["## Environment", "",
+                f"- machine: {cpu_model()}, {os.cpu_count()} CPUs "
+                f"({len(os.sched_getaffinity(0))} usable), {platform.system()} "
+                f"{platform.release()}",
+                f"- datago {version('datago')} (this checkout), numpy {version('numpy')}, "
+                f"Pillow {version('pillow')}, Python {platform.python_version()}",
+                f"- corpus: {root}, first {n} of {len(rel)} images, {nbytes / 1e6:.0f} MB",
+                f"- config (both clients): file source, buckets {SIZE}/{RATIO}, aspect "
+                f"{MIN_AR}..{MAX_AR}, limit {n}, samples_buffer_size {BUFFER}; "
+                f"DATAGO_MAX_TASKS={os.environ.get('DATAGO_MAX_TASKS')}",
+                command_line("bench_client.py", argv), ""], gap=False)
 
     results: Dict[tuple, List[dict]] = {}
     problems: List[str] = []
@@ -337,14 +312,9 @@ def main(argv=None) -> int:
     table += ["", "## Summary", ""]
     table += [f"- {t} consumer thread(s): ours/reference {m:.2f} (target >= {TARGET}): {ok}"
               for t, m, ok in verdicts]
-    table.append(f"- problems: {len(problems)}" + (":" if problems else ""))
-    table += [f"  - {p}" for p in problems]
-    table.append(f"- total runtime: {time.perf_counter() - t_all:.0f} s")
-    print("\n" + "\n".join(table), flush=True)
-    md += table
-    if args.out:
-        args.out.write_text("\n".join(md) + "\n")
-        print(f"wrote {args.out}")
+    table += problem_lines(problems) + [runtime_line(t_all)]
+    report.add(table)
+    report.write(args.out)
     import shutil
     shutil.rmtree(work, ignore_errors=True)
     return 0

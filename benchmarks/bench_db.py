@@ -97,42 +97,38 @@ the wall: fetches / decodes in flight on average; CPU ms per image = ours x wall
 images delivered.  Memory: ``_common.TreeMemorySampler`` (every 50 ms), the peak
 of the summed RSS / PSS of the whole process tree: this process, its DataLoader
 workers (none here), the ``datago serve`` subprocess and the reference's
-subprocess (bench_remote's ``_loader_tree``, which reads children from each
+subprocess (bench_remote's ``loader_tree``, which reads children from each
 process's main thread only; the server and the reference are started from the
 main thread); the server's own RSS at that peak is shown too.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional
 from urllib.parse import urlencode
 
-import numpy as np
-import PIL
-import torch
-
-import _common
-from _common import TreeMemorySampler, cpu_counters, cpu_model, version
-from bench_loader import (BATCH, DISTURBED_OTHERS, DISTURBED_STEAL, HANG_DUMP_S,
-                          MEM_INTERVAL, PSS_DUTY, Reference, _malloc_trim, _mb, _own_cpu,
-                          datago, default_num_threads, link_view, load_corpus, ref_config)
-from bench_remote import RATIO, SIZE, Pass, RemoteBench, _proc_cpu, run_rounds
+from _common import measure_pass, own_cpu, proc_cpu, process_status, version
+from _report import (FIRST, PADDED, PSS, SAMPLES, Column, Report, add_corpus_args, add_out_arg,
+                     add_ref_args, check_corpus_args, command_line, cpu_line, datago_line,
+                     disturbed_column, disturbed_rule, make_parser, mb, med, memory_note,
+                     rate_columns, ratio_header, ratio_rows, run_rounds, seconds_notes,
+                     stack_line, variant_table)
+from bench_loader import (BATCH, HANG_DUMP_S, MEM_INTERVAL, PSS_DUTY, open_corpus,
+                          open_reference, ref_config)
+from bench_remote import (CPU_MS, INFLIGHT, RATIO, SIZE, Pass, RemoteBench, cores_column,
+                          cpu_per_image, cpu_per_image_note, loader_tree, ref_pass_note,
+                          round_summary, summary)
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 if str(TESTS) not in sys.path:
@@ -166,7 +162,7 @@ def variants(page_size: int) -> Dict[str, str]:
 
 
 def _status_rss(pid: int) -> int:
-    st = _common.process_status(pid)
+    st = process_status(pid)
     return st["VmRSS"] if st else 0
 
 
@@ -188,7 +184,7 @@ class DBBench(RemoteBench):
 
     # ---------------------------------------------------------------- set-up
     def server_cpu(self) -> float:
-        return _proc_cpu(self.serve_pid) if self.serve_pid else 0.0
+        return proc_cpu(self.serve_pid) if self.serve_pid else 0.0
 
     def setup(self, names: List[str]) -> None:
         t0 = time.perf_counter()
@@ -201,12 +197,12 @@ class DBBench(RemoteBench):
         os.environ["DATAROOM_API_URL"] = self.serve.api_url
         os.environ["DATAROOM_API_KEY"] = TOKEN
         # (D): construction pages the whole selection (untimed, reported)
-        s0, c0 = self.server_cpu(), _own_cpu()
+        s0, c0 = self.server_cpu(), own_cpu()
         ds = self.datasets["D"] = self.build("D", "db", {
             "sources": SOURCE_NAME, "page_size": self.page_size,
             "api_url": self.serve.api_url, "api_key": TOKEN})
         t = self.t_build["D"]
-        srv, cpu = self.server_cpu() - s0, _own_cpu() - c0
+        srv, cpu = self.server_cpu() - s0, own_cpu() - c0
         src = ds.listing
         self.expected_ids["D"] = self.expected
         lst = [src.sample_id(i) for i in range(len(src))]
@@ -225,7 +221,7 @@ class DBBench(RemoteBench):
         self.setup_notes.append(
             f"`datago serve` start-up (catalog: header scan of {self.n} images, empty sizes "
             f"cache): {self.t_serve:.2f} s, server CPU {self.serve_start_cpu:.2f} s, RSS "
-            f"{_mb(self.serve_start_rss)} MB after start")
+            f"{mb(self.serve_start_rss)} MB after start")
         self.setup_notes.append(
             f"(D) construction (untimed): {t:.2f} s = DatagoDataset() paging the whole "
             f"selection ({src.pages} pages of page_size {self.page_size}, {len(lst)} rows: "
@@ -293,12 +289,12 @@ class DBBench(RemoteBench):
         want = sum((self.corpus.root / r).stat().st_size for r in self.rel)
         ds.fetcher.close()
         gc.collect()
-        s0, c0 = self.server_cpu(), _own_cpu()
+        s0, c0 = self.server_cpu(), own_cpu()
         t0 = time.perf_counter()
         with ThreadPoolExecutor(k, thread_name_prefix="fetch-only") as ex:
             nbytes = sum(len(b) for b in ex.map(ds.fetcher.read, locs))
         wall = time.perf_counter() - t0
-        cpu, srv = _own_cpu() - c0, self.server_cpu() - s0
+        cpu, srv = own_cpu() - c0, self.server_cpu() - s0
         ds.fetcher.close()
         if nbytes != want:
             self.problem(f"({name}) fetch layer alone: read {nbytes} bytes, the files hold {want}")
@@ -318,19 +314,9 @@ class DBBench(RemoteBench):
         return cfg
 
     def pass_r(self, n: Optional[int] = None) -> dict:
-        n_want = n or self.n
-        out, total = self.ref.run(self.ref_cfg(n_want), n_want, self.workdir)
-        tag = "(R)" if n is None else "(R) warm-up"
+        out, total, tag, ids = self.run_ref(n, self.expected,
+                                            "that are not the API's ids of the corpus images")
         samples = out["samples"]
-        ids = [s[0] for s in samples]
-        unknown = [i for i in ids if i not in self.expected]
-        if out["n"] != n_want:
-            self.problem(f"{tag} reference delivered {out['n']} samples, want {n_want}")
-        if len(set(ids)) != len(ids):
-            self.problem(f"{tag} reference delivered {len(ids) - len(set(ids))} duplicates")
-        if unknown:
-            self.problem(f"{tag} reference delivered {len(unknown)} ids that are not the API's "
-                         f"ids of the corpus images, e.g. {unknown[:3]}")
         if n is None and set(ids) != self.expected:
             self.problem(f"{tag} reference missed {len(self.expected - set(ids))} of the "
                          f"{self.n} expected ids")
@@ -344,140 +330,56 @@ class DBBench(RemoteBench):
                    _pngs=sum(1 for i in ids if i in self.expected
                              and self.corpus.infos[i].format == "png"))
         self.last_r = out
-        return dict(wall=out["wall"], n=out["n"], mp=sum(self.mp_of.get(i, 0.0) for i in ids),
-                    first=out["first"] or out["wall"], ours=out["ours"], busy=out["busy"],
-                    steal=out["steal"], total=total, padded=None)
+        return self.ref_result(out, total, sum(self.mp_of.get(i, 0.0) for i in ids))
 
     # ---------------------------------------------------------------- timing
     def timed(self, name: str) -> Optional[Pass]:
-        import faulthandler
-        gc.collect()
-        _malloc_trim()
-        faulthandler.dump_traceback_later(HANG_DUMP_S, exit=False)
-        if name == "D":
-            self.datasets[name].fetcher.close()   # an empty pool (see the docstring)
-        mem = TreeMemorySampler(MEM_INTERVAL, PSS_DUTY)
-        busy0, steal0 = cpu_counters()
-        s0 = self.server_cpu()
-        c0 = _own_cpu()
-        mem.start()
-        try:
-            r = self.run_variant(name)
-        except Exception as exc:                                  # noqa: BLE001
-            self.problem(f"({name}) raised {type(exc).__name__}: {exc}\n"
-                         + "".join(traceback.format_exc().splitlines(True)[-8:]))
+        # (D) starts with an empty pool (see the docstring)
+        got = measure_pass(lambda: self.run_variant(name), self.problem, name,
+                           interval=MEM_INTERVAL, pss_duty=PSS_DUTY, hang_dump_s=HANG_DUMP_S,
+                           before=self.datasets[name].fetcher.close if name == "D" else None,
+                           server_cpu=self.server_cpu, tree=loader_tree)
+        if got is None:
             return None
-        finally:
-            mem.stop()
-            faulthandler.cancel_dump_traceback_later()
-        busy1, steal1 = cpu_counters()
-        srv = self.server_cpu() - s0
-        if mem.error:
-            self.problem(f"({name}) memory sampler failed: {mem.error}")
-        self.srv_secs.setdefault(name, []).append(srv)
+        r, cost = got
+        self.srv_secs.setdefault(name, []).append(cost.server)
         self.srv_rss_at_peak.setdefault(name, []).append(
-            mem.peak_detail.get(self.serve_pid, {}).get("VmRSS", 0))
-        wall = r["wall"]
-        if name == "R":
-            # the reference measured its own CPU and the machine's over its timed wall;
-            # the server's CPU is known only over the whole subprocess: its average there
-            servers = srv / max(r["total"], 1e-9)
-            ours, steal = r["ours"], r["steal"]
-            others = max(0.0, r["busy"] - ours - servers)
-        else:
-            servers = srv / wall
-            ours = max(0.0, _own_cpu() - c0 - mem.cpu) / wall
-            steal = (steal1 - steal0) / wall
-            others = max(0.0, (busy1 - busy0 - mem.cpu - srv) / wall - ours)
-        return Pass(wall, r["n"], r["mp"], ours, servers, others, steal, r["first"],
-                    mem.peak_rss, mem.peak_pss, r.get("padded"), None, r.get("inflight"),
-                    mem.cpu / wall)
+            cost.mem.peak_detail.get(self.serve_pid, {}).get("VmRSS", 0))
+        return self.to_pass(name, r, cost, None)
 
 
 # --------------------------------------------------------------------------- reporting
 
 def tables(bench: DBBench, names: List[str], times: Dict[str, list], rounds: int) -> tuple:
-    desc = variants(bench.page_size)
-    lines = [f"| variant | img/s (median of {rounds}) | source MP/s | img/s min..max | samples "
-             f"| padded | first batch s | fetches / decodes in flight | CPU ms / img (ours) "
-             f"| server CPU s / pass | peak tree RSS MB (server) | peak tree PSS MB "
-             f"| cores: ours / server (median) / others, steal (max) | disturbed |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in names:
-        ok = [t for t in times[name] if t is not None]
-        if not ok:
-            lines.append(f"| ({name}) {desc[name]} | FAILED |" + " |" * 12)
-            continue
-        rates = [t.rate for t in ok]
-        counts = "/".join(str(c) for c in sorted({t.n for t in ok}))
-        padded = ("/".join(str(c) for c in sorted({t.padded for t in ok}))
-                  if ok[0].padded is not None else "-")
-        infl = (f"{statistics.median(t.inflight[0] for t in ok):.1f} / "
-                f"{statistics.median(t.inflight[1] for t in ok):.2f}"
-                if ok[0].inflight is not None else "-")
-        srv = bench.srv_secs.get(name, [])
+    def server_cpu(name, _):
+        return (f"{med(bench.srv_secs.get(name, [])):.2f}"
+                f"{' (whole subprocess)' if name == 'R' else ''}")
+
+    def rss(name, ok):
         srv_rss = bench.srv_rss_at_peak.get(name, [])
-        lines.append(
-            f"| ({name}) {desc[name]} | {statistics.median(rates):.1f} | "
-            f"{statistics.median(t.mp / t.wall for t in ok):.1f} | "
-            f"{min(rates):.1f}..{max(rates):.1f} | {counts} | {padded} | "
-            f"{statistics.median(t.first for t in ok):.2f} | {infl} | "
-            f"{statistics.median(t.cpu_ms for t in ok):.1f} | "
-            f"{statistics.median(srv):.2f}{' (whole subprocess)' if name == 'R' else ''} | "
-            f"{_mb(statistics.median(t.rss for t in ok))} "
-            f"({_mb(statistics.median(srv_rss)) if srv_rss else '-'}) | "
-            f"{_mb(statistics.median(t.pss for t in ok))} | "
-            f"{statistics.median(t.ours for t in ok):.2f} / "
-            f"{statistics.median(t.servers for t in ok):.2f} / "
-            f"{max(t.others for t in ok):.2f}, {max(t.steal for t in ok):.2f} | "
-            f"{sum(t.disturbed for t in ok)}/{len(ok)}"
-            f"{'' if len(ok) == rounds else f' ({rounds - len(ok)} failed)'} |")
-    lines += ["", "| ratio | median | min..max | rounds | target | result |",
-              "|---|---:|---:|---:|---:|---|"]
-    verdicts = []
-    for label, num, den, target in RATIOS:
-        ttext = f">= {target}" if target is not None else "-"
-        per_round = [times[num][r].rate / times[den][r].rate for r in range(rounds)
-                     if num in times and den in times
-                     and times[num][r] is not None and times[den][r] is not None]
-        if not per_round:
-            if target is not None:
-                missing = "/".join(x for x in (num, den) if x not in times) or "passes failed"
-                lines.append(f"| {label} | - | - | 0 | {ttext} | NOT RUN ({missing}) |")
-                verdicts.append((label, ttext, None))
-            continue
-        med = statistics.median(per_round)
-        result = "info" if target is None else ("PASS" if med >= target else "FAIL")
-        lines.append(f"| {label} | {med:.2f} | {min(per_round):.2f}..{max(per_round):.2f} | "
-                     f"{len(per_round)} | {ttext} | {result} |")
-        if target is not None:
-            verdicts.append((label, ttext, result))
-    return lines, verdicts
+        return f"{mb(med(t.rss for t in ok))} ({mb(med(srv_rss)) if srv_rss else '-'})"
+
+    columns = rate_columns(rounds) + [
+        SAMPLES, PADDED, FIRST, INFLIGHT, CPU_MS, Column("server CPU s / pass", server_cpu),
+        Column("peak tree RSS MB (server)", rss), PSS, cores_column("server"),
+        disturbed_column(rounds)]
+    lines = variant_table(columns, names, times, variants(bench.page_size))
+    rows, verdicts = ratio_rows(RATIOS, times, rounds)
+    return lines + [""] + ratio_header() + rows, verdicts
 
 
 def notes(bench: DBBench, names: List[str], times: Dict[str, list],
           once: List[str]) -> List[str]:
     out = list(bench.setup_notes) + list(once)
-    for name in names:
-        secs = bench.seconds.get(name)
-        ok = [t for t in times.get(name, []) if t is not None]
-        if secs and ok:
-            out.append(f"({name}) stats()['seconds'] summed over the pass (median): read "
-                       f"{statistics.median(s['read'] for s in secs):.1f}, decode "
-                       f"{statistics.median(s['decode'] for s in secs):.1f}, consumer wait "
-                       f"{statistics.median(s['wait'] for s in secs):.1f}; wall "
-                       f"{statistics.median(t.wall for t in ok):.1f} s")
-    med_cpu = {k: statistics.median(t.cpu_ms for t in v if t is not None)
-               for k, v in times.items() if any(t is not None for t in v)}
+    out += seconds_notes(names, bench.seconds, times)
+    med_cpu = cpu_per_image(times)
     if "L" in med_cpu:
-        out.append("CPU per delivered image (loader processes, median): " + ", ".join(
-            f"({k}) {v:.1f} ms" + (f" (+{v - med_cpu['L']:.1f} vs (L))" if k != "L" else "")
-            for k, v in med_cpu.items()))
+        out.append(cpu_per_image_note(med_cpu))
     if "D" in times:
         ok = [t for t in times["D"] if t is not None]
         if ok:
-            srv_ms = statistics.median(t.servers * t.wall / t.n for t in ok) * 1e3
-            d_ms = statistics.median(t.cpu_ms for t in ok)
+            srv_ms = med(t.servers * t.wall / t.n for t in ok) * 1e3
+            d_ms = med(t.cpu_ms for t in ok)
             line = (f"(D) server CPU per image served (median): {srv_ms:.2f} ms; loader + "
                     f"server {d_ms + srv_ms:.1f} ms per image")
             if "L" in med_cpu:
@@ -488,121 +390,62 @@ def notes(bench: DBBench, names: List[str], times: Dict[str, list],
             out.append(line)
     lr = getattr(bench, "last_r", None)
     if lr:
-        out.append(
-            f"(R) last pass: {lr['n']} samples consumed, then {lr['extra']} more delivered "
-            f"({'stream exhausted' if lr['exhausted'] else 'still delivering after the drain'}); "
-            f"channels {lr['channels']}; {lr['_empty']} samples with an empty (0x0) image "
-            f"({lr['_empty_png']} of them PNG; {lr['_pngs']} PNG samples delivered); "
-            f"{lr['_off_bucket']} non-empty samples in another bucket than datago's (it "
-            f"ignores EXIF orientation and matches aspect ratios linearly); outside its wall: "
-            f"import {lr['t_import']:.2f} s, DatagoClient() + start() {lr['t_start']:.3f} s; "
-            f"whole subprocess {lr['_total']:.1f} s")
+        out.append(ref_pass_note(lr))
     ds = bench.datasets.get("D")
     if ds is not None:
         out.append(f"retried fetches (datago's Fetcher of (D), whole run, warm-up and fetch "
                    f"layer alone included): {dict(ds.fetcher.retried) or 0}")
-    runs = {k: [t for t in v if t is not None] for k, v in times.items()}
-    out.append("memory: peak over a pass of the summed RSS / PSS of the whole process tree "
-               "(this process, the `datago serve` subprocess, the reference's subprocess; "
-               "in brackets the server's RSS at that peak); median over rounds; the sampler "
-               "thread used " + ", ".join(f"({k}) {statistics.median(t.mem_cpu for t in v):.3f}"
-                                          for k, v in runs.items() if v)
-               + " cores (median; not in 'ours' or 'others')")
+    out.append(memory_note("the whole process tree (this process, the `datago serve` "
+                           "subprocess, the reference's subprocess; in brackets the server's "
+                           "RSS at that peak)", times))
     out.append("cores: 'server' is the `datago serve` process's CPU during the pass (for (R): "
                "over its whole subprocess); 'others' everything else on the machine (the memory "
-               "sampler's own CPU excluded); '!' after a rate marks a disturbed pass (others > "
-               f"{DISTURBED_OTHERS} or steal > {DISTURBED_STEAL} cores)")
+               "sampler's own CPU excluded); '!' after a rate marks a disturbed pass "
+               f"({disturbed_rule()})")
     return out
 
 
 def environment(bench: DBBench, ref_line: str) -> List[str]:
     c, rel = bench.corpus, bench.rel
-    cores = os.cpu_count()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
-    fmts: Dict[str, int] = {}
-    for r in rel:
-        fmts[c.infos[r].format] = fmts.get(c.infos[r].format, 0) + 1
     nbytes = sum((c.root / r).stat().st_size for r in rel)
-    src = Path(datago.__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "src"],
-                               capture_output=True, text=True).stdout.split("\n")
-        dirty = [d[3:] for d in dirty if d.strip()]
-        tree = f"git {head}" + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else "")
-    except OSError:
-        tree = "git state unknown"
-    try:
-        from datago._core import _jpeg, _png, _resample
-        core = (f"libjpeg-turbo {_jpeg.version()}, libspng {_png.version()}, "
-                f"resample SIMD {_resample.simd()}")
-    except Exception:                                             # noqa: BLE001
-        core = "core versions unknown"
     ds = bench.datasets["D"]
     return [
-        f"- CPU: {cpu_model()}, {cores} logical cores ({usable} usable); load average at "
-        f"start {os.getloadavg()[0]:.2f}",
-        f"- Python {platform.python_version()}, torch {torch.__version__}, numpy "
-        f"{np.__version__}, Pillow {PIL.__version__}, httpx {version('httpx')}; server: "
-        f"`datago serve` (starlette {version('starlette')}, uvicorn {version('uvicorn')}, one "
-        f"process, keep-alive 5 s), {bench.serve.api_url}",
-        f"- datago {datago.__version__} ({tree}): {core}; num_threads {default_num_threads(1)} "
-        f"(decode), io_concurrency {ds.config.source.io_concurrency} ((D): IO threads and "
-        f"pooled connections), page_prefetch {ds.config.source.page_prefetch}; batch {BATCH}, "
-        f"remainder 'pad', prefetch_batches {bench.ds.config.loader.prefetch_batches}",
+        cpu_line(),
+        f"{stack_line()}, httpx {version('httpx')}; server: `datago serve` (starlette "
+        f"{version('starlette')}, uvicorn {version('uvicorn')}, one process, keep-alive 5 s), "
+        f"{bench.serve.api_url}",
+        f"{datago_line()}, io_concurrency {ds.config.source.io_concurrency} ((D): IO threads "
+        f"and pooled connections), page_prefetch {ds.config.source.page_prefetch}; batch "
+        f"{BATCH}, remainder 'pad', prefetch_batches {bench.ds.config.loader.prefetch_batches}",
         f"- {ref_line}",
-        f"- corpus: {c.root}, {bench.n} images of {len(c.rel)} "
-        f"({', '.join(f'{v} {k}' for k, v in sorted(fmts.items()))}), {nbytes / 1e6:.1f} MB, "
-        f"served from {bench.data_root}; buckets make_buckets({SIZE}, {RATIO}, 0.5, 2.0) "
-        f"({len(bench.buckets)}, {len({bench.bucket_of[r] for r in rel})} used); page cache "
-        f"warm (files read once before timing)",
+        bench.corpus_line(f", {nbytes / 1e6:.1f} MB, served from {bench.data_root}; buckets "
+                          f"{bench.buckets_text()}; page cache warm (files read once before "
+                          f"timing)"),
     ]
 
 
 # --------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("corpus", type=Path, help="folder searched recursively for .jpg/.jpeg/.png")
-    ap.add_argument("--limit", type=int, default=None,
-                    help="use the first N images (sorted), for every variant")
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
+    ap = make_parser(__doc__)
+    add_corpus_args(ap)
     ap.add_argument("--page-size", type=int, default=PAGE_SIZE,
                     help=f"page_size of (D) and (R) (default {PAGE_SIZE}; the server caps 2000)")
-    ap.add_argument("--ref-venv", type=Path, default=Path("/tmp/datago_ref"),
-                    help="venv of the reference datago (created when missing)")
-    ap.add_argument("--no-ref", action="store_true", help="skip the reference variant (R)")
-    ap.add_argument("--out", type=Path, default=None, help="also write the tables to this .md")
+    add_ref_args(ap, "R")
+    add_out_arg(ap)
     args = ap.parse_args(argv)
-    if args.rounds < 1:
-        ap.error("--rounds must be >= 1")
-    if args.limit is not None and args.limit < 1:
-        ap.error("--limit must be >= 1")
+    check_corpus_args(ap, args)
     if not 1 <= args.page_size <= 2000:
         ap.error("--page-size must be in 1..2000")
 
     # a plain kill runs the clean-up below (server, temporary folder)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t_start = time.perf_counter()
-    root = args.corpus.resolve()
-    corpus = load_corpus(root)
-    n = min(args.limit, len(corpus.rel)) if args.limit else len(corpus.rel)
-    workdir = Path(tempfile.mkdtemp(prefix="bench_db_"))
-    data_root = (root if n == len(corpus.rel)
-                 else link_view(workdir / "first_n", root, corpus.rel[:n]))
-    ref, ref_why = None, None
-    if args.no_ref:
-        ref_why = "--no-ref given"
-    else:
-        ref = Reference(args.ref_venv, workdir)
-        ref_why = ref.ensure()
-        if ref_why:
-            ref = None
+    corpus, n, workdir, data_root = open_corpus(args.corpus, args.limit, "bench_db_")
+    ref, ref_why = open_reference(args.no_ref, args.ref_venv, workdir)
     names = [v for v in VARIANT_NAMES if v != "R" or ref is not None]
     bench = DBBench(corpus, n, data_root, ref, workdir, args.page_size)
-    md: List[str] = []
+    report = Report()
     verdicts: list = []
     try:
         bench.setup(names)
@@ -617,46 +460,24 @@ def main(argv=None) -> int:
                     f"(sources {SOURCE_NAME!r}, page_size {args.page_size}), limit = {n}, "
                     f"to_numpy_array() per sample"
                     if "R" in names else f"reference datago (R): NOT RUN: {ref_why}")
-        md = ["## Environment", ""] + environment(bench, ref_line)
-        md += [f"- command: `python benchmarks/bench_db.py "
-               f"{' '.join(sys.argv[1:] if argv is None else argv)}`", ""]
-        print("\n".join(md), flush=True)
+        report.add(["## Environment", ""] + environment(bench, ref_line)
+                   + [command_line("bench_db.py", argv), ""], gap=False)
         t_rounds = time.perf_counter()
-        times = run_rounds(bench, names, args.rounds)
+        times = run_rounds(bench.timed, names, args.rounds, round_summary)
         elapsed = time.perf_counter() - t_rounds
-        ds = bench.datasets.get("D")
-        if ds is not None and ds.fetcher.retried:
-            bench.problem(f"(D) datago's Fetcher retried {dict(ds.fetcher.retried)} fetches "
-                          f"(whole run) from a loopback server that injects no faults (no "
-                          f"sample was lost: see the checks)")
+        bench.check_retries(["D"])
         table, verdicts = tables(bench, names, times, args.rounds)
         section = [f"## db source over `datago serve`, buckets {SIZE} ({n} images, "
                    f"{args.rounds} rounds)", ""]
         section += [f"- {s}" for s in notes(bench, names, times, paging)]
         section += [f"- timed passes took {elapsed:.0f} s", ""] + table + [""]
-        print("\n" + "\n".join(section), flush=True)
-        md += section
+        report.add(section)
     finally:
         bench.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    info = ref.info if ref is not None else None
-    tail = ["## Summary", ""]
-    if info:
-        tail.append(f"- reference datago {info['version']} (Python {info['python']}, numpy "
-                    f"{info['numpy']}, DATAGO_MAX_TASKS={info['max_tasks']}), from "
-                    f"{args.ref_venv}")
-    if "R" not in names:
-        tail.append(f"- (R) reference datago not run: {ref_why}")
-    for label, target, result in verdicts:
-        tail.append(f"- {label} {target}: {result or 'NOT RUN'}")
-    tail.append(f"- problems: {len(bench.problems)}" + (":" if bench.problems else ""))
-    tail += [f"  - {p}" for p in bench.problems]
-    tail.append(f"- total runtime: {time.perf_counter() - t_start:.0f} s")
-    print("\n" + "\n".join(tail), flush=True)
-    md += tail
-    if args.out:
-        args.out.write_text("\n".join(md) + "\n")
-        print(f"wrote {args.out}")
+    report.add(summary(ref, args.ref_venv, "R" in names, ref_why, verdicts, bench.problems,
+                       t_start))
+    report.write(args.out)
     return 0
 
 

@@ -117,18 +117,11 @@ format's cost: compare the same kind of variant only).
 
 from __future__ import annotations
 
-import argparse
-import faulthandler
-import gc
 import json
 import os
-import platform
 import shutil
 import signal
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import zipfile
@@ -137,16 +130,17 @@ from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
-import PIL
-import torch
 from torch.utils.data import DataLoader
 
-import _common
-from _common import TreeMemorySampler, cpu_counters, cpu_model, version
-from bench_loader import (BATCH, DISTURBED_OTHERS, DISTURBED_STEAL, HANG_DUMP_S,
-                          MEM_INTERVAL, PSS_DUTY, Bench, _malloc_trim, _mb, _own_cpu, _tail,
-                          datago, DatagoDataset, datago_config, default_num_threads,
-                          link_view, load_corpus)
+from _common import (VenvHelper, cpu_ms_of, is_disturbed, leader_tree, measure_pass,
+                     reported_cores, version)
+from _report import (PADDED, PSS, RSS, SAMPLES, Column, Report, add_corpus_args, add_out_arg,
+                     check_corpus_args, command_line, cpu_line, datago_line, disturbed_column,
+                     disturbed_rule, make_parser, med, memory_note, per_round, problem_lines,
+                     ratio_header, ratio_row, ratio_rows, run_rounds, runtime_line, seconds_notes,
+                     span, stack_line, variant_table, verdict_lines)
+from bench_loader import (BATCH, HANG_DUMP_S, MEM_INTERVAL, PSS_DUTY, SourcesBench,
+                          open_corpus)
 from datago.convert import convert, wds_key
 from datago.dataset import DatagoMapDataset
 from datago.sources import make_source
@@ -198,35 +192,6 @@ RATIOS = [
     ("To/Tp", "To", "Tp", None),
     ("Ts/Tp", "Ts", "Tp", None),
 ]
-
-
-# --------------------------------------------------------------------------- memory tree
-
-_LEADER_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
-_tree = _common.process_tree
-
-
-def _loader_tree(root: Optional[int] = None) -> List[int]:
-    """``root`` and its descendants, children read from each process's main thread
-    only (as bench_remote does: every process this benchmark starts is started from
-    a main thread, and one ``children`` file per datago thread costs the sampler
-    CPU and the loader the GIL every 50 ms)."""
-    root = os.getpid() if root is None else root
-    if not _LEADER_CHILDREN:
-        return _tree(root)
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        try:
-            with open(f"/proc/{pid}/task/{pid}/children") as f:
-                todo += [int(x) for x in f.read().split()]
-        except (OSError, ValueError):
-            pass
-    return tree
-
-
-_common.process_tree = _loader_tree          # TreeMemorySampler looks it up at each sample
 
 
 # --------------------------------------------------------------------------- the other venv
@@ -325,32 +290,20 @@ print(json.dumps({"n": n, "bytes": nbytes, "wall": wall, "length": length,
 '''
 
 
-class External:
+class External(VenvHelper):
     """``splitdataloader`` and ``tfrecord`` in their own venv, run as subprocesses."""
 
+    packages = ("splitdataloader", "tfrecord", "numpy")
+
     def __init__(self, venv: Path, workdir: Path):
-        self.venv = venv
-        self.python = venv / "bin" / "python"
-        self.helper = workdir / "ext_helper.py"
-        self.helper.write_text(EXT_HELPER)
+        super().__init__(venv, workdir / "ext_helper.py", EXT_HELPER)
         self.versions: dict = {}
 
     def ensure(self) -> Optional[str]:
         """Create the venv if missing; None when usable, else why not."""
-        if not self.python.exists():
-            print(f"venv {self.venv} missing: creating it (python -m venv, pip install "
-                  f"splitdataloader tfrecord numpy)", flush=True)
-            try:
-                subprocess.run([sys.executable, "-m", "venv", str(self.venv)], check=True,
-                               capture_output=True, text=True, timeout=300)
-                subprocess.run([str(self.venv / "bin" / "pip"), "install", "-q",
-                                "splitdataloader", "tfrecord", "numpy"], check=True,
-                               capture_output=True, text=True, timeout=900)
-            except subprocess.CalledProcessError as exc:
-                return (f"creating {self.venv} failed: {' '.join(map(str, exc.cmd))} exited "
-                        f"{exc.returncode}: {_tail(exc.stderr or exc.stdout)}")
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                return f"creating {self.venv} failed: {type(exc).__name__}: {exc}"
+        why = self.create()
+        if why:
+            return why
         try:
             self.versions = self.run({"mode": "versions"})
         except RuntimeError as exc:
@@ -361,19 +314,7 @@ class External:
         return None
 
     def run(self, args: dict, timeout: float = 600) -> dict:
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-        proc = subprocess.run([str(self.python), "-I", str(self.helper), json.dumps(args)],
-                              capture_output=True, text=True, env=env,
-                              cwd=tempfile.gettempdir(), timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{args['mode']} helper exited {proc.returncode}: "
-                               f"{_tail(proc.stderr or proc.stdout)}")
-        try:
-            return json.loads(proc.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise RuntimeError(f"{args['mode']} helper printed no JSON: stdout "
-                               f"{_tail(proc.stdout)!r}, stderr {_tail(proc.stderr)!r}") from None
+        return self.call(json.dumps(args), timeout, args["mode"])[0]
 
 
 # --------------------------------------------------------------------------- passes
@@ -400,53 +341,29 @@ class Pass(NamedTuple):
     def rate(self) -> float:
         return self.n / self.wall if self.wall > 0 else float("nan")
 
-    @property
-    def disturbed(self) -> bool:
-        return self.others > DISTURBED_OTHERS or self.steal > DISTURBED_STEAL
-
-    @property
-    def cpu_ms(self) -> float:
-        return self.ours * self.wall / self.n * 1e3 if self.n else float("nan")
+    disturbed = property(is_disturbed)
+    cpu_ms = property(cpu_ms_of)
 
 
-class FormatsBench(Bench):
-    """bench_loader's Bench (its folder dataset is ``self.ds``, its checks) plus the
-    other formats, the random-access and the TFRecord variants."""
+class FormatsBench(SourcesBench):
+    """bench_loader's SourcesBench (its folder dataset is ``self.ds``, its checks)
+    plus the other formats, the random-access and the TFRecord variants."""
 
     def __init__(self, corpus, n, data_root, workdir: Path, ext: Optional[External],
                  deflate: bool, raw_accesses: int):
-        super().__init__(SIZE, corpus, n, data_root, None)
+        super().__init__(corpus, n, data_root, None, "F", SIZE)
         self.workdir = workdir
         self.ext = ext
         self.deflate = deflate
         self.raw_accesses = raw_accesses
-        self.expected_ids: Dict[str, set] = {"F": self.expected}
-        self.datasets: Dict[str, DatagoDataset] = {"F": self.ds}
         self.t_convert: Dict[str, float] = {}
         self.disk: Dict[str, int] = {}
-        self.t_build: Dict[str, float] = {"F": self.t_ds}
-        self.seconds: Dict[str, List[dict]] = {}
+        self.t_build["F"] = self.t_ds
         self.checks: List[str] = []
 
     # ---------------------------------------------------------------- set-up
-    def alias(self, ids: Dict[str, str]) -> set:
-        """``{new id: relative path}`` -> the set of new ids (added to the lookups)."""
-        for i, r in ids.items():
-            self.bucket_of[i] = self.bucket_of[r]
-            self.mp_of[i] = self.mp_of[r]
-        return set(ids)
-
-    def build(self, name: str, source_type: str, source_config: dict) -> DatagoDataset:
-        cfg = datago_config(self.data_root, SIZE, RATIO, None)
-        cfg["source_type"], cfg["source_config"] = source_type, source_config
-        t0 = time.perf_counter()
-        ds = DatagoDataset(cfg)
-        self.t_build[name] = time.perf_counter() - t0
-        return ds
-
     def map_config(self, source_type: str, source_config: dict) -> dict:
-        cfg = datago_config(self.data_root, SIZE, RATIO, None)
-        cfg["source_type"], cfg["source_config"] = source_type, source_config
+        cfg = self.config(source_type, source_config)
         cfg.pop("batch_size")
         return cfg
 
@@ -503,12 +420,7 @@ class FormatsBench(Bench):
         self.datasets["B"] = self.build("B", "bins", {"path": str(w / "bins")})
         self.expected_ids["W"] = self.alias({wds_key(r): r for r in self.rel})
         self.datasets["W"] = self.build("W", "webdataset", {"url": self.wds_url})
-        for name, ds in self.datasets.items():
-            lst = [ds.listing.sample_id(i) for i in range(len(ds.listing))]
-            if set(lst) != self.expected_ids[name] or len(lst) != self.n:
-                self.problem(f"({name}) the dataset lists {len(lst)} samples, "
-                             f"{len(set(lst) - self.expected_ids[name])} of them unexpected; "
-                             f"listing skipped {dict(ds.listing.skipped)}")
+        self.check_listings()
         # --- random access
         t0 = time.perf_counter()
         self.map_b = DatagoMapDataset(self.map_config("bins", {"path": str(w / "bins")}))
@@ -567,12 +479,6 @@ class FormatsBench(Bench):
                 f"{repeats}): " + ", ".join(parts))
 
     # ---------------------------------------------------------------- passes
-    def pass_loader(self, name: str) -> dict:
-        ds = self.datasets[name]
-        r = self.pass_datago(0, ds, self.expected_ids[name], f"({name})")
-        self.seconds.setdefault(name, []).append(ds.stats()["seconds"])
-        return r
-
     def pass_map(self, name: str, count: Optional[int] = None) -> dict:
         ds = self.map_b if name == "M" else self.map_f
         idx = self.perm[:count] if count else self.perm
@@ -651,7 +557,7 @@ class FormatsBench(Bench):
 
     def run_variant(self, name: str) -> dict:
         if name in LOADERS:
-            return self.pass_loader(name)
+            return self.pass_source(name)
         if name in ("M", "Mf"):
             return self.pass_map(name)
         if name == "Rb":
@@ -663,38 +569,19 @@ class FormatsBench(Bench):
         return self.pass_tfr_stream()
 
     def timed(self, name: str) -> Optional[Pass]:
-        gc.collect()
-        _malloc_trim()
-        faulthandler.dump_traceback_later(HANG_DUMP_S, exit=False)
-        mem = TreeMemorySampler(MEM_INTERVAL, PSS_DUTY)
-        busy0, steal0 = cpu_counters()
-        c0 = _own_cpu()
-        t_mem = time.perf_counter()
-        mem.start()
-        try:
-            r = self.run_variant(name)
-        except Exception as exc:                                  # noqa: BLE001
-            self.problem(f"({name}) raised {type(exc).__name__}: {exc}\n"
-                         + "".join(traceback.format_exc().splitlines(True)[-8:]))
+        # the tree of this process (and of the subprocess of (Rs)/(Tp)), children read
+        # from each process's main thread only, as bench_remote does
+        got = measure_pass(lambda: self.run_variant(name), self.problem, name,
+                           interval=MEM_INTERVAL, pss_duty=PSS_DUTY, hang_dump_s=HANG_DUMP_S,
+                           tree=leader_tree)
+        if got is None:
             return None
-        finally:
-            mem.stop()
-            faulthandler.cancel_dump_traceback_later()
-        t_mem = time.perf_counter() - t_mem
-        busy1, steal1 = cpu_counters()
-        if mem.error:
-            self.problem(f"({name}) memory sampler failed: {mem.error}")
+        r, cost = got
         wall = r["wall"]
-        if name in EXTERNAL:        # the subprocess measured itself over its own loop
-            ours, steal = r["ours"], r["steal"]
-            others = max(0.0, r["busy"] - ours)
-        else:
-            ours = max(0.0, _own_cpu() - c0 - mem.cpu) / wall
-            steal = (steal1 - steal0) / wall
-            others = max(0.0, (busy1 - busy0 - mem.cpu) / wall - ours)
+        # (Rs)/(Tp): the subprocess measured itself over its own loop
+        ours, others, steal = reported_cores(r) if name in EXTERNAL else cost.cores(wall)
         return Pass(wall, r["n"], r.get("nbytes", 0), ours, others, steal, r.get("first"),
-                    mem.peak_rss, mem.peak_pss, r.get("padded"),
-                    mem.cpu / t_mem if t_mem > 0 else 0.0)
+                    cost.mem.peak_rss, cost.mem.peak_pss, r.get("padded"), cost.mem_cores)
 
     # ---------------------------------------------------------------- warm-up + checks
     def warm_up(self, names: List[str]) -> List[str]:
@@ -760,87 +647,34 @@ class FormatsBench(Bench):
 
 # --------------------------------------------------------------------------- rounds + report
 
-def run_rounds(bench: FormatsBench, names: List[str], rounds: int) -> Dict[str, list]:
-    times: Dict[str, list] = {k: [] for k in names}
-    for r in range(rounds):
-        t_round = time.perf_counter()
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            times[name].append(bench.timed(name))
-        parts = []
-        for k in names:
-            p = times[k][-1]
-            parts.append(f"{k} FAILED" if p is None else
-                         f"{k} {p.rate:.1f}{'!' if p.disturbed else ''}")
-        took = time.perf_counter() - t_round
-        print(f"  round {r + 1}/{rounds} ({' '.join(order)}) {took:.0f} s: " + "  ".join(parts),
-              flush=True)
-        if r == 0 and rounds > 1:
-            print(f"  estimated {took * (rounds - 1):.0f} s more", flush=True)
-    return times
+def round_summary(passes: Dict[str, Optional[Pass]]) -> str:
+    return "  ".join(f"{k} FAILED" if p is None else f"{k} {p.rate:.1f}{'!' if p.disturbed else ''}"
+                     for k, p in passes.items())
 
 
-def _med(xs) -> float:
-    return statistics.median(xs)
-
-
-def variant_table(names: List[str], times: Dict[str, list], rounds: int, group) -> List[str]:
-    lines = [f"| variant | rate (median of {rounds}) | unit | min..max | items | padded "
-             f"| MB/s | CPU ms / item | peak tree RSS MB | peak tree PSS MB "
-             f"| cores: ours (median) / others, steal (max) | disturbed |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in names:
-        if name not in group:
-            continue
-        ok = [t for t in times[name] if t is not None]
-        if not ok:
-            lines.append(f"| ({name}) {DESC[name]} | FAILED |" + " |" * 10)
-            continue
-        rates = [t.rate for t in ok]
-        counts = "/".join(str(c) for c in sorted({t.n for t in ok}))
-        padded = ("/".join(str(c) for c in sorted({t.padded for t in ok}))
-                  if ok[0].padded is not None else "-")
-        mbs = (f"{_med(t.nbytes / t.wall / 1e6 for t in ok):.0f}" if ok[0].nbytes else "-")
-        lines.append(
-            f"| ({name}) {DESC[name]} | {_med(rates):.1f} | {UNIT[name]} | "
-            f"{min(rates):.1f}..{max(rates):.1f} | {counts} | {padded} | {mbs} | "
-            f"{_med(t.cpu_ms for t in ok):.2f} | {_mb(_med(t.rss for t in ok))} | "
-            f"{_mb(_med(t.pss for t in ok))} | {_med(t.ours for t in ok):.2f} / "
-            f"{max(t.others for t in ok):.2f}, {max(t.steal for t in ok):.2f} | "
-            f"{sum(t.disturbed for t in ok)}/{len(ok)}"
-            f"{'' if len(ok) == rounds else f' ({rounds - len(ok)} failed)'} |")
-    return lines
+def columns(rounds: int) -> List[Column]:
+    return [
+        Column(f"rate (median of {rounds})", lambda _, ok: f"{med(t.rate for t in ok):.1f}"),
+        Column("unit", lambda name, _: UNIT[name], "---"),
+        Column("min..max", lambda _, ok: span([t.rate for t in ok])),
+        SAMPLES._replace(heading="items"), PADDED,
+        Column("MB/s", lambda _, ok: (f"{med(t.nbytes / t.wall / 1e6 for t in ok):.0f}"
+                                      if ok[0].nbytes else "-")),
+        Column("CPU ms / item", lambda _, ok: f"{med(t.cpu_ms for t in ok):.2f}"), RSS, PSS,
+        Column("cores: ours (median) / others, steal (max)", lambda _, ok: (
+            f"{med(t.ours for t in ok):.2f} / {max(t.others for t in ok):.2f}, "
+            f"{max(t.steal for t in ok):.2f}")),
+        disturbed_column(rounds)]
 
 
 def ratio_table(times: Dict[str, list], rounds: int) -> tuple:
-    lines = ["| ratio | median | min..max | rounds | target | result |",
-             "|---|---:|---:|---:|---:|---|"]
-    verdicts = []
+    lines = ratio_header()
     for x in LOADERS[1:]:                 # CPU per image: robust to other people's load
-        per_round = [times["F"][r].cpu_ms / times[x][r].cpu_ms for r in range(rounds)
-                     if "F" in times and x in times
-                     and times["F"][r] is not None and times[x][r] is not None]
-        if per_round:
-            lines.append(f"| CPU ms/img F/{x} | {_med(per_round):.3f} | {min(per_round):.3f}.."
-                         f"{max(per_round):.3f} | {len(per_round)} | - | info |")
-    for label, num, den, target in RATIOS:
-        ttext = f">= {target}" if target is not None else "-"
-        per_round = [times[num][r].rate / times[den][r].rate for r in range(rounds)
-                     if num in times and den in times
-                     and times[num][r] is not None and times[den][r] is not None]
-        if not per_round:
-            if target is not None:
-                missing = "/".join(x for x in (num, den) if x not in times) or "passes failed"
-                lines.append(f"| {label} | - | - | 0 | {ttext} | NOT RUN ({missing}) |")
-                verdicts.append((label, ttext, None, None))
-            continue
-        med = _med(per_round)
-        result = "info" if target is None else ("PASS" if med >= target else "FAIL")
-        lines.append(f"| {label} | {med:.3f} | {min(per_round):.3f}..{max(per_round):.3f} | "
-                     f"{len(per_round)} | {ttext} | {result} |")
-        if target is not None:
-            verdicts.append((label, ttext, result, med))
-    return lines, verdicts
+        values = per_round(times, "F", x, rounds, lambda t: t.cpu_ms)
+        if values:
+            lines.append(ratio_row(f"CPU ms/img F/{x}", values, digits=3)[0])
+    rows, verdicts = ratio_rows(RATIOS, times, rounds, digits=3)
+    return lines + rows, verdicts
 
 
 def notes(bench: FormatsBench, names: List[str], times: Dict[str, list]) -> List[str]:
@@ -853,77 +687,32 @@ def notes(bench: FormatsBench, names: List[str], times: Dict[str, list]) -> List
           "are new each run, so the dataset's sizes cache misses); (T)/(W) read the indexes "
           "convert wrote; (B) reads index.jsonl")
     out += bench.checks
-    for name in names:
-        secs = bench.seconds.get(name)
-        ok = [t for t in times.get(name, []) if t is not None]
-        if secs and ok:
-            out.append(f"({name}) stats()['seconds'] summed over the pass (median): read "
-                       f"{_med(s['read'] for s in secs):.2f}, decode "
-                       f"{_med(s['decode'] for s in secs):.1f}, consumer wait "
-                       f"{_med(s['wait'] for s in secs):.2f}; wall "
-                       f"{_med(t.wall for t in ok):.1f} s")
-    runs = {k: [t for t in v if t is not None] for k, v in times.items()}
-    out.append("memory: peak over a pass of the summed RSS / PSS of this process and its "
-               "descendants ((Rs)/(Tp): with their subprocess); median over rounds; the "
-               "sampler thread used " + ", ".join(f"({k}) {_med(t.mem_cpu for t in v):.3f}"
-                                                  for k, v in runs.items() if v)
-               + " cores (median; not in 'ours' or 'others')")
+    out += seconds_notes(names, bench.seconds, times, digits=2)
+    out.append(memory_note("this process and its descendants ((Rs)/(Tp): with their "
+                           "subprocess)", times))
     out.append(f"cores: 'others' is everything else on the machine (the memory sampler's "
-               f"own CPU excluded); a pass is disturbed when others > {DISTURBED_OTHERS} or "
-               f"steal > {DISTURBED_STEAL} cores")
+               f"own CPU excluded); a pass is disturbed when {disturbed_rule()}")
     return out
 
 
 def environment(bench: FormatsBench, ext_line: str) -> List[str]:
-    c, rel = bench.corpus, bench.rel
-    cores = os.cpu_count()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
-    fmts: Dict[str, int] = {}
-    for r in rel:
-        fmts[c.infos[r].format] = fmts.get(c.infos[r].format, 0) + 1
-    src = Path(datago.__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "src"],
-                               capture_output=True, text=True).stdout.split("\n")
-        dirty = [d[3:] for d in dirty if d.strip()]
-        tree = f"git {head}" + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else "")
-    except OSError:
-        tree = "git state unknown"
-    try:
-        from datago._core import _jpeg, _png, _resample
-        core = (f"libjpeg-turbo {_jpeg.version()}, libspng {_png.version()}, "
-                f"resample SIMD {_resample.simd()}")
-    except Exception:                                             # noqa: BLE001
-        core = "core versions unknown"
     return [
-        f"- CPU: {cpu_model()}, {cores} logical cores ({usable} usable); load average at "
-        f"start {os.getloadavg()[0]:.2f}",
-        f"- Python {platform.python_version()}, torch {torch.__version__}, numpy "
-        f"{np.__version__}, Pillow {PIL.__version__}, xxhash {version('xxhash')}",
-        f"- datago {datago.__version__} ({tree}): {core}; num_threads {default_num_threads(1)} "
-        f"(decode); batch {BATCH}, remainder 'pad', prefetch_batches "
+        cpu_line(),
+        f"{stack_line()}, xxhash {version('xxhash')}",
+        f"{datago_line()}; batch {BATCH}, remainder 'pad', prefetch_batches "
         f"{bench.ds.config.loader.prefetch_batches}",
         f"- {ext_line}",
-        f"- corpus: {c.root}, {bench.n} images of {len(c.rel)} "
-        f"({', '.join(f'{v} {k}' for k, v in sorted(fmts.items()))}), "
-        f"{bench.corpus_bytes / 1e6:.1f} MB; buckets make_buckets({SIZE}, {RATIO}, 0.5, 2.0) "
-        f"({len(bench.buckets)}, {len({bench.bucket_of[r] for r in rel})} used); formats in "
-        f"{bench.workdir} (same disk); page cache warm (files read before timing, the "
-        f"formats just written and read by the warm-up)",
+        bench.corpus_line(f", {bench.corpus_bytes / 1e6:.1f} MB; buckets {bench.buckets_text()}; "
+                          f"formats in {bench.workdir} (same disk); page cache warm (files read "
+                          f"before timing, the formats just written and read by the warm-up)"),
     ]
 
 
 # --------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("corpus", type=Path, help="folder searched recursively for .jpg/.jpeg/.png")
-    ap.add_argument("--limit", type=int, default=None,
-                    help="use the first N images (sorted), for every variant")
-    ap.add_argument("--rounds", type=int, default=5, help="timed rounds (default 5)")
+    ap = make_parser(__doc__)
+    add_corpus_args(ap, rounds=5)
     ap.add_argument("--raw-accesses", type=int, default=None,
                     help="random accesses per pass of (Rb)/(Rs) (default max(N, 20000))")
     ap.add_argument("--venv", type=Path, default=Path("/tmp/bench_formats_venv"),
@@ -933,23 +722,15 @@ def main(argv=None) -> int:
     ap.add_argument("--no-deflate", action="store_true", help="skip (Zd)")
     ap.add_argument("--variants", default=None,
                     help="comma-separated subset to time, e.g. F,B,W (default: all)")
-    ap.add_argument("--out", type=Path, default=None, help="also write the report to this .md")
+    add_out_arg(ap, "report")
     args = ap.parse_args(argv)
-    if args.rounds < 1:
-        ap.error("--rounds must be >= 1")
-    if args.limit is not None and args.limit < 1:
-        ap.error("--limit must be >= 1")
+    check_corpus_args(ap, args)
     if args.raw_accesses is not None and args.raw_accesses < 1:
         ap.error("--raw-accesses must be >= 1")
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))       # clean up on kill
     t_start = time.perf_counter()
-    root = args.corpus.resolve()
-    corpus = load_corpus(root)
-    n = min(args.limit, len(corpus.rel)) if args.limit else len(corpus.rel)
-    workdir = Path(tempfile.mkdtemp(prefix="bench_formats_"))
-    data_root = (root if n == len(corpus.rel)
-                 else link_view(workdir / "first_n", root, corpus.rel[:n]))
+    corpus, n, workdir, data_root = open_corpus(args.corpus, args.limit, "bench_formats_")
     ext, ext_why = None, None
     if args.no_ext:
         ext_why = "--no-ext given"
@@ -968,8 +749,8 @@ def main(argv=None) -> int:
         names = [v for v in names if v in pick]
     raw = args.raw_accesses or max(n, 20000)
     bench = FormatsBench(corpus, n, data_root, workdir, ext, not args.no_deflate, raw)
-    bench.corpus_bytes = sum((root / r).stat().st_size for r in corpus.rel[:n])
-    md: List[str] = []
+    bench.corpus_bytes = sum((corpus.root / r).stat().st_size for r in corpus.rel[:n])
+    report = Report()
     verdicts: list = []
     try:
         print(f"converting {n} images (untimed) in {workdir} ...", flush=True)
@@ -985,44 +766,37 @@ def main(argv=None) -> int:
                         f"{v.get('numpy')}, crc32c {v.get('crc32c')}")
         else:
             ext_line = f"(Rs), (Tp) NOT RUN: {ext_why}"
-        md = ["## Environment", ""] + environment(bench, ext_line)
-        md += [f"- command: `python benchmarks/bench_formats.py "
-               f"{' '.join(sys.argv[1:] if argv is None else argv)}`", ""]
-        print("\n".join(md), flush=True)
+        report.add(["## Environment", ""] + environment(bench, ext_line)
+                   + [command_line("bench_formats.py", argv), ""], gap=False)
         t_rounds = time.perf_counter()
-        times = run_rounds(bench, names, args.rounds)
+        times = run_rounds(bench.timed, names, args.rounds, round_summary)
         elapsed = time.perf_counter() - t_rounds
         rtable, verdicts = ratio_table(times, args.rounds)
+        cols = columns(args.rounds)
+
+        def table(group):
+            return variant_table(cols, [x for x in names if x in group], times, DESC)
         section = [f"## Formats, buckets {SIZE} ({n} images, {args.rounds} rounds)", ""]
         section += [f"- {s}" for s in notes(bench, names, times)]
         section += [f"- timed passes took {elapsed:.0f} s", "",
                     "### img/s at 512 buckets (DatagoDataset, DataLoader(num_workers=0))", ""]
-        section += variant_table(names, times, args.rounds, LOADERS)
+        section += table(LOADERS)
         section += ["", f"### Random access ({len(bench.perm)} decoded samples per pass of "
                         f"(M)/(Mf), {raw} raw accesses per pass of (Rb)/(Rs))", ""]
-        section += variant_table(names, times, args.rounds, RANDOM)
+        section += table(RANDOM)
         section += ["", f"### TFRecord reading ({len(bench.tfr_files)} files, {n} records, "
                         f"image bytes out, no decode)", ""]
-        section += variant_table(names, times, args.rounds, TFR)
+        section += table(TFR)
         section += ["", "### Ratios (per round, then the median)", ""] + rtable + [""]
-        print("\n" + "\n".join(section), flush=True)
-        md += section
+        report.add(section)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    tail = ["## Summary", ""]
-    for label, target, result, med in verdicts:
-        tail.append(f"- {label} {target}: {result or 'NOT RUN'}"
-                    + (f" ({med:.3f})" if med is not None else ""))
+    tail = ["## Summary", ""] + verdict_lines(verdicts, digits=3)
     if ext is None:
         tail.append(f"- (Rs), (Tp) not run: {ext_why}")
-    tail.append(f"- problems: {len(bench.problems)}" + (":" if bench.problems else ""))
-    tail += [f"  - {p}" for p in bench.problems]
-    tail.append(f"- total runtime: {time.perf_counter() - t_start:.0f} s")
-    print("\n" + "\n".join(tail), flush=True)
-    md += tail
-    if args.out:
-        args.out.write_text("\n".join(md) + "\n")
-        print(f"wrote {args.out}")
+    tail += problem_lines(bench.problems) + [runtime_line(t_start)]
+    report.add(tail)
+    report.write(args.out)
     return 0
 
 

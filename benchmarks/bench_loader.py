@@ -72,24 +72,18 @@ would count it again).
 
 from __future__ import annotations
 
-import argparse
-import faulthandler
 import functools
-import gc
 import inspect
 import json
 import os
-import platform
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import PIL
@@ -97,9 +91,15 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from _common import RSS_FIELDS, TreeMemorySampler, cover_size, cpu_counters, cpu_model
+from _common import (RSS_FIELDS, VenvHelper, client_config, cover_size, find_images,
+                     is_disturbed, link_view, measure_pass, rate_of, reported_cores, text_tail)
+from _report import (FIRST, PADDED, PSS, RSS, SAMPLES, Column, Report, Verdict, add_corpus_args,
+                     add_out_arg, add_ref_args, check_corpus_args, command_line, core_versions,
+                     cpu_line, disturbed_column, disturbed_rule, make_parser, mb, med,
+                     not_run_row, problem_lines, rate_columns, ratio_header, ratio_row,
+                     reference_line, run_rounds, runtime_line, stack_line, tally, variant_table,
+                     verdict_lines)
 
-EXTENSIONS = {".jpg", ".jpeg", ".png"}
 DOWNSAMPLING = {512: 16, 1024: 32}        # bucket size -> VAE factor / patch size
 MIN_AR, MAX_AR = 0.5, 2.0
 BATCH = 32                                # --batch
@@ -113,8 +113,6 @@ MEM_INTERVAL = 0.05                       # seconds between process-tree memory 
 PSS_DUTY = 0.05                           # --pss-duty
 WARMUP_IMAGES = 32
 SANITY_SPREAD = 12                        # + up to 4 rotated, 4 PNG, 2 RGBA/LA/P, 2 grey
-DISTURBED_OTHERS = 0.30                   # cores used by others during a pass
-DISTURBED_STEAL = 0.10                    # cores stolen by the hypervisor during a pass
 REF_DRAIN_S = 10.0                        # after N samples, count the reference's extras
 HANG_DUMP_S = 900                         # dump all stacks if one pass runs this long
 
@@ -224,18 +222,7 @@ def _mark_worker_start(table: torch.Tensor, worker_id: int) -> None:
     table[worker_id] = time.perf_counter()
 
 
-# --------------------------------------------------------------------------- CPU accounting
-
-
-def _malloc_trim() -> None:
-    """Give freed heap back to the OS (glibc), so that a pass does not start with the
-    previous passes' freed-but-kept memory -- forked DataLoader workers would count
-    it again in their RSS."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+# --------------------------------------------------------------------------- timed passes
 
 
 def _split_tree(detail: Dict[int, Dict[str, int]], root: int) -> dict:
@@ -245,13 +232,6 @@ def _split_tree(detail: Dict[int, Dict[str, int]], root: int) -> dict:
     others = {k: sum(v.get(k, 0) for p, v in detail.items() if p != root) for k in RSS_FIELDS}
     others["procs"] = sum(1 for p in detail if p != root)
     return {"main": main, "others": others}
-
-
-def _own_cpu() -> float:
-    """CPU seconds of this process and its reaped children (DataLoader workers)."""
-    s = resource.getrusage(resource.RUSAGE_SELF)
-    c = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
 class Run(NamedTuple):
@@ -284,13 +264,8 @@ class Run(NamedTuple):
     at_peak: Optional[dict] = None
     at_start: Tuple[int, int] = (0, 0)
 
-    @property
-    def rate(self) -> float:
-        return self.n / self.wall
-
-    @property
-    def disturbed(self) -> bool:
-        return self.others > DISTURBED_OTHERS or self.steal > DISTURBED_STEAL
+    rate = property(rate_of)
+    disturbed = property(is_disturbed)
 
 
 # --------------------------------------------------------------------------- corpus
@@ -304,9 +279,7 @@ class Corpus(NamedTuple):
 
 
 def load_corpus(root: Path) -> Corpus:
-    paths = sorted(p for p in root.rglob("*")
-                   if p.is_file() and p.suffix.lower() in EXTENSIONS
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    paths = sorted(find_images(root))
     if not paths:
         sys.exit(f"no .jpg/.jpeg/.png files under {root}")
     rel, infos, modes, nbytes = [], {}, {}, 0
@@ -324,14 +297,19 @@ def load_corpus(root: Path) -> Corpus:
     return Corpus(root, rel, infos, modes, nbytes)
 
 
-def link_view(folder: Path, root: Path, rel: List[str]) -> Path:
-    """A folder of symlinks to ``root / r`` for every ``r`` in ``rel``, at the same
-    relative paths (so DatagoDataset's sample ids are the same)."""
-    for r in rel:
-        link = folder / r
-        link.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(root / r, link)
-    return folder
+def open_corpus(path: Path, limit: Optional[int], prefix: str) -> Tuple[Corpus, int, Path, Path]:
+    """(the corpus under ``path``, N: its first ``limit`` images or all of them, a new
+    temporary work folder, the folder holding exactly those N: the corpus itself
+    or a folder of symlinks in the work folder).  DatagoDataset is pointed at that
+    folder: a config "limit" would cut its epoch plan (the first steps of the
+    plan), not the sorted file list."""
+    root = path.resolve()
+    corpus = load_corpus(root)
+    n = min(limit, len(corpus.rel)) if limit else len(corpus.rel)
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    data_root = (root if n == len(corpus.rel)
+                 else link_view(workdir / "first_n", root, corpus.rel[:n]))
+    return corpus, n, workdir, data_root
 
 
 def expected_bucket(info, buckets) -> Tuple[int, int]:
@@ -352,13 +330,7 @@ def datago_config(root: Path, size: int, ratio: int, limit: Optional[int]) -> di
 
 
 def ref_config(root: Path, size: int, ratio: int, limit: int) -> dict:
-    return {"source_type": "file",
-            "source_config": {"root_path": str(root), "random_sampling": False,
-                              "rank": 0, "world_size": 1},
-            "image_config": {"crop_and_resize": True, "default_image_size": size,
-                             "downsampling_ratio": ratio, "min_aspect_ratio": MIN_AR,
-                             "max_aspect_ratio": MAX_AR, "pre_encode_images": False},
-            "limit": limit, "samples_buffer_size": BUFFER}
+    return client_config(root, size, ratio, limit, MIN_AR, MAX_AR, BUFFER)
 
 
 # --------------------------------------------------------------------------- (b) reference
@@ -437,66 +409,47 @@ print(json.dumps({
 '''
 
 
-class Reference:
+class Reference(VenvHelper):
     """The reference datago in its own venv, run as a subprocess per pass."""
 
+    label = "reference venv"
+    packages = ("datago", "numpy")
+
     def __init__(self, venv: Path, workdir: Path):
-        self.venv = venv
-        self.python = venv / "bin" / "python"
-        self.helper = workdir / "ref_helper.py"
-        self.helper.write_text(REF_HELPER)
+        super().__init__(venv, workdir / "ref_helper.py", REF_HELPER)
         self.info: Optional[dict] = None        # the last successful run's JSON
 
     def ensure(self) -> Optional[str]:
         """Create the venv if missing; None when usable, else why not."""
-        if not self.python.exists():
-            print(f"reference venv {self.venv} missing: creating it "
-                  f"(python -m venv, pip install datago numpy)", flush=True)
-            try:
-                subprocess.run([sys.executable, "-m", "venv", str(self.venv)], check=True,
-                               capture_output=True, text=True, timeout=300)
-                subprocess.run([str(self.venv / "bin" / "pip"), "install", "-q", "datago",
-                                "numpy"], check=True, capture_output=True, text=True,
-                               timeout=900)
-            except subprocess.CalledProcessError as exc:
-                return (f"creating {self.venv} failed: {' '.join(map(str, exc.cmd))} exited "
-                        f"{exc.returncode}: {_tail(exc.stderr or exc.stdout)}")
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                return f"creating {self.venv} failed: {type(exc).__name__}: {exc}"
+        why = self.create()
+        if why:
+            return why
         probe = subprocess.run([str(self.python), "-I", "-c",
                                 "from datago import DatagoClient; "
                                 "from importlib import metadata; print(metadata.version('datago'))"],
                                capture_output=True, text=True, cwd=tempfile.gettempdir())
         if probe.returncode != 0:
             return (f"{self.python} cannot import datago.DatagoClient: "
-                    f"{_tail(probe.stderr)}")
+                    f"{text_tail(probe.stderr)}")
         return None
 
     def run(self, cfg: dict, n: int, root: Path) -> Tuple[dict, float]:
         """One pass; returns (the helper's JSON, the subprocess's total wall seconds)."""
         arg = json.dumps({"config": cfg, "n": n, "root": str(root), "drain_s": REF_DRAIN_S})
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-        t0 = time.perf_counter()
-        proc = subprocess.run([str(self.python), "-I", str(self.helper), arg],
-                              capture_output=True, text=True, env=env,
-                              cwd=tempfile.gettempdir(), timeout=120 + n * 0.5)
-        total = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise RuntimeError(f"reference helper exited {proc.returncode}: "
-                               f"{_tail(proc.stderr or proc.stdout)}")
-        try:
-            out = json.loads(proc.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise RuntimeError(f"reference helper printed no JSON: stdout {_tail(proc.stdout)!r}, "
-                               f"stderr {_tail(proc.stderr)!r}") from None
+        out, total = self.call(arg, 120 + n * 0.5, "reference")
         self.info = out
         return out, total
 
 
-def _tail(text: Optional[str], n: int = 600) -> str:
-    text = (text or "").strip()
-    return text if len(text) <= n else "..." + text[-n:]
+def open_reference(no_ref: bool, venv: Path, workdir: Path
+                   ) -> Tuple[Optional[Reference], Optional[str]]:
+    """(the reference, None), or (None, why it will not run): ``--no-ref``, or its
+    venv cannot be made or cannot import it."""
+    if no_ref:
+        return None, "--no-ref given"
+    ref = Reference(venv, workdir)
+    why = ref.ensure()
+    return (None, why) if why else (ref, None)
 
 
 # --------------------------------------------------------------------------- passes
@@ -668,53 +621,26 @@ class Bench:
         self.last_b = out
         return dict(wall=out["wall"], n=out["n"], mp=sum(self.mp_of.get(i, 0.0) for i in ids),
                     first=out["first"] or out["wall"], startup=out["t_start"],
-                    ours=out["ours"], others=max(0.0, out["busy"] - out["ours"]),
-                    steal=out["steal"])
+                    ours=out["ours"], busy=out["busy"], steal=out["steal"])
 
     # ---------------------------------------------------------------- timing
     def timed(self, name: str) -> Optional[Run]:
-        gc.collect()
-        _malloc_trim()
-        faulthandler.dump_traceback_later(HANG_DUMP_S, exit=False)
-        mem = TreeMemorySampler(MEM_INTERVAL, PSS_DUTY)
-        busy0, steal0 = cpu_counters()
-        c0 = _own_cpu()
-        t_mem = time.perf_counter()
-        mem.start()
-        try:
-            if name == "a":
-                r = self.pass_a()
-            elif name == "b":
-                r = self.pass_b()
-            elif name == "c":
-                r = self.pass_datago(0)
-            else:
-                r = self.pass_datago(D_WORKERS)
-        except Exception as exc:                                  # noqa: BLE001
-            self.problem(f"({name}) raised {type(exc).__name__}: {exc}\n"
-                         + "".join(traceback.format_exc().splitlines(True)[-8:]))
+        work = {"a": self.pass_a, "b": self.pass_b, "c": lambda: self.pass_datago(0)}.get(
+            name, lambda: self.pass_datago(D_WORKERS))
+        got = measure_pass(work, self.problem, name, interval=MEM_INTERVAL, pss_duty=PSS_DUTY,
+                           hang_dump_s=HANG_DUMP_S)
+        if got is None:
             return None
-        finally:
-            mem.stop()
-            faulthandler.cancel_dump_traceback_later()
-        t_mem = time.perf_counter() - t_mem
-        busy1, steal1 = cpu_counters()
-        if mem.error:
-            self.problem(f"({name}) memory sampler failed: {mem.error}")
+        r, cost = got
+        mem = cost.mem
         memkw = dict(rss=mem.peak_rss, pss=mem.peak_pss, padded=r.get("padded"),
-                     mem_cpu=mem.cpu / t_mem if t_mem > 0 else 0.0,
-                     mem_reads=(mem.samples, mem.pss_reads),
+                     mem_cpu=cost.mem_cores, mem_reads=(mem.samples, mem.pss_reads),
                      at_peak=_split_tree(mem.peak_detail, mem.root),
                      at_start=(mem.start_rss, mem.start_pss))
-        if name == "b":
-            return Run(r["wall"], r["n"], r["mp"], r["ours"], r["others"], r["steal"],
-                       r["first"], r["startup"], **memkw)
-        wall = r["wall"]
-        # the sampler thread's CPU is in getrusage(SELF): not ours
-        ours = max(0.0, _own_cpu() - c0 - mem.cpu) / wall
-        return Run(wall, r["n"], r["mp"], ours,
-                   max(0.0, (busy1 - busy0 - mem.cpu) / wall - ours),
-                   (steal1 - steal0) / wall, r["first"], r["startup"], **memkw)
+        # (b) measured itself; the sampler thread's CPU is in getrusage(SELF): not ours
+        ours, others, steal = reported_cores(r) if name == "b" else cost.cores(r["wall"])
+        return Run(r["wall"], r["n"], r["mp"], ours, others, steal, r["first"], r["startup"],
+                   **memkw)
 
     # ---------------------------------------------------------------- sanity + warm-up
     def sanity(self, names: List[str], workdir: Path) -> Optional[str]:
@@ -830,10 +756,103 @@ class Bench:
         return ref_failed
 
 
+class SourcesBench(Bench):
+    """A Bench (its folder dataset ``self.ds`` is variant ``base``) with more
+    DatagoDatasets over the same images, from other sources or formats:
+    ``datasets`` and the sample ids each should deliver (``expected_ids``) by
+    variant, their construction times (``t_build``), and each pass's
+    ``stats()["seconds"]`` (``seconds``).  Sample ids that are not the relative
+    paths (URLs, WebDataset keys) are added to ``bucket_of`` / ``mp_of`` as
+    aliases of them (``alias``), so that ``pass_datago`` checks them against the
+    same headers."""
+
+    def __init__(self, corpus: Corpus, n: int, data_root: Path, ref: Optional[Reference],
+                 base: str, size: int = 512):
+        super().__init__(size, corpus, n, data_root, ref)
+        self.expected_ids: Dict[str, set] = {base: self.expected}
+        self.datasets: Dict[str, DatagoDataset] = {base: self.ds}
+        self.t_build: Dict[str, float] = {}
+        self.seconds: Dict[str, List[dict]] = {}
+
+    def alias(self, ids: Dict[str, str]) -> set:
+        """``{new id: relative path}`` -> the set of new ids (added to the lookups)."""
+        for i, r in ids.items():
+            self.bucket_of[i] = self.bucket_of[r]
+            self.mp_of[i] = self.mp_of[r]
+        return set(ids)
+
+    def config(self, source_type: str, source_config: dict) -> dict:
+        """``datago_config`` of this size with another source."""
+        cfg = datago_config(self.data_root, self.size, self.ratio, None)
+        cfg["source_type"], cfg["source_config"] = source_type, source_config
+        return cfg
+
+    def build(self, name: str, source_type: str, source_config: dict) -> DatagoDataset:
+        """The dataset of variant ``name`` (its construction timed into ``t_build``)."""
+        cfg = self.config(source_type, source_config)
+        t0 = time.perf_counter()
+        ds = DatagoDataset(cfg)
+        self.t_build[name] = time.perf_counter() - t0
+        return ds
+
+    def check_listings(self, skip: Iterable[str] = ()) -> None:
+        """Each dataset lists exactly the N samples it should (``skip``: those that
+        list nothing, e.g. streamed)."""
+        for name, ds in self.datasets.items():
+            if name in skip:
+                continue
+            lst = [ds.listing.sample_id(i) for i in range(len(ds.listing))]
+            if set(lst) != self.expected_ids[name] or len(lst) != self.n:
+                self.problem(f"({name}) the dataset lists {len(lst)} samples, "
+                             f"{len(set(lst) - self.expected_ids[name])} of them unexpected; "
+                             f"listing skipped {dict(ds.listing.skipped)}")
+
+    def pass_source(self, name: str) -> dict:
+        """One pass of variant ``name``'s dataset, ``DataLoader(num_workers=0)``."""
+        ds = self.datasets[name]
+        r = self.pass_datago(0, ds, self.expected_ids[name], f"({name})")
+        self.seconds.setdefault(name, []).append(ds.stats()["seconds"])
+        return r
+
+    def corpus_line(self, rest: str) -> str:
+        """``- corpus: ROOT, N images of M (their formats){rest}``."""
+        c = self.corpus
+        return (f"- corpus: {c.root}, {self.n} images of {len(c.rel)} "
+                f"({tally(c.infos[r].format for r in self.rel)}){rest}")
+
+    def buckets_text(self) -> str:
+        return (f"make_buckets({self.size}, {self.ratio}, {MIN_AR}, {MAX_AR}) "
+                f"({len(self.buckets)}, {len({self.bucket_of[r] for r in self.rel})} used)")
+
+
 # --------------------------------------------------------------------------- reporting
 
-def _mb(x: float) -> str:
-    return f"{x / 1e6:.0f}"
+def _round_summary(runs: Dict[str, Optional[Run]]) -> str:
+    parts, cores, mems = [], [], []
+    for k, run in runs.items():
+        if run is None:
+            parts.append(f"{k} FAILED")
+            cores.append(f"{k} -")
+            mems.append(f"{k} -")
+        else:
+            parts.append(f"{k} {run.rate:.1f}{'!' if run.disturbed else ''}"
+                         + (f" (+{run.padded} padded)" if run.padded else ""))
+            cores.append(f"{k} {run.ours:.2f}/{run.others:.2f}/{run.steal:.2f}")
+            mems.append(f"{k} {mb(run.rss)}/{mb(run.pss)}")
+    return ("  ".join(parts) + " img/s; cores ours/others/steal: " + "  ".join(cores)
+            + "; peak tree RSS/PSS MB: " + "  ".join(mems))
+
+
+def columns(rounds: int) -> List[Column]:
+    def startup(_, ok):
+        s = [t.startup for t in ok if t.startup is not None]
+        return f"{med(s):.2f}" if s else "-"
+    return rate_columns(rounds) + [
+        SAMPLES, PADDED, FIRST, Column("start-up s", startup), RSS, PSS,
+        Column("cores: ours (median) / others, steal (max)", lambda _, ok: (
+            f"{med(t.ours for t in ok):.2f} / {max(t.others for t in ok):.2f} / "
+            f"{max(t.steal for t in ok):.2f}")),
+        disturbed_column(rounds)]
 
 
 def bench_size(bench: Bench, names: List[str], rounds: int, workdir: Path,
@@ -843,65 +862,14 @@ def bench_size(bench: Bench, names: List[str], rounds: int, workdir: Path,
     if why:
         ref_why.append(why)
         names = [x for x in names if x != "b"]
-    times: Dict[str, List[Optional[Run]]] = {k: [] for k in names}
     t_size = time.perf_counter()
-    for r in range(rounds):
-        t_round = time.perf_counter()
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            times[name].append(bench.timed(name))
-        parts, cores, mems = [], [], []
-        for k in names:
-            run = times[k][-1]
-            if run is None:
-                parts.append(f"{k} FAILED")
-                cores.append(f"{k} -")
-                mems.append(f"{k} -")
-            else:
-                parts.append(f"{k} {run.rate:.1f}{'!' if run.disturbed else ''}"
-                             + (f" (+{run.padded} padded)" if run.padded else ""))
-                cores.append(f"{k} {run.ours:.2f}/{run.others:.2f}/{run.steal:.2f}")
-                mems.append(f"{k} {_mb(run.rss)}/{_mb(run.pss)}")
-        took = time.perf_counter() - t_round
-        print(f"  [{size}] round {r + 1}/{rounds} ({' '.join(order)}) {took:.0f} s: "
-              + "  ".join(parts) + " img/s; cores ours/others/steal: " + "  ".join(cores)
-              + "; peak tree RSS/PSS MB: " + "  ".join(mems), flush=True)
-        if r == 0 and rounds > 1:
-            print(f"  [{size}] estimated {took * (rounds - 1):.0f} s more for this size",
-                  flush=True)
+    times: Dict[str, List[Optional[Run]]] = run_rounds(
+        bench.timed, names, rounds, _round_summary, tag=f"[{size}] ", more=" for this size")
     elapsed = time.perf_counter() - t_size
 
     n = bench.n
-    desc = variants()
-    lines = [f"| variant | img/s (median of {rounds}) | source MP/s | img/s min..max "
-             f"| samples | padded | first batch s | start-up s | peak tree RSS MB "
-             f"| peak tree PSS MB | cores: ours (median) / others, steal (max) | disturbed |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in names:
-        ok = [t for t in times[name] if t is not None]
-        if not ok:
-            lines.append(f"| ({name}) {desc[name]} | FAILED | | | | | | | | | | |")
-            continue
-        rates = [t.rate for t in ok]
-        med = statistics.median(rates)
-        mps = statistics.median(t.mp / t.wall for t in ok)
-        startup = [t.startup for t in ok if t.startup is not None]
-        counts = "/".join(str(c) for c in sorted({t.n for t in ok}))
-        padded = ("/".join(str(c) for c in sorted({t.padded for t in ok}))
-                  if any(t.padded is not None for t in ok) else "-")
-        lines.append(
-            f"| ({name}) {desc[name]} | {med:.1f} | {mps:.1f} | "
-            f"{min(rates):.1f}..{max(rates):.1f} | {counts} | {padded} | "
-            f"{statistics.median(t.first for t in ok):.2f} | "
-            + (f"{statistics.median(startup):.2f} |" if startup else "- |")
-            + f" {_mb(statistics.median(t.rss for t in ok))} |"
-            + f" {_mb(statistics.median(t.pss for t in ok))} |"
-            + f" {statistics.median(t.ours for t in ok):.2f} / "
-                      f"{max(t.others for t in ok):.2f} / {max(t.steal for t in ok):.2f} | "
-                      f"{sum(t.disturbed for t in ok)}/{len(ok)}"
-                      f"{'' if len(ok) == rounds else f' ({rounds - len(ok)} failed)'} |")
-    lines += ["", "| ratio / measure | median | min..max | rounds | target | result |",
-              "|---|---:|---:|---:|---:|---|"]
+    lines = variant_table(columns(rounds), names, times, variants())
+    lines += [""] + ratio_header("ratio / measure")
     verdicts = []
     targeted = {label for label, _, _, target, sizes in RATIOS
                 if target is not None and (sizes is None or size in sizes)}
@@ -913,9 +881,9 @@ def bench_size(bench: Bench, names: List[str], rounds: int, workdir: Path,
         ttext = f">= {target}" if target is not None else "-"
         if den not in names or not any(x in names for x in nums):
             if target is not None:
-                lines.append(f"| {label} | - | - | 0 | {ttext} | "
-                             f"NOT RUN ({den if den not in names else '/'.join(nums)} missing) |")
-                verdicts.append((label, ttext, None))
+                lines.append(not_run_row(label, ttext, f"NOT RUN ("
+                                         f"{den if den not in names else '/'.join(nums)} missing)"))
+                verdicts.append(Verdict(label, ttext, None))
             continue
         per_round = []
         for r in range(rounds):
@@ -925,31 +893,29 @@ def bench_size(bench: Bench, names: List[str], rounds: int, workdir: Path,
                 continue
             per_round.append(max(t.rate for t in ns) / d.rate)
         if not per_round:
-            lines.append(f"| {label} | - | - | 0 | {ttext} | "
-                         f"{'NOT RUN (passes failed)' if target else 'info'} |")
+            lines.append(not_run_row(label, ttext,
+                                     "NOT RUN (passes failed)" if target else "info"))
             if target is not None:
-                verdicts.append((label, ttext, None))
+                verdicts.append(Verdict(label, ttext, None))
             continue
-        med = statistics.median(per_round)
-        result = "info" if target is None else ("PASS" if med >= target else "FAIL")
-        lines.append(f"| {label} | {med:.2f} | {min(per_round):.2f}..{max(per_round):.2f} | "
-                     f"{len(per_round)} | {ttext} | {result} |")
-        if target is not None:
-            verdicts.append((label, ttext, result))
+        row, verdict = ratio_row(label, per_round, target)
+        lines.append(row)
+        if verdict is not None:
+            verdicts.append(verdict)
     for label, var, field, bound, sizes in MEM_TARGETS:
         if sizes is not None and size not in sizes:
             continue
         ttext = f"<= {bound} MB"
         vals = [getattr(t, field) / 1e6 for t in times.get(var, []) if t is not None]
         if not vals:
-            lines.append(f"| {label} | - | - | 0 | {ttext} | NOT RUN |")
-            verdicts.append((label, ttext, None))
+            lines.append(not_run_row(label, ttext, "NOT RUN"))
+            verdicts.append(Verdict(label, ttext, None))
             continue
-        med = statistics.median(vals)
-        result = "PASS" if med <= bound else "FAIL"
-        lines.append(f"| {label} | {med:.0f} MB | {min(vals):.0f}..{max(vals):.0f} | "
+        m = med(vals)
+        result = "PASS" if m <= bound else "FAIL"
+        lines.append(f"| {label} | {m:.0f} MB | {min(vals):.0f}..{max(vals):.0f} | "
                      f"{len(vals)} | {ttext} | {result} |")
-        verdicts.append((label, ttext, result))
+        verdicts.append(Verdict(label, ttext, result, m))
     # notes on (b)
     if "b" in names and getattr(bench, "last_b", None):
         ok = [t for t in times["b"] if t is not None]
@@ -966,27 +932,27 @@ def bench_size(bench: Bench, names: List[str], rounds: int, workdir: Path,
         if ok:
             bench.notes.append(
                 f"(b) outside the timed wall: import {lb['t_import']:.2f} s (last pass), "
-                f"DatagoClient() + start() {statistics.median(t.startup for t in ok):.3f} s; "
+                f"DatagoClient() + start() {med(t.startup for t in ok):.3f} s; "
                 f"whole subprocess {lb['_total']:.1f} s (last pass)")
     # notes on memory
     runs = {k: [t for t in times[k] if t is not None] for k in names}
     if any(runs.values()):
         bench.notes.append(
             "memory: peak over a pass of the summed RSS / PSS of this process and all its "
-            f"descendants (DataLoader workers; for (b) the reference's subprocess, sampled "
-            f"over its whole life: start-up and drain included), median over rounds; at "
-            f"the start of a pass (this process alone, torch imported, after gc + "
-            f"malloc_trim) RSS / PSS MB, median: "
-            + ", ".join(f"{k} {_mb(statistics.median(t.at_start[0] for t in v))}/"
-                        f"{_mb(statistics.median(t.at_start[1] for t in v))}"
+            "descendants (DataLoader workers; for (b) the reference's subprocess, sampled "
+            "over its whole life: start-up and drain included), median over rounds; at "
+            "the start of a pass (this process alone, torch imported, after gc + "
+            "malloc_trim) RSS / PSS MB, median: "
+            + ", ".join(f"{k} {mb(med(t.at_start[0] for t in v))}/"
+                        f"{mb(med(t.at_start[1] for t in v))}"
                         for k, v in runs.items() if v)
             + f"; RSS sampled every {MEM_INTERVAL * 1e3:.0f} ms, PSS near the RSS peak within a "
             f"{PSS_DUTY:.0%} CPU budget (samples / PSS reads per pass, median: "
-            + ", ".join(f"{k} {statistics.median(t.mem_reads[0] for t in v):.0f}/"
-                        f"{statistics.median(t.mem_reads[1] for t in v):.0f}"
+            + ", ".join(f"{k} {med(t.mem_reads[0] for t in v):.0f}/"
+                        f"{med(t.mem_reads[1] for t in v):.0f}"
                         for k, v in runs.items() if v)
             + "); the sampler thread used "
-            + ", ".join(f"{k} {statistics.median(t.mem_cpu for t in v):.3f}"
+            + ", ".join(f"{k} {med(t.mem_cpu for t in v):.3f}"
                         for k, v in runs.items() if v)
             + " cores (median), left out of 'cores: ours' and 'others' of (a), (c), (d)")
     for k, v in runs.items():
@@ -996,50 +962,39 @@ def bench_size(bench: Bench, names: List[str], rounds: int, workdir: Path,
         t = sorted(v, key=lambda t: t.rss)[(len(v) - 1) // 2]      # the pass of the median peak
         m, o = t.at_peak["main"], t.at_peak["others"]
         bench.notes.append(
-            f"({k}) at its RSS peak ({_mb(t.rss)} MB, pass of the median peak): this process "
-            f"RSS {_mb(m['VmRSS'])} MB (anon {_mb(m['RssAnon'])}, file {_mb(m['RssFile'])}, "
-            f"shmem {_mb(m['RssShmem'])})"
-            + (f"; {o['procs']} child processes RSS {_mb(o['VmRSS'])} MB together (anon "
-               f"{_mb(o['RssAnon'])}, file {_mb(o['RssFile'])}, shmem {_mb(o['RssShmem'])}; "
+            f"({k}) at its RSS peak ({mb(t.rss)} MB, pass of the median peak): this process "
+            f"RSS {mb(m['VmRSS'])} MB (anon {mb(m['RssAnon'])}, file {mb(m['RssFile'])}, "
+            f"shmem {mb(m['RssShmem'])})"
+            + (f"; {o['procs']} child processes RSS {mb(o['VmRSS'])} MB together (anon "
+               f"{mb(o['RssAnon'])}, file {mb(o['RssFile'])}, shmem {mb(o['RssShmem'])}; "
                f"a forked child's RSS includes the parent's pages it still shares)"
                if o["procs"] else ""))
     bench.notes.append(f"timed passes took {elapsed:.0f} s; '!' after a rate marks a disturbed "
-                       f"pass (others > {DISTURBED_OTHERS} or steal > {DISTURBED_STEAL} cores)")
+                       f"pass ({disturbed_rule()})")
     bench.verdicts = verdicts
     return lines
 
 
 def environment(corpus: Corpus, n: int, ref_line: str) -> List[str]:
-    cores = os.cpu_count()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     rel = corpus.rel[:n]
     infos = [corpus.infos[r] for r in rel]
     mps = [i.width * i.height / 1e6 for i in infos]
-    fmts = {f: sum(1 for i in infos if i.format == f) for f in sorted({i.format for i in infos})}
-    modes = {m: sum(1 for r in rel if corpus.modes[r] == m) for m in sorted({corpus.modes[r] for r in rel})}
     rotated = sum(1 for i in infos if i.orientation != 1)
     nbytes = sum((corpus.root / r).stat().st_size for r in rel)
-    try:
-        from datago._core import _jpeg, _png, _resample
-        core = (f"libjpeg-turbo {_jpeg.version()}, libspng {_png.version()}, "
-                f"resample SIMD {_resample.simd()}, ")
-    except Exception:                                             # noqa: BLE001
-        core = ""
+    core = core_versions()
     return [
-        f"- CPU: {cpu_model()}, {cores} logical cores ({usable} usable); "
-        f"load average at start {os.getloadavg()[0]:.2f}",
-        f"- Python {platform.python_version()}, torch {torch.__version__} "
-        f"(DataLoader start method {torch.multiprocessing.get_start_method()}), numpy "
-        f"{np.__version__}, Pillow {PIL.__version__}",
-        f"- datago {datago.__version__} ({Path(datago.__file__).parent}): {core}filter "
+        cpu_line(),
+        stack_line(f" (DataLoader start method {torch.multiprocessing.get_start_method()})"),
+        f"- datago {datago.__version__} ({Path(datago.__file__).parent}): "
+        f"{f'{core}, ' if core else ''}filter "
         f"{datago.image.DEFAULT_FILTER!r}; num_threads (c) {default_num_threads(1)}, "
         f"(d) {default_num_threads(D_WORKERS)} per worker x {D_WORKERS} workers, "
         f"in_order={D_IN_ORDER or not IN_ORDER_SUPPORTED}; batch {BATCH}, remainder 'pad'; "
         f"samples_buffer_size {BUFFER} (unused by planned batches)",
         f"- {ref_line}",
         f"- corpus: {corpus.root}, {n} images of {len(corpus.rel)} "
-        f"({', '.join(f'{v} {k}' for k, v in fmts.items())}; modes "
-        f"{', '.join(f'{v} {k}' for k, v in modes.items())}; {rotated} with EXIF orientation "
+        f"({tally(i.format for i in infos)}; modes {tally(corpus.modes[r] for r in rel)}; "
+        f"{rotated} with EXIF orientation "
         f"!= 1), {nbytes / 1e6:.1f} MB, mean {statistics.mean(mps):.3f} MP (median "
         f"{statistics.median(mps):.3f}, max {max(mps):.2f}); files read from disk by every "
         f"variant, page cache warmed once before timing",
@@ -1058,18 +1013,12 @@ def environment(corpus: Corpus, n: int, ref_line: str) -> List[str]:
 
 def main(argv=None) -> int:
     global BATCH, D_IN_ORDER, PSS_DUTY
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("corpus", type=Path, help="folder searched recursively for .jpg/.jpeg/.png")
-    ap.add_argument("--limit", type=int, default=None,
-                    help="use the first N images (sorted), for every variant")
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per size (default 3)")
+    ap = make_parser(__doc__)
+    add_corpus_args(ap, rounds_help="timed rounds per size (default 3)")
     ap.add_argument("--sizes", default="512,1024", help="bucket sizes (default 512,1024)")
     ap.add_argument("--pil-sizes", default="512",
                     help="bucket sizes where the Pillow variant (a) runs (default 512)")
-    ap.add_argument("--ref-venv", type=Path, default=Path("/tmp/datago_ref"),
-                    help="venv of the reference datago (created when missing)")
-    ap.add_argument("--no-ref", action="store_true", help="skip the reference variant (b)")
+    add_ref_args(ap, "b")
     ap.add_argument("--batch", type=int, default=BATCH,
                     help=f"images per batch, every variant (default {BATCH})")
     ap.add_argument("--d-in-order-false", action="store_true",
@@ -1077,14 +1026,11 @@ def main(argv=None) -> int:
     ap.add_argument("--pss-duty", type=float, default=PSS_DUTY,
                     help=f"CPU share (of one core) the PSS reads of the memory sampler may "
                          f"use (default {PSS_DUTY}; 1 reads PSS at every 50 ms sample)")
-    ap.add_argument("--out", type=Path, default=None, help="also write the tables to this .md")
+    add_out_arg(ap)
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     pil_sizes = {int(s) for s in args.pil_sizes.split(",") if s.strip()}
-    if args.rounds < 1:
-        ap.error("--rounds must be >= 1")
-    if args.limit is not None and args.limit < 1:
-        ap.error("--limit must be >= 1")
+    check_corpus_args(ap, args)
     if args.batch < 1:
         ap.error("--batch must be >= 1")
     if not 0 < args.pss_duty <= 1:
@@ -1094,32 +1040,17 @@ def main(argv=None) -> int:
     BATCH, D_IN_ORDER, PSS_DUTY = args.batch, not args.d_in_order_false, args.pss_duty
 
     t_start = time.perf_counter()
-    root = args.corpus.resolve()
-    corpus = load_corpus(root)
-    n = min(args.limit, len(corpus.rel)) if args.limit else len(corpus.rel)
-    workdir = Path(tempfile.mkdtemp(prefix="bench_loader_"))
-    # DatagoDataset reads exactly the N files: a config "limit" would cut its epoch
-    # plan (the first steps of the plan), not the sorted file list
-    data_root = (root if n == len(corpus.rel)
-                 else link_view(workdir / "first_n", root, corpus.rel[:n]))
-
-    ref, ref_why = None, []
-    if args.no_ref:
-        ref_why.append("--no-ref given")
-    else:
-        ref = Reference(args.ref_venv, workdir)
-        why = ref.ensure()
-        if why:
-            ref_why.append(why)
-            ref = None
+    corpus, n, workdir, data_root = open_corpus(args.corpus, args.limit, "bench_loader_")
+    ref, why = open_reference(args.no_ref, args.ref_venv, workdir)
+    ref_why = [why] if why else []
     if ref is not None:
         ref_line = (f"reference datago: {args.ref_venv} (version printed after its first run); "
                     f"limit = {n}; samples converted with s.image.to_numpy_array()")
     else:
         ref_line = f"reference datago (b): NOT RUN: {ref_why[0]}"
-    md = ["## Environment", ""] + environment(corpus, n, ref_line)
-    md += [f"- command: `python benchmarks/bench_loader.py {' '.join(sys.argv[1:] if argv is None else argv)}`", ""]
-    print("\n".join(md), flush=True)
+    report = Report()
+    report.add(["## Environment", ""] + environment(corpus, n, ref_line)
+               + [command_line("bench_loader.py", argv), ""], gap=False)
 
     all_problems, verdicts = [], []
     for size in sizes:
@@ -1131,31 +1062,23 @@ def main(argv=None) -> int:
             ref = None                      # do not retry a reference that fails
         section = [f"## Buckets {size} ({n} images, {args.rounds} rounds)", ""]
         section += [f"- {s}" for s in bench.notes] + [""] + table + [""]
-        print("\n" + "\n".join(section), flush=True)
-        md += section
+        report.add(section)
         all_problems += [f"[{size}] {p}" for p in bench.problems]
-        verdicts += [(size,) + v for v in getattr(bench, "verdicts", [])]
+        verdicts += [v._replace(label=f"[{size}] {v.label}")
+                     for v in getattr(bench, "verdicts", [])]
 
     info = ref.info if ref is not None else None
     tail = ["## Summary", ""]
     if info:
-        tail.append(f"- reference datago {info['version']} (Python {info['python']}, numpy "
-                    f"{info['numpy']}, DATAGO_MAX_TASKS={info['max_tasks']}), from {args.ref_venv}; "
-                    f"samples converted with `s.image.to_numpy_array()` -> (H, W, C) uint8 "
-                    f"ndarray (owns its data: {info['owns_data']})")
+        tail.append(f"{reference_line(info, args.ref_venv)}; samples converted with "
+                    f"`s.image.to_numpy_array()` -> (H, W, C) uint8 ndarray (owns its data: "
+                    f"{info['owns_data']})")
     elif ref_why:
         tail.append(f"- (b) reference datago not run: {'; '.join(ref_why)}")
-    for size, label, target, result in verdicts:
-        tail.append(f"- [{size}] {label} {target}: {result or 'NOT RUN'}")
-    tail.append(f"- problems: {len(all_problems)}" + ("" if not all_problems else ":"))
-    tail += [f"  - {p}" for p in all_problems]
-    tail.append(f"- total runtime: {time.perf_counter() - t_start:.0f} s")
-    print("\n" + "\n".join(tail), flush=True)
-    md += tail
+    tail += verdict_lines(verdicts) + problem_lines(all_problems) + [runtime_line(t_start)]
+    report.add(tail)
     shutil.rmtree(workdir, ignore_errors=True)
-    if args.out:
-        args.out.write_text("\n".join(md) + "\n")
-        print(f"wrote {args.out}")
+    report.write(args.out)
     return 0
 
 

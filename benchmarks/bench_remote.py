@@ -104,42 +104,40 @@ number of decodes running; CPU ms per image = ours x wall / images delivered.
 Memory: bench_loader's sampler (``_common.TreeMemorySampler``, peak of the summed
 RSS / PSS of this process and its descendants every 50 ms), with the server
 processes left out of the tree and children read from each process's main thread
-only (see ``_loader_tree``).
+only (see ``loader_tree``, ``_common.leader_tree``).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import faulthandler
+import functools
 import gc
 import io
 import os
-import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, Iterable, List, NamedTuple, Optional
 
 import numpy as np
-import PIL
-import torch
 from torch.utils.data import DataLoader
 
-import _common
-from _common import TreeMemorySampler, cpu_counters, cpu_model, version
-from bench_loader import (BATCH, DISTURBED_OTHERS, DISTURBED_STEAL, HANG_DUMP_S,
-                          MEM_INTERVAL, PIL_WORKERS, PSS_DUTY, Bench, PILBucketDataset,
-                          Reference, _malloc_trim, _mb, _own_cpu, datago, DatagoDataset,
-                          datago_config, default_num_threads, link_view, load_corpus,
+from _common import (PassCost, cpu_ms_of, is_disturbed, leader_tree, measure_pass, own_cpu,
+                     proc_cpu, rate_of, reported_cores, version)
+from _report import (FIRST, PADDED, PSS, RSS, SAMPLES, Column, Report, add_corpus_args,
+                     add_out_arg, add_ref_args, check_corpus_args, command_line, cpu_line,
+                     datago_line, distinct, disturbed_column, disturbed_rule, make_parser, med,
+                     memory_note, problem_lines, rate_columns, ratio_header, ratio_rows,
+                     reference_line, run_rounds, runtime_line, seconds_notes, stack_line,
+                     variant_table, verdict_lines)
+from bench_loader import (BATCH, HANG_DUMP_S, MEM_INTERVAL, PIL_WORKERS, PSS_DUTY,
+                          PILBucketDataset, SourcesBench, open_corpus, open_reference,
                           ref_config)
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
@@ -223,53 +221,16 @@ class FaultProcess:
 
 
 SERVER_PIDS: set = set()
-_tree = _common.process_tree
-_LEADER_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
 
-
-def _loader_tree(root: Optional[int] = None) -> List[int]:
-    """The process tree the memory sampler sums: ``root`` and its descendants,
-    without the server processes (our children, but not the loader).  Children
-    are read from each process's main thread only (every process this benchmark
-    starts -- DataLoader workers, the reference's subprocess -- is started from
-    its main thread): ``_common.process_tree`` reads one ``children`` file per
-    thread, which with datago's ~65 IO threads cost the sampler ~0.14 cores and
-    the loader the GIL, every 50 ms."""
-    root = os.getpid() if root is None else root
-    if not _LEADER_CHILDREN:
-        return [p for p in _tree(root) if p not in SERVER_PIDS]
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        if pid in SERVER_PIDS:
-            continue
-        tree.append(pid)
-        try:
-            with open(f"/proc/{pid}/task/{pid}/children") as f:
-                todo += [int(x) for x in f.read().split()]
-        except (OSError, ValueError):
-            pass
-    return tree
-
-
-_common.process_tree = _loader_tree          # TreeMemorySampler looks it up at each sample
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of a live process, from /proc/<pid>/stat."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-        rest = stat[stat.rindex(")") + 2:].split()
-        return (int(rest[11]) + int(rest[12])) / _TICK
-    except (OSError, ValueError, IndexError):
-        return 0.0
+# The process tree the memory sampler sums: this process and its descendants,
+# without the server processes (our children, but not the loader), children read
+# from each process's main thread only (every process this benchmark starts --
+# DataLoader workers, the reference's subprocess -- is started from its main thread).
+loader_tree = functools.partial(leader_tree, skip=SERVER_PIDS)
 
 
 def servers_cpu() -> float:
-    return sum(_proc_cpu(p) for p in SERVER_PIDS)
+    return sum(proc_cpu(p) for p in SERVER_PIDS)
 
 
 def nginx_requests(ng: Nginx) -> int:
@@ -372,38 +333,24 @@ class Pass(NamedTuple):
     inflight: Optional[tuple]
     mem_cpu: float = 0.0
 
-    @property
-    def rate(self) -> float:
-        return self.n / self.wall
-
-    @property
-    def disturbed(self) -> bool:
-        return self.others > DISTURBED_OTHERS or self.steal > DISTURBED_STEAL
-
-    @property
-    def cpu_ms(self) -> float:
-        """CPU milliseconds of the loader's processes per delivered image."""
-        return self.ours * self.wall / self.n * 1e3 if self.n else float("nan")
+    rate = property(rate_of)
+    disturbed = property(is_disturbed)
+    cpu_ms = property(cpu_ms_of)          # of the loader's processes per delivered image
 
 
-class RemoteBench(Bench):
-    """bench_loader's Bench (its (L) dataset is ``self.ds``; its checks) plus the
-    remote variants.  Sample ids of (N)/(F*) are URLs and of (W) keys: they are
-    added to ``bucket_of`` / ``mp_of`` as aliases of the relative paths, so that
-    ``pass_datago`` checks them against the same headers."""
+class RemoteBench(SourcesBench):
+    """bench_loader's SourcesBench (its (L) dataset is ``self.ds``; its checks) plus
+    the remote variants.  Sample ids of (N)/(F*) are URLs and of (W) keys, aliases
+    of the relative paths."""
 
     def __init__(self, corpus, n, data_root, ref, workdir: Path, io_concurrency, latency_s):
-        super().__init__(SIZE, corpus, n, data_root, ref)
+        super().__init__(corpus, n, data_root, ref, "L", SIZE)
         self.workdir = workdir
         self._relabel: Optional[tuple] = None
         self.io_concurrency = io_concurrency
         self.latency_s = latency_s
-        self.expected_ids: Dict[str, set] = {"L": self.expected}
-        self.datasets: Dict[str, DatagoDataset] = {"L": self.ds}
         self.nginx: Dict[str, Nginx] = {}
         self.faults: Dict[str, FaultProcess] = {}
-        self.t_build: Dict[str, float] = {}
-        self.seconds: Dict[str, List[dict]] = {}
         self.fetch_cpu_ms: Dict[str, float] = {}
 
     # ---------------------------------------------------------------- set-up
@@ -412,25 +359,10 @@ class RemoteBench(Bench):
             text = self._relabel[1] + text[len(self._relabel[0]):]
         super().problem(text)
 
-    def alias(self, ids: Dict[str, str]) -> set:
-        """``{new id: relative path}`` -> the set of new ids (added to the lookups)."""
-        for i, r in ids.items():
-            self.bucket_of[i] = self.bucket_of[r]
-            self.mp_of[i] = self.mp_of[r]
-        return set(ids)
-
     def source_cfg(self, **kw) -> dict:
         if self.io_concurrency is not None:
             kw["io_concurrency"] = self.io_concurrency
         return kw
-
-    def build(self, name: str, source_type: str, source_config: dict) -> DatagoDataset:
-        cfg = datago_config(self.data_root, SIZE, RATIO, None)
-        cfg["source_type"], cfg["source_config"] = source_type, source_config
-        t0 = time.perf_counter()
-        ds = DatagoDataset(cfg)
-        self.t_build[name] = time.perf_counter() - t0
-        return ds
 
     def setup(self, names: List[str]) -> None:
         c, rel = self.corpus, self.rel
@@ -475,14 +407,17 @@ class RemoteBench(Bench):
             self.expected_ids[name] = self.alias(furls)
             self.datasets[name] = self.build(name, "index", self.source_cfg(
                 index=str(fcsv), url_column="url"))
-        for name, ds in self.datasets.items():
-            if name == "WS":                        # lists nothing: it streams
-                continue
-            lst = [ds.listing.sample_id(i) for i in range(len(ds.listing))]
-            if set(lst) != self.expected_ids[name] or len(lst) != self.n:
-                self.problem(f"({name}) the dataset lists {len(lst)} samples, "
-                             f"{len(set(lst) - self.expected_ids[name])} of them unexpected; "
-                             f"listing skipped {dict(ds.listing.skipped)}")
+        self.check_listings(skip=("WS",))           # (WS) lists nothing: it streams
+
+    def check_retries(self, names: Iterable[str]) -> None:
+        """A retried fetch of these variants' datasets (whole run) is a problem: the
+        servers inject no faults."""
+        for k in names:
+            ds = self.datasets.get(k)
+            if ds is not None and ds.fetcher.retried:
+                self.problem(f"({k}) datago's Fetcher retried {dict(ds.fetcher.retried)} "
+                             f"fetches (whole run) from a loopback server that injects no "
+                             f"faults (no sample was lost: see the checks)")
 
     def close(self) -> None:
         for fp in self.faults.values():
@@ -495,14 +430,14 @@ class RemoteBench(Bench):
         cfg = self.source_cfg(index=str(self.nosize_csv), url_column="url", sizes_cache=False)
         before = nginx_requests(self.nginx["corpus"])
         s0 = servers_cpu()
-        c0 = _own_cpu()
+        c0 = own_cpu()
         try:
             ds = self.build("N (header scan)", "index", cfg)
         except Exception as exc:                                  # noqa: BLE001
             self.problem(f"(N) construction with a header scan raised {type(exc).__name__}: {exc}")
             return "header scan failed (see Problems)"
         t = self.t_build["N (header scan)"]
-        cpu = _own_cpu() - c0
+        cpu = own_cpu() - c0
         reqs = nginx_requests(self.nginx["corpus"]) - before
         want = [self.corpus.infos[r].display_size for r in self.rel]
         got = list(zip(ds.sizes.width.tolist(), ds.sizes.height.tolist()))
@@ -529,12 +464,12 @@ class RemoteBench(Bench):
         k = ds.config.source.io_concurrency
         ng = self.nginx["shards" if name == "W" else "corpus"]
         gc.collect()
-        req0, s0, c0 = nginx_requests(ng), servers_cpu(), _own_cpu()
+        req0, s0, c0 = nginx_requests(ng), servers_cpu(), own_cpu()
         t0 = time.perf_counter()
         with ThreadPoolExecutor(k, thread_name_prefix="fetch-only") as ex:
             nbytes = sum(len(b) for b in ex.map(ds.fetcher.read, locs))
         wall = time.perf_counter() - t0
-        cpu, srv = _own_cpu() - c0, servers_cpu() - s0
+        cpu, srv = own_cpu() - c0, servers_cpu() - s0
         self.fetch_cpu_ms[name] = cpu / len(locs) * 1e3
         return (f"({name}) fetch layer alone ({'Range reads of the members' if name == 'W' else 'GETs'}, "
                 f"{k} threads, no decode): {len(locs) / wall:.0f} req/s, "
@@ -544,11 +479,9 @@ class RemoteBench(Bench):
 
     # ---------------------------------------------------------------- passes
     def pass_remote_datago(self, name: str) -> dict:
-        ds = self.datasets[name]
-        r = self.pass_datago(0, ds, self.expected_ids[name], f"({name})")
-        st = ds.stats()
-        self.seconds.setdefault(name, []).append(st["seconds"])
-        r["inflight"] = (st["seconds"]["read"] / r["wall"], st["seconds"]["decode"] / r["wall"])
+        r = self.pass_source(name)
+        secs = self.seconds[name][-1]
+        r["inflight"] = (secs["read"] / r["wall"], secs["decode"] / r["wall"])
         return r
 
     def pass_h(self) -> dict:
@@ -565,20 +498,35 @@ class RemoteBench(Bench):
                                 "random_sampling": False, "rank": 0, "world_size": 1}
         return cfg
 
-    def pass_r(self, n: Optional[int] = None) -> dict:
+    def run_ref(self, n: Optional[int], known: set, unknown_ids: str) -> tuple:
+        """The reference over the first ``n`` samples (all when None) with ``ref_cfg``;
+        checks their count, duplicates and ids (``known``; the others are reported as
+        "ids {unknown_ids}").  Returns (its JSON, its subprocess's seconds, the tag
+        of its problems, the sample ids)."""
         n_want = n or self.n
         out, total = self.ref.run(self.ref_cfg(n_want), n_want, self.workdir)
         tag = "(R)" if n is None else "(R) warm-up"
-        samples = out["samples"]
-        ids = [s[0] for s in samples]
-        unknown = [i for i in ids if i not in self.stem_of]
+        ids = [s[0] for s in out["samples"]]
+        unknown = [i for i in ids if i not in known]
         if out["n"] != n_want:
             self.problem(f"{tag} reference delivered {out['n']} samples, want {n_want}")
         if len(set(ids)) != len(ids):
             self.problem(f"{tag} reference delivered {len(ids) - len(set(ids))} duplicates")
         if unknown:
-            self.problem(f"{tag} reference delivered {len(unknown)} ids that are no corpus "
-                         f"image's stem, e.g. {unknown[:3]}")
+            self.problem(f"{tag} reference delivered {len(unknown)} ids {unknown_ids}, e.g. "
+                         f"{unknown[:3]}")
+        return out, total, tag, ids
+
+    @staticmethod
+    def ref_result(out: dict, total: float, mp: float) -> dict:
+        """A pass of (R) for ``timed``: the reference measured itself."""
+        return dict(wall=out["wall"], n=out["n"], mp=mp, first=out["first"] or out["wall"],
+                    ours=out["ours"], busy=out["busy"], steal=out["steal"], total=total,
+                    padded=None)
+
+    def pass_r(self, n: Optional[int] = None) -> dict:
+        out, total, _, ids = self.run_ref(n, self.stem_of, "that are no corpus image's stem")
+        samples = out["samples"]
         rels = [self.stem_of[i][0] for i in ids if i in self.stem_of]
         empty = [s for s in samples if s[1] == 0 or s[2] == 0]
         off = [s for s in samples if s[0] in self.stem_of and s[1] and
@@ -589,9 +537,7 @@ class RemoteBench(Bench):
                    _off_bucket=len(off), _pngs=sum(1 for r in rels
                                                    if self.corpus.infos[r].format == "png"))
         self.last_r = out
-        return dict(wall=out["wall"], n=out["n"], mp=sum(self.mp_of[r] for r in rels),
-                    first=out["first"] or out["wall"], ours=out["ours"], busy=out["busy"],
-                    steal=out["steal"], total=total, padded=None)
+        return self.ref_result(out, total, sum(self.mp_of[r] for r in rels))
 
     # ---------------------------------------------------------------- timing
     def run_variant(self, name: str) -> dict:
@@ -638,52 +584,39 @@ class RemoteBench(Bench):
                     inflight=(st["seconds"]["read"] / wall, st["seconds"]["decode"] / wall))
 
     def timed(self, name: str) -> Optional[Pass]:
-        gc.collect()
-        _malloc_trim()
-        faulthandler.dump_traceback_later(HANG_DUMP_S, exit=False)
-        if name in self.datasets and name != "L":
-            # start with an empty connection pool (untimed): the servers close
-            # connections idle for 60 s, longer than a round's other passes leave
-            # them, and datago retries a request that fails on a stale pooled
-            # connection on another pooled one, just as stale, then backs off (see
-            # RESULTS.md, issue 9) -- which would be timed here
-            self.datasets[name].fetcher.close()
+        def empty_pool() -> None:
+            if name in self.datasets and name != "L":
+                # start with an empty connection pool (untimed): the servers close
+                # connections idle for 60 s, longer than a round's other passes leave
+                # them, and datago retries a request that fails on a stale pooled
+                # connection on another pooled one, just as stale, then backs off (see
+                # RESULTS.md, issue 9) -- which would be timed here
+                self.datasets[name].fetcher.close()
         ng = self.nginx["shards" if name in ("W", "WS", "R") else "corpus"]
         req0 = nginx_requests(ng)
-        mem = TreeMemorySampler(MEM_INTERVAL, PSS_DUTY)
-        busy0, steal0 = cpu_counters()
-        s0 = servers_cpu()
-        c0 = _own_cpu()
-        mem.start()
-        try:
-            r = self.run_variant(name)
-        except Exception as exc:                                  # noqa: BLE001
-            self.problem(f"({name}) raised {type(exc).__name__}: {exc}\n"
-                         + "".join(traceback.format_exc().splitlines(True)[-8:]))
+        got = measure_pass(lambda: self.run_variant(name), self.problem, name,
+                           interval=MEM_INTERVAL, pss_duty=PSS_DUTY, hang_dump_s=HANG_DUMP_S,
+                           before=empty_pool, server_cpu=servers_cpu, tree=loader_tree)
+        if got is None:
             return None
-        finally:
-            mem.stop()
-            faulthandler.cancel_dump_traceback_later()
-        busy1, steal1 = cpu_counters()
-        srv = servers_cpu() - s0
-        if mem.error:
-            self.problem(f"({name}) memory sampler failed: {mem.error}")
-        requests = None if name in ("F0", "F50") else nginx_requests(ng) - req0
+        r, cost = got
+        return self.to_pass(name, r, cost,
+                            None if name in ("F0", "F50") else nginx_requests(ng) - req0)
+
+    def to_pass(self, name: str, r: dict, cost: PassCost, requests: Optional[int]) -> Pass:
+        """The timed pass of variant ``name`` that returned ``r`` and cost ``cost``."""
         wall = r["wall"]
         if name == "R":
             # the reference measured its own CPU and the machine's over its timed wall;
             # the servers' CPU is known only over the whole subprocess: its average there
-            servers = srv / max(r["total"], 1e-9)
-            ours, steal = r["ours"], r["steal"]
-            others = max(0.0, r["busy"] - ours - servers)
+            servers = cost.server / max(r["total"], 1e-9)
+            ours, others, steal = reported_cores(r, servers)
         else:
-            servers = srv / wall
-            ours = max(0.0, _own_cpu() - c0 - mem.cpu) / wall
-            steal = (steal1 - steal0) / wall
-            others = max(0.0, (busy1 - busy0 - mem.cpu - srv) / wall - ours)
+            servers = cost.server / wall
+            ours, others, steal = cost.cores(wall)
         return Pass(wall, r["n"], r["mp"], ours, servers, others, steal, r["first"],
-                    mem.peak_rss, mem.peak_pss, r.get("padded"), requests, r.get("inflight"),
-                    mem.cpu / wall)
+                    cost.mem.peak_rss, cost.mem.peak_pss, r.get("padded"), requests,
+                    r.get("inflight"), cost.mem.cpu / wall)
 
     def warm_up(self, names: List[str]) -> List[str]:
         """Two batches of each datago variant, the first batch of (H), 32 samples of
@@ -712,83 +645,61 @@ class RemoteBench(Bench):
 
 # --------------------------------------------------------------------------- reporting
 
-def run_rounds(bench: RemoteBench, names: List[str], rounds: int) -> Dict[str, list]:
-    times: Dict[str, list] = {k: [] for k in names}
-    for r in range(rounds):
-        t_round = time.perf_counter()
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            times[name].append(bench.timed(name))
-        parts = []
-        for k in names:
-            p = times[k][-1]
-            parts.append(f"{k} FAILED" if p is None else
-                         f"{k} {p.rate:.1f}{'!' if p.disturbed else ''}"
-                         f" ({p.ours:.2f}/{p.servers:.2f}/{p.others:.2f} cores)")
-        took = time.perf_counter() - t_round
-        print(f"  round {r + 1}/{rounds} ({' '.join(order)}) {took:.0f} s: " + "  ".join(parts)
-              + "  [img/s (cores ours/servers/others)]", flush=True)
-        if r == 0 and rounds > 1:
-            print(f"  estimated {took * (rounds - 1):.0f} s more", flush=True)
-    return times
+def round_summary(passes: Dict[str, Optional[Pass]]) -> str:
+    """A round's line: img/s and cores (ours/servers/others) per variant."""
+    return "  ".join(
+        f"{k} FAILED" if p is None else
+        f"{k} {p.rate:.1f}{'!' if p.disturbed else ''}"
+        f" ({p.ours:.2f}/{p.servers:.2f}/{p.others:.2f} cores)"
+        for k, p in passes.items()) + "  [img/s (cores ours/servers/others)]"
+
+
+INFLIGHT = Column("fetches / decodes in flight", lambda _, ok: (
+    f"{med(t.inflight[0] for t in ok):.1f} / {med(t.inflight[1] for t in ok):.2f}"
+    if ok[0].inflight is not None else "-"))
+CPU_MS = Column("CPU ms / img (ours)", lambda _, ok: f"{med(t.cpu_ms for t in ok):.1f}")
+
+
+def cores_column(servers: str) -> Column:
+    return Column(f"cores: ours / {servers} (median) / others, steal (max)", lambda _, ok: (
+        f"{med(t.ours for t in ok):.2f} / {med(t.servers for t in ok):.2f} / "
+        f"{max(t.others for t in ok):.2f}, {max(t.steal for t in ok):.2f}"))
 
 
 def tables(bench: RemoteBench, names: List[str], times: Dict[str, list], rounds: int,
            latency_ms: float) -> tuple:
-    desc = variants(latency_ms)
-    lines = [f"| variant | img/s (median of {rounds}) | source MP/s | img/s min..max | samples "
-             f"| padded | first batch s | HTTP requests | fetches / decodes in flight "
-             f"| CPU ms / img (ours) | peak tree RSS MB | peak tree PSS MB "
-             f"| cores: ours / servers (median) / others, steal (max) | disturbed |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in names:
-        ok = [t for t in times[name] if t is not None]
-        if not ok:
-            lines.append(f"| ({name}) {desc[name]} | FAILED |" + " |" * 12)
-            continue
-        rates = [t.rate for t in ok]
-        counts = "/".join(str(c) for c in sorted({t.n for t in ok}))
-        padded = ("/".join(str(c) for c in sorted({t.padded for t in ok}))
-                  if ok[0].padded is not None else "-")
-        reqs = ("/".join(str(c) for c in sorted({t.requests for t in ok}))
-                if ok[0].requests is not None else "-")
-        infl = (f"{statistics.median(t.inflight[0] for t in ok):.1f} / "
-                f"{statistics.median(t.inflight[1] for t in ok):.2f}"
-                if ok[0].inflight is not None else "-")
-        lines.append(
-            f"| ({name}) {desc[name]} | {statistics.median(rates):.1f} | "
-            f"{statistics.median(t.mp / t.wall for t in ok):.1f} | "
-            f"{min(rates):.1f}..{max(rates):.1f} | {counts} | {padded} | "
-            f"{statistics.median(t.first for t in ok):.2f} | {reqs} | {infl} | "
-            f"{statistics.median(t.cpu_ms for t in ok):.1f} | "
-            f"{_mb(statistics.median(t.rss for t in ok))} | "
-            f"{_mb(statistics.median(t.pss for t in ok))} | "
-            f"{statistics.median(t.ours for t in ok):.2f} / "
-            f"{statistics.median(t.servers for t in ok):.2f} / "
-            f"{max(t.others for t in ok):.2f}, {max(t.steal for t in ok):.2f} | "
-            f"{sum(t.disturbed for t in ok)}/{len(ok)}"
-            f"{'' if len(ok) == rounds else f' ({rounds - len(ok)} failed)'} |")
-    lines += ["", "| ratio | median | min..max | rounds | target | result |",
-              "|---|---:|---:|---:|---:|---|"]
-    verdicts = []
-    for label, num, den, target in RATIOS:
-        ttext = f">= {target}" if target is not None else "-"
-        per_round = [times[num][r].rate / times[den][r].rate for r in range(rounds)
-                     if num in times and den in times
-                     and times[num][r] is not None and times[den][r] is not None]
-        if not per_round:
-            if target is not None:
-                missing = "/".join(x for x in (num, den) if x not in times) or "passes failed"
-                lines.append(f"| {label} | - | - | 0 | {ttext} | NOT RUN ({missing}) |")
-                verdicts.append((label, ttext, None))
-            continue
-        med = statistics.median(per_round)
-        result = "info" if target is None else ("PASS" if med >= target else "FAIL")
-        lines.append(f"| {label} | {med:.2f} | {min(per_round):.2f}..{max(per_round):.2f} | "
-                     f"{len(per_round)} | {ttext} | {result} |")
-        if target is not None:
-            verdicts.append((label, ttext, result))
-    return lines, verdicts
+    requests = Column("HTTP requests", lambda _, ok: (
+        distinct(t.requests for t in ok) if ok[0].requests is not None else "-"))
+    columns = (rate_columns(rounds) + [SAMPLES, PADDED, FIRST, requests, INFLIGHT, CPU_MS, RSS,
+                                       PSS, cores_column("servers"), disturbed_column(rounds)])
+    lines = variant_table(columns, names, times, variants(latency_ms))
+    rows, verdicts = ratio_rows(RATIOS, times, rounds)
+    return lines + [""] + ratio_header() + rows, verdicts
+
+
+def cpu_per_image(times: Dict[str, list]) -> Dict[str, float]:
+    """CPU ms per delivered image of each variant that ran (median)."""
+    return {k: med(t.cpu_ms for t in v if t is not None)
+            for k, v in times.items() if any(t is not None for t in v)}
+
+
+def cpu_per_image_note(med_cpu: Dict[str, float]) -> str:
+    return "CPU per delivered image (loader processes, median): " + ", ".join(
+        f"({k}) {v:.1f} ms" + (f" (+{v - med_cpu['L']:.1f} vs (L))" if k != "L" else "")
+        for k, v in med_cpu.items())
+
+
+def ref_pass_note(lr: dict, empty_note: str = "") -> str:
+    """(R)'s last pass: what it delivered, outside its timed wall (``empty_note``
+    follows the count of empty images)."""
+    return (f"(R) last pass: {lr['n']} samples consumed, then {lr['extra']} more delivered "
+            f"({'stream exhausted' if lr['exhausted'] else 'still delivering after the drain'}); "
+            f"channels {lr['channels']}; {lr['_empty']} samples with an empty (0x0) image "
+            f"({lr['_empty_png']} of them PNG; {lr['_pngs']} PNG samples delivered){empty_note}; "
+            f"{lr['_off_bucket']} non-empty samples in another bucket than datago's (it "
+            f"ignores EXIF orientation and matches aspect ratios linearly); outside its wall: "
+            f"import {lr['t_import']:.2f} s, DatagoClient() + start() {lr['t_start']:.3f} s; "
+            f"whole subprocess {lr['_total']:.1f} s")
 
 
 def notes(bench: RemoteBench, names: List[str], times: Dict[str, list],
@@ -799,150 +710,90 @@ def notes(bench: RemoteBench, names: List[str], times: Dict[str, list],
         + f"; (L) {bench.t_ds * 1e3:.0f} (sizes from its cache); (W) fetches the "
         f"{len(bench.shard_paths)} .idx.json from nginx; writing the shards and their "
         f"indexes took {bench.t_shards:.1f} s")
-    for name in names:
-        secs = bench.seconds.get(name)
-        ok = [t for t in times.get(name, []) if t is not None]
-        if secs and ok:
-            out.append(f"({name}) stats()['seconds'] summed over the pass (median): read "
-                       f"{statistics.median(s['read'] for s in secs):.1f}, decode "
-                       f"{statistics.median(s['decode'] for s in secs):.1f}, consumer wait "
-                       f"{statistics.median(s['wait'] for s in secs):.1f}; wall "
-                       f"{statistics.median(t.wall for t in ok):.1f} s")
-    med_cpu = {k: statistics.median(t.cpu_ms for t in v if t is not None)
-               for k, v in times.items() if any(t is not None for t in v)}
+    out += seconds_notes(names, bench.seconds, times)
+    med_cpu = cpu_per_image(times)
     if "L" in med_cpu:
-        out.append("CPU per delivered image (loader processes, median): " + ", ".join(
-            f"({k}) {v:.1f} ms" + (f" (+{v - med_cpu['L']:.1f} vs (L))" if k != "L" else "")
-            for k, v in med_cpu.items())
-            + ("; the fetch layer alone: " + ", ".join(
-                f"({k}) {v:.2f} ms per request" for k, v in bench.fetch_cpu_ms.items())
-               if bench.fetch_cpu_ms else ""))
+        out.append(cpu_per_image_note(med_cpu)
+                   + ("; the fetch layer alone: " + ", ".join(
+                       f"({k}) {v:.2f} ms per request" for k, v in bench.fetch_cpu_ms.items())
+                      if bench.fetch_cpu_ms else ""))
     lr = getattr(bench, "last_r", None)
     if lr:
         ok = [t for t in times.get("R", []) if t is not None]
-        out.append(
-            f"(R) last pass: {lr['n']} samples consumed, then {lr['extra']} more delivered "
-            f"({'stream exhausted' if lr['exhausted'] else 'still delivering after the drain'}); "
-            f"channels {lr['channels']}; {lr['_empty']} samples with an empty (0x0) image "
-            f"({lr['_empty_png']} of them PNG; {lr['_pngs']} PNG samples delivered): with "
-            f"reference_image_type 'jpg' it does not decode a sample's PNG, so it does "
-            f"less work than (W) on those; {lr['_off_bucket']} non-empty samples in another "
-            f"bucket than datago's (it ignores EXIF orientation and matches aspect ratios "
-            f"linearly); outside its wall: import {lr['t_import']:.2f} s, DatagoClient() + "
-            f"start() {lr['t_start']:.3f} s; whole subprocess {lr['_total']:.1f} s"
-            + ("; its servers column is nginx's CPU over the whole subprocess" if ok else ""))
+        out.append(ref_pass_note(lr, ": with reference_image_type 'jpg' it does not decode a "
+                                     "sample's PNG, so it does less work than (W) on those")
+                   + ("; its servers column is nginx's CPU over the whole subprocess"
+                      if ok else ""))
     retried = {k: dict(ds.fetcher.retried) for k, ds in bench.datasets.items() if k != "L"}
     out.append("retried fetches (datago's Fetcher, whole run, warm-up included): "
                + ", ".join(f"({k}) {v or 0}" for k, v in retried.items()))
-    runs = {k: [t for t in v if t is not None] for k, v in times.items()}
-    out.append("memory: peak over a pass of the summed RSS / PSS of this process and its "
-               "descendants (DataLoader workers, the reference's subprocess), the nginx and "
-               "fault-server processes left out; median over rounds; the sampler thread "
-               "used " + ", ".join(f"({k}) {statistics.median(t.mem_cpu for t in v):.3f}"
-                                   for k, v in runs.items() if v)
-               + " cores (median; not in 'ours' or 'others')")
+    out.append(memory_note("this process and its descendants (DataLoader workers, the "
+                           "reference's subprocess), the nginx and fault-server processes "
+                           "left out", times))
     out.append("cores: 'servers' is the CPU of the nginx / fault-server processes during the "
                "pass; 'others' everything else on the machine (the memory sampler's own CPU "
-               "excluded); '!' after a rate marks a disturbed pass (others > "
-               f"{DISTURBED_OTHERS} or steal > {DISTURBED_STEAL} cores)")
+               f"excluded); '!' after a rate marks a disturbed pass ({disturbed_rule()})")
     return out
 
 
 def environment(bench: RemoteBench, ref_line: str, io_conc: str) -> List[str]:
     c, rel = bench.corpus, bench.rel
-    cores = os.cpu_count()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
-    fmts: Dict[str, int] = {}
-    for r in rel:
-        fmts[c.infos[r].format] = fmts.get(c.infos[r].format, 0) + 1
     nbytes = sum((c.root / r).stat().st_size for r in rel)
     shard_bytes = sum(p.stat().st_size for p in bench.shard_paths)
     try:
         ngv = subprocess.run([find_nginx(), "-v"], capture_output=True, text=True).stderr.strip()
     except Exception:                                             # noqa: BLE001
         ngv = "nginx (version unknown)"
-    src = Path(datago.__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "src"],
-                               capture_output=True, text=True).stdout.split("\n")
-        dirty = [d[3:] for d in dirty if d.strip()]
-        tree = f"git {head}" + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else "")
-    except OSError:
-        tree = "git state unknown"
-    try:
-        from datago._core import _jpeg, _png, _resample
-        core = (f"libjpeg-turbo {_jpeg.version()}, libspng {_png.version()}, "
-                f"resample SIMD {_resample.simd()}")
-    except Exception:                                             # noqa: BLE001
-        core = "core versions unknown"
     return [
-        f"- CPU: {cpu_model()}, {cores} logical cores ({usable} usable); load average at "
-        f"start {os.getloadavg()[0]:.2f}",
-        f"- Python {platform.python_version()}, torch {torch.__version__}, numpy "
-        f"{np.__version__}, Pillow {PIL.__version__}, httpx {version('httpx')}; {ngv} "
-        f"(one process, sendfile, keep-alive)",
-        f"- datago {datago.__version__} ({tree}): {core}; num_threads {default_num_threads(1)} "
-        f"(decode), io_concurrency {io_conc} (IO threads and pooled connections, "
+        cpu_line(),
+        f"{stack_line()}, httpx {version('httpx')}; {ngv} (one process, sendfile, keep-alive)",
+        f"{datago_line()}, io_concurrency {io_conc} (IO threads and pooled connections, "
         f"(N)/(W)/(F*)); batch {BATCH}, remainder 'pad', prefetch_batches "
         f"{bench.ds.config.loader.prefetch_batches}",
         f"- {ref_line}",
-        f"- corpus: {c.root}, {bench.n} images of {len(c.rel)} "
-        f"({', '.join(f'{v} {k}' for k, v in sorted(fmts.items()))}), {nbytes / 1e6:.1f} MB; "
-        f"{len(bench.shard_paths)} shards, {shard_bytes / 1e6:.1f} MB; buckets "
-        f"make_buckets({SIZE}, {RATIO}, 0.5, 2.0) ({len(bench.buckets)}, "
-        f"{len({bench.bucket_of[r] for r in rel})} used); page cache warm (files read once "
-        f"before timing, shards just written)",
+        bench.corpus_line(f", {nbytes / 1e6:.1f} MB; {len(bench.shard_paths)} shards, "
+                          f"{shard_bytes / 1e6:.1f} MB; buckets {bench.buckets_text()}; page "
+                          f"cache warm (files read once before timing, shards just written)"),
     ]
 
 
 # --------------------------------------------------------------------------- main
 
+def summary(ref, venv: Path, ran_ref: bool, ref_why: Optional[str], verdicts: list,
+            problems: List[str], t_start: float) -> List[str]:
+    """The Summary section (bench_remote's and bench_db's)."""
+    tail = ["## Summary", ""]
+    info = ref.info if ref is not None else None
+    if info:
+        tail.append(reference_line(info, venv))
+    if not ran_ref:
+        tail.append(f"- (R) reference datago not run: {ref_why}")
+    return tail + verdict_lines(verdicts) + problem_lines(problems) + [runtime_line(t_start)]
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("corpus", type=Path, help="folder searched recursively for .jpg/.jpeg/.png")
-    ap.add_argument("--limit", type=int, default=None,
-                    help="use the first N images (sorted), for every variant")
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
+    ap = make_parser(__doc__)
+    add_corpus_args(ap)
     ap.add_argument("--io-concurrency", type=int, default=None,
                     help="io_concurrency of (N), (W), (F0), (F50) (default: the config's)")
     ap.add_argument("--latency-ms", type=float, default=50.0,
                     help="latency per request of the (F50) fault server (default 50)")
-    ap.add_argument("--ref-venv", type=Path, default=Path("/tmp/datago_ref"),
-                    help="venv of the reference datago (created when missing)")
-    ap.add_argument("--no-ref", action="store_true", help="skip the reference variant (R)")
-    ap.add_argument("--out", type=Path, default=None, help="also write the tables to this .md")
+    add_ref_args(ap, "R")
+    add_out_arg(ap)
     args = ap.parse_args(argv)
-    if args.rounds < 1:
-        ap.error("--rounds must be >= 1")
-    if args.limit is not None and args.limit < 1:
-        ap.error("--limit must be >= 1")
+    check_corpus_args(ap, args)
     if args.io_concurrency is not None and not 1 <= args.io_concurrency <= 1024:
         ap.error("--io-concurrency must be in 1..1024")
 
     # a plain kill runs the clean-up below (servers, temporary folder)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t_start = time.perf_counter()
-    root = args.corpus.resolve()
-    corpus = load_corpus(root)
-    n = min(args.limit, len(corpus.rel)) if args.limit else len(corpus.rel)
-    workdir = Path(tempfile.mkdtemp(prefix="bench_remote_"))
-    data_root = (root if n == len(corpus.rel)
-                 else link_view(workdir / "first_n", root, corpus.rel[:n]))
-    ref, ref_why = None, None
-    if args.no_ref:
-        ref_why = "--no-ref given"
-    else:
-        ref = Reference(args.ref_venv, workdir)
-        ref_why = ref.ensure()
-        if ref_why:
-            ref = None
+    corpus, n, workdir, data_root = open_corpus(args.corpus, args.limit, "bench_remote_")
+    ref, ref_why = open_reference(args.no_ref, args.ref_venv, workdir)
     names = [v for v in VARIANT_NAMES if v != "R" or ref is not None]
     bench = RemoteBench(corpus, n, data_root, ref, workdir, args.io_concurrency,
                         args.latency_ms / 1e3)
-    md: List[str] = []
+    report = Report()
     verdicts: list = []
     try:
         bench.setup(names)
@@ -956,45 +807,23 @@ def main(argv=None) -> int:
         ref_line = (f"reference datago: {args.ref_venv}, webdataset source on "
                     f"{bench.shard_url}, limit = {n}, to_numpy_array() per sample"
                     if "R" in names else f"reference datago (R): NOT RUN: {ref_why}")
-        md = ["## Environment", ""] + environment(bench, ref_line, io_conc)
-        md += [f"- command: `python benchmarks/bench_remote.py "
-               f"{' '.join(sys.argv[1:] if argv is None else argv)}`", ""]
-        print("\n".join(md), flush=True)
+        report.add(["## Environment", ""] + environment(bench, ref_line, io_conc)
+                   + [command_line("bench_remote.py", argv), ""], gap=False)
         t_rounds = time.perf_counter()
-        times = run_rounds(bench, names, args.rounds)
+        times = run_rounds(bench.timed, names, args.rounds, round_summary)
         elapsed = time.perf_counter() - t_rounds
-        for k, ds in bench.datasets.items():
-            if ds.fetcher.retried:
-                bench.problem(f"({k}) datago's Fetcher retried {dict(ds.fetcher.retried)} "
-                              f"fetches (whole run) from a loopback server that injects no "
-                              f"faults (no sample was lost: see the checks)")
+        bench.check_retries(list(bench.datasets))
         table, verdicts = tables(bench, names, times, args.rounds, args.latency_ms)
         section = [f"## Remote sources, buckets {SIZE} ({n} images, {args.rounds} rounds)", ""]
         section += [f"- {s}" for s in notes(bench, names, times, [scan_note] + fetch_notes)]
         section += [f"- timed passes took {elapsed:.0f} s", ""] + table + [""]
-        print("\n" + "\n".join(section), flush=True)
-        md += section
+        report.add(section)
     finally:
         bench.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    info = ref.info if ref is not None else None
-    tail = ["## Summary", ""]
-    if info:
-        tail.append(f"- reference datago {info['version']} (Python {info['python']}, numpy "
-                    f"{info['numpy']}, DATAGO_MAX_TASKS={info['max_tasks']}), from "
-                    f"{args.ref_venv}")
-    if "R" not in names:
-        tail.append(f"- (R) reference datago not run: {ref_why}")
-    for label, target, result in verdicts:
-        tail.append(f"- {label} {target}: {result or 'NOT RUN'}")
-    tail.append(f"- problems: {len(bench.problems)}" + (":" if bench.problems else ""))
-    tail += [f"  - {p}" for p in bench.problems]
-    tail.append(f"- total runtime: {time.perf_counter() - t_start:.0f} s")
-    print("\n" + "\n".join(tail), flush=True)
-    md += tail
-    if args.out:
-        args.out.write_text("\n".join(md) + "\n")
-        print(f"wrote {args.out}")
+    report.add(summary(ref, args.ref_venv, "R" in names, ref_why, verdicts, bench.problems,
+                       t_start))
+    report.write(args.out)
     return 0
 
 
