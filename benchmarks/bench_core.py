@@ -123,8 +123,8 @@ def variant_a(data: bytes, buckets) -> np.ndarray:
         im = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", im.size, GREY + (255,)), im)
     im = im.convert("RGB")
-    w, h = im.size
-    bw, bh = datago.nearest_bucket(w, h, buckets)
+    w, h = im.size                                  # Pillow's (width, height)
+    bh, bw = datago.nearest_bucket(h, w, buckets)
     im = im.resize(cover_size(w, h, bw, bh), Image.LANCZOS)
     x0, y0 = (im.width - bw) // 2, (im.height - bh) // 2
     return np.asarray(im.crop((x0, y0, x0 + bw, y0 + bh)))
@@ -133,8 +133,8 @@ def variant_a(data: bytes, buckets) -> np.ndarray:
 def variant_b(data: bytes, buckets) -> np.ndarray:
     """Best plain Python: DCT-scaled TurboJPEG (PNG: cv2), numpy orientation, cv2 INTER_AREA."""
     info = datago.read_header(data)
-    dw, dh = info.display_size
-    bw, bh = datago.nearest_bucket(dw, dh, buckets)
+    dh, dw = info.display_size
+    bh, bw = datago.nearest_bucket(dh, dw, buckets)
     if info.format == "jpeg":
         factor = tj_factor(max(bw / dw, bh / dh))
         arr = tj.decode(data, pixel_format=TJPF_RGB, scaling_factor=factor)
@@ -216,7 +216,7 @@ def sanity_check(datas, paths, infos, buckets) -> list[str]:
     diffs_ab, diffs_ac = [], []
     for i in idx:
         d, info = datas[i], infos[i]
-        bw, bh = datago.nearest_bucket(*info.display_size, buckets)
+        bh, bw = datago.nearest_bucket(*info.display_size, buckets)
         want = (bh, bw, 3)
         outs = {}
         for name, fn in (("a", variant_a), ("b", variant_b), ("c", variant_c)):

@@ -211,7 +211,7 @@ class DBBench(RemoteBench):
                          f"{len(set(lst) - self.expected)} unexpected, "
                          f"{len(self.expected - set(lst))} missing; skipped "
                          f"{dict(src.skipped)}")
-        got = list(zip(ds.sizes.width.tolist(), ds.sizes.height.tolist()))
+        got = list(zip(ds.sizes.height.tolist(), ds.sizes.width.tolist()))   # display_size's order
         bad = [(lst[i], got[i], self.corpus.infos[lst[i]].display_size)
                for i in range(len(lst)) if lst[i] in self.expected
                and tuple(got[i]) != tuple(self.corpus.infos[lst[i]].display_size)]

@@ -189,8 +189,8 @@ class PILBucketDataset(Dataset):
         im = Image.open(self.files[i])
         im = ImageOps.exif_transpose(im)
         im = im.convert("RGB")
-        w, h = im.size
-        bw, bh = datago.nearest_bucket(w, h, self.buckets)
+        w, h = im.size                              # Pillow's (width, height)
+        bh, bw = datago.nearest_bucket(h, w, self.buckets)
         nw, nh = cover_size(w, h, bw, bh)
         im = im.resize((nw, nh), Image.Resampling.LANCZOS)
         left, top = (nw - bw) // 2, (nh - bh) // 2
@@ -314,8 +314,7 @@ def open_corpus(path: Path, limit: Optional[int], prefix: str) -> Tuple[Corpus, 
 
 def expected_bucket(info, buckets) -> Tuple[int, int]:
     """(height, width) of the bucket of an image, from its displayed size."""
-    bw, bh = datago.nearest_bucket(*info.display_size, buckets)
-    return bh, bw
+    return tuple(datago.nearest_bucket(*info.display_size, buckets))
 
 
 def datago_config(root: Path, size: int, ratio: int, limit: Optional[int]) -> dict:

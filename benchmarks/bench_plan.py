@@ -100,8 +100,8 @@ def synthetic(n: int, seed: int = 0):
     del kind, sigma
     # nearest bucket in log aspect ratio (nearest_bucket's default metric); ties
     # (measure zero here) would go to the wider bucket there, to the narrower here
-    order = sorted(range(len(buckets)), key=lambda i: buckets[i][0] / buckets[i][1])
-    log_b = np.log([buckets[i][0] / buckets[i][1] for i in order])
+    order = sorted(range(len(buckets)), key=lambda i: buckets[i].aspect_ratio)
+    log_b = np.log([buckets[i].aspect_ratio for i in order])
     mid = (log_b[1:] + log_b[:-1]) / 2
     pos = np.searchsorted(mid, log_ar)                     # index into `order`
     bucket_of = np.asarray(order, dtype=np.int64)[pos]

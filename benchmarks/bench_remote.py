@@ -283,11 +283,13 @@ def key_of(rel: str) -> str:
 
 
 def write_csv(path: Path, urls: List[str], sizes: Optional[List[tuple]]) -> Path:
+    """A CSV index of ``urls``, with width and height columns from ``sizes``
+    ((height, width) pairs, as ``display_size``) when given."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["url", "width", "height"] if sizes else ["url"])
         for k, u in enumerate(urls):
-            w.writerow([u, *sizes[k]] if sizes else [u])
+            w.writerow([u, sizes[k][1], sizes[k][0]] if sizes else [u])
     return path
 
 
@@ -439,8 +441,8 @@ class RemoteBench(SourcesBench):
         t = self.t_build["N (header scan)"]
         cpu = own_cpu() - c0
         reqs = nginx_requests(self.nginx["corpus"]) - before
-        want = [self.corpus.infos[r].display_size for r in self.rel]
-        got = list(zip(ds.sizes.width.tolist(), ds.sizes.height.tolist()))
+        want = [self.corpus.infos[r].display_size for r in self.rel]       # (h, w)
+        got = list(zip(ds.sizes.height.tolist(), ds.sizes.width.tolist()))
         bad = [(self.rel[i], got[i], want[i]) for i in range(self.n) if got[i] != want[i]]
         if bad:
             self.problem(f"(N) header scan: {len(bad)} sizes differ from read_header's "

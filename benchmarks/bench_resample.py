@@ -59,7 +59,7 @@ def main():
             row = []
             for b in builds:
                 _resample.set_simd(b)
-                row.append(best(lambda: datago.resize(src, (ow, oh), filter=filt, out=out),
+                row.append(best(lambda: datago.resize(src, (oh, ow), filter=filt, out=out),
                                 args.reps))
             t_pil = best(lambda: pil.resize((ow, oh), pil_f), max(3, args.reps // 5))
             t_cv = best(lambda: cv2.resize(src, (ow, oh), interpolation=getattr(cv2, cv_f)),

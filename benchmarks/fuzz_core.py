@@ -131,7 +131,7 @@ def target_decode(data: bytes) -> str:
         info = d.read_header(data)
     except d.DecodeError:
         return f"ok-but-header-fails:{mode}"
-    w, h = info.display_size
+    h, w = info.display_size
     if arr.shape[:2] != (h, w):
         raise Finding(f"read_header says {w}x{h} (display), decode gave "
                       f"{arr.shape[1]}x{arr.shape[0]}")
@@ -167,17 +167,17 @@ def target_decode_to_bucket(data: bytes) -> str:
     filt = ("triangle", "lanczos", "box", "nearest")[(len(data) // 2) % 4]
     mode = "L" if (len(data) // 8) % 3 == 0 else "RGB"
     info = d.read_header(data)
-    bw, bh = d.nearest_bucket(*info.display_size, _buckets())
-    dw, dh = info.display_size
+    bh, bw = d.nearest_bucket(*info.display_size, _buckets())
+    dh, dw = info.display_size
     if mask:
-        res = d.decode_to_bucket(data, bucket=(bw, bh), mask=True, max_pixels=MAX_PIXELS)
+        res = d.decode_to_bucket(data, bucket=(bh, bw), mask=True, max_pixels=MAX_PIXELS)
         img = res.image
         if not (img.ndim == 3 and img.shape[:2] == (bh, bw) and img.shape[2] in (1, 3)
                 and img.dtype in (np.uint8, np.int32, np.uint16)):
             raise Finding(f"mask: {img.shape} {img.dtype} for bucket {bw}x{bh}")
     else:
         out = np.full((bh, bw, 1 if mode == "L" else 3), 7, np.uint8)
-        res = d.decode_to_bucket(data, bucket=(bw, bh), out=out, mode=mode, filter=filt,
+        res = d.decode_to_bucket(data, bucket=(bh, bw), out=out, mode=mode, filter=filt,
                                  max_pixels=MAX_PIXELS)
         if res.image is not out and not np.shares_memory(res.image, out):
             raise Finding("decode_to_bucket did not write into out")
@@ -186,8 +186,8 @@ def target_decode_to_bucket(data: bytes) -> str:
                                   max_pixels=MAX_PIXELS)
         if res2.image.shape != out.shape or not np.array_equal(res2.image, out):
             raise Finding("decode_to_bucket with and without out= differ")
-    if tuple(res.bucket) != (bw, bh):
-        raise Finding(f"bucket {res.bucket} != {(bw, bh)}")
+    if tuple(res.bucket) != (bh, bw):
+        raise Finding(f"bucket {res.bucket} != (height, width) {(bh, bw)}")
     if tuple(res.original_size) != (dh, dw):
         raise Finding(f"original_size {res.original_size} != header {(dh, dw)}")
     left, top, right, bottom = res.crop_box

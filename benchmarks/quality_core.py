@@ -44,7 +44,8 @@ def main():
             im = im.convert("RGB")
             for f in FILTERS:
                 r = datago.decode_to_bucket(data, buckets, filter=f)
-                ref = np.asarray(im.resize(r.bucket, Image.LANCZOS, box=r.crop_box), np.float64)
+                wh = (r.bucket.width, r.bucket.height)           # Pillow's order
+                ref = np.asarray(im.resize(wh, Image.LANCZOS, box=r.crop_box), np.float64)
                 d = r.image.astype(np.float64) - ref
                 mse = (d ** 2).mean()
                 stats[f].append((np.abs(d).mean(), 99.0 if mse == 0 else 10 * np.log10(255 ** 2 / mse)))

@@ -381,7 +381,7 @@ def test_huge_header_too_large(fmt):
     for call in (lambda: datago.decode(data),
                  lambda: datago.decode(data, mode="L"),
                  lambda: datago.decode_to_bucket(data, bucket=(64, 64)),
-                 lambda: datago.decode_to_bucket(data, buckets=[(64, 64), (32, 128)])):
+                 lambda: datago.decode_to_bucket(data, buckets=[(64, 64), (128, 32)])):
         with pytest.raises(ImageTooLargeError, match=JPEG_RE if fmt == "jpeg" else PNG_RE):
             call()
 
@@ -572,7 +572,7 @@ def test_jpeg_error_does_not_break_next_decode(name):
                                  f"{type(e).__name__}: {e}") from None
         assert np.array_equal(got, want)
     assert datago.read_header(_J)[1:3] == (96, 64)
-    assert datago.decode_to_bucket(_J, bucket=(48, 32)).image.shape == (32, 48, 3)
+    assert datago.decode_to_bucket(_J, bucket=(32, 48)).image.shape == (32, 48, 3)
 
 
 # --------------------------------------------------------------------------- corrupted PNG data
@@ -734,8 +734,8 @@ def test_out_wrong_dtype_or_type(fmt):
 def test_out_correct_shape_and_strided():
     """Control for the tests above: a right-shaped (and a strided) out works."""
     batch = np.zeros((2, 3, 48, 64), np.uint8)             # (N, C, H, W)
-    ref = datago.decode_to_bucket(_J, bucket=(64, 48)).image
-    r = datago.decode_to_bucket(_J, bucket=(64, 48), out=batch[1].transpose(1, 2, 0))
+    ref = datago.decode_to_bucket(_J, bucket=(48, 64)).image
+    r = datago.decode_to_bucket(_J, bucket=(48, 64), out=batch[1].transpose(1, 2, 0))
     assert np.array_equal(batch[1].transpose(1, 2, 0), ref)
     assert np.shares_memory(r.image, batch)
     assert not batch[0].any()
@@ -743,11 +743,11 @@ def test_out_correct_shape_and_strided():
 
 # --------------------------------------------------------------------------- absurd sizes
 
-ABSURD = [(2**31, 2**31), (2**31 - 1, 2**31 - 1), (2**31, 1), (1, 2**31), (2**40, 2**40),
-          (2**20, 2**20), (65536, 65536), (-1, 8), (0, 0)]
+ABSURD = [(2**31, 2**31), (2**31 - 1, 2**31 - 1), (1, 2**31), (2**31, 1), (2**40, 2**40),
+          (2**20, 2**20), (65536, 65536), (8, -1), (0, 0)]            # (height, width)
 
 
-@pytest.mark.parametrize("size", ABSURD, ids=[f"{w}x{h}" for w, h in ABSURD])
+@pytest.mark.parametrize("size", ABSURD, ids=[f"{w}x{h}" for h, w in ABSURD])
 def test_absurd_sizes_are_value_errors(size):
     """Resize targets and buckets that cannot be allocated (or overflow a C int) are a
     ValueError before anything is allocated: never an OverflowError, MemoryError or
@@ -771,7 +771,7 @@ def test_absurd_sizes_with_a_huge_max_pixels():
     resampling plans above their limits are still ValueErrors."""
     img = np.zeros((8, 8, 3), np.uint8)
     big = 2**62
-    for size in [(2**31, 2**31), (2**31, 1)]:
+    for size in [(2**31, 2**31), (1, 2**31)]:
         with pytest.raises(ValueError):
             datago.resize(img, size, max_pixels=big)
         with pytest.raises(ValueError):
@@ -779,7 +779,7 @@ def test_absurd_sizes_with_a_huge_max_pixels():
     # one side of 2**28 + 1: the plan limit (nothing of that size is allocated)
     for filt in ("nearest", "triangle"):
         with pytest.raises(ValueError, match="too large"):
-            datago.resize(img, (2**28 + 1, 1), filter=filt, max_pixels=big)
+            datago.resize(img, (1, 2**28 + 1), filter=filt, max_pixels=big)
     # max_pixels beyond 2**63 is capped, not an OverflowError
     assert datago.decode(_J, max_pixels=2**80).shape == (64, 96, 3)
     assert datago.decode_to_bucket(_J, bucket=(16, 16), max_pixels=2**80).image.shape == (16, 16, 3)
@@ -795,13 +795,13 @@ def test_resampler_scratch_limit():
     ValueError, not a multi-GiB allocation (and the column offsets no int overflow)."""
     wide = np.zeros((2, 6_000_000), np.uint8)
     with pytest.raises(ValueError, match="too large"):
-        datago.resize(wide, (3, 1))
-    assert datago.resize(wide[:, :600_000], (3, 1)).shape == (1, 3)
+        datago.resize(wide, (1, 3))
+    assert datago.resize(wide[:, :600_000], (1, 3)).shape == (1, 3)
 
 
 def test_bad_resize_arguments():
     img = np.zeros((8, 8, 3), np.uint8)
-    for size in [(8,), (8, 8, 8), None, "8x8", (8.0, 8), (True, 8)]:
+    for size in [(8,), (8, 8, 8), None, "8x8", (8.0, 8), (True, 8), (8, 8.0), (8, True)]:
         with pytest.raises(ValueError):
             datago.resize(img, size)
     for box in [(0, 0, float("nan"), 8), (0, 0, float("inf"), 8), (0, 0, 9, 8), ("a", 0, 1, 1)]:
@@ -835,7 +835,7 @@ def test_survival_after_everything():
     got = datago.decode(jpg)
     assert got.shape == (56, 80, 3)
     assert np.abs(got.astype(int) - arr.astype(int)).mean() < 3
-    r = datago.decode_to_bucket(jpg, bucket=(40, 28))
+    r = datago.decode_to_bucket(jpg, bucket=(28, 40))
     assert r.image.shape == (28, 40, 3)
 
 

@@ -31,7 +31,7 @@ def _sidecars(root, ids):
     for k, sid in enumerate(ids):
         base = str(root / sid).rsplit(".", 1)[0]
         if k % 3 == 0:
-            w, h = read_header((root / sid).read_bytes()).display_size
+            h, w = read_header((root / sid).read_bytes()).display_size
             m = (photo(w, h, seed=50 + k)[..., 0] > 120).astype(np.uint8) * 255
             with open(base + ".mask.png", "wb") as f:
                 f.write(encode(m, "PNG"))
@@ -125,7 +125,7 @@ def test_random_access_and_binwise_order(tree):
         assert s["masks"] == want["masks"] and s["latents"] == want["latents"]
         assert s["attributes"] == want["attributes"]
         assert s["ext"] == ids[i].rsplit(".", 1)[1]
-        assert (s["width"], s["height"]) == read_header(want["image"]).display_size
+        assert (s["height"], s["width"]) == read_header(want["image"]).display_size
     with pytest.raises(IndexError):
         src[24]
     counts = np.bincount([src.bin_of(i) for i in range(len(src))], minlength=5)

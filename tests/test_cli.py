@@ -58,7 +58,7 @@ def test_sample_corpus(tmp_path):
     kinds = {i.rsplit(".", 1)[1] for i in listing.ids()}
     assert kinds == {"jpg", "png"}
     sizes = [datago.read_header((root / i).read_bytes()).display_size for i in listing.ids()]
-    ars = [w / h for w, h in sizes]
+    ars = [w / h for h, w in sizes]
     assert min(ars) < 0.75 and max(ars) > 1.4            # mixed aspect ratios
     assert make_sample_corpus(tmp_path / "c", n=24, seed=1) == root   # reused
     for i in listing.ids():

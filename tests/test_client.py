@@ -227,15 +227,15 @@ def test_sample_fields_and_payloads(tmp_path):
     assert np.array_equal(img, ref.image) and not img.flags.writeable
     p = s.image.get_payload()
     assert (p.width, p.height, p.channels, p.bit_depth, p.is_encoded) == \
-        (ref.bucket[0], ref.bucket[1], 3, 8, False)
+        (ref.bucket.width, ref.bucket.height, 3, 8, False)
     assert (p.original_width, p.original_height) == (200, 120)
     assert (s.original_width, s.original_height) == (200, 120)
     assert len(p.data) == ref.image.size and p.data == ref.image.tobytes()
     pil = s.image.to_pil_image()
-    assert pil.size == ref.bucket and pil.mode == "RGB" == s.image.mode
+    assert pil.size == (ref.bucket.width, ref.bucket.height) and pil.mode == "RGB" == s.image.mode
     assert np.array_equal(np.asarray(s.image), ref.image)
     m = s.masks["mask"].to_numpy_array()
-    assert m.shape == (ref.bucket[1], ref.bucket[0], 1) and set(np.unique(m)) <= {0, 7}
+    assert m.shape == (*ref.bucket, 1) and set(np.unique(m)) <= {0, 7}
     assert s.masks["mask"].to_pil_image().mode == "L" == s.masks["mask"].mode
 
 

@@ -540,8 +540,9 @@ def test_buckets_match_make_buckets(root, size, ratio, lo, hi):
 def test_default_buckets(root):
     buckets = DatagoConfig(FileSourceConfig(root)).buckets
     assert buckets == make_buckets(512, 16, 0.5, 2.0)
-    assert (len(buckets), buckets[0], buckets[13], buckets[-1]) == (27, (352, 720), (512, 512),
-                                                                   (720, 352))
+    # (height, width): the reference's 352x720, 512x512 and 720x352
+    assert (len(buckets), buckets[0], buckets[13], buckets[-1]) == (27, (720, 352), (512, 512),
+                                                                   (352, 720))
 
 
 def test_no_buckets_without_crop_and_resize(root):

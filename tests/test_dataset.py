@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import datago
-from datago import DatagoDataset
+from datago import DatagoDataset, DatagoMapDataset
 from datago.sharding import ShardInfo, shard_hash
 from conftest import encode, photo
 
@@ -85,7 +85,7 @@ def planned(ds, rank=0, world=1, epoch=None):
     bucket, samples, _ = p.rank(rank)
     out = []
     for t in range(p.num_steps):
-        w, h = ds.buckets[int(bucket[t])]
+        h, w = ds.buckets[int(bucket[t])]
         ids = [ds.listing.sample_id(int(ds._items[i])) for i in samples[t, :int(p.count[t])]]
         out.append((p.offset + t, (h, w), ids))
     return out
@@ -269,14 +269,15 @@ def test_batches_have_bucket_shapes_and_exact_pixels(tree):
     got = []
     for b in ds:
         h, w = b["bucket"]
-        assert (w, h) in BUCKETS
+        assert (h, w) in BUCKETS
+        assert type(b["bucket"]) is datago.Bucket and b["bucket"] == b["image"].shape[-2:]
         assert len(b["id"]) == 4                       # plan mode: every batch full
         assert b["image"].shape == (4, 3, h, w) and b["image"].dtype == torch.uint8
         assert b["original_size"].shape == (4, 2) and b["crop_coords"].shape == (4, 2)
         for j, sid in enumerate(b["id"]):
             data = (root / sid).read_bytes()
             ref = datago.decode_to_bucket(data, BUCKETS)
-            assert ref.bucket == (w, h)                # the plan put it in its own bucket
+            assert ref.bucket == (h, w)                # the plan put it in its own bucket
             assert np.array_equal(b["image"][j].permute(1, 2, 0).numpy(), ref.image)
             assert tuple(b["original_size"][j].tolist()) == ref.original_size
             assert tuple(b["crop_coords"][j].tolist()) == ref.crop_coords
@@ -395,13 +396,13 @@ def test_sidecars_in_batches(tmp_path):
         if i % 2 == 0:
             assert set(np.unique(m.numpy())) <= {0, 3, 9}
             ref = datago.decode_to_bucket((tmp_path / f"s{i}.mask.png").read_bytes(),
-                                          bucket=(w, h), mask=True)
+                                          bucket=(h, w), mask=True)
             assert np.array_equal(m[0].numpy(), ref.image[:, :, 0])
         else:
             assert not m.any()
         d = b["additional_images"]["depth"][j]
         assert d.shape == (3, h, w)
-        ref = datago.decode_to_bucket((tmp_path / f"s{i}.depth.png").read_bytes(), bucket=(w, h))
+        ref = datago.decode_to_bucket((tmp_path / f"s{i}.depth.png").read_bytes(), bucket=(h, w))
         assert np.array_equal(d.permute(1, 2, 0).numpy(), ref.image)
 
 
@@ -605,6 +606,34 @@ def test_persistent_workers_follow_set_epoch(tree):
     del loader
 
 
+def test_batch_bucket_is_the_image_height_width(tree):
+    """``batch["bucket"]`` is a ``datago.Bucket(height, width)`` equal to the image
+    tensor's last two dimensions (N, 3, H, W), in plan and streaming mode, for single
+    samples, and after DataLoader workers pickled it."""
+    root, _ = tree
+    seen = set()
+    for source, batch_size, workers in [(None, 4, 0), (STREAM, 4, 0), (None, None, 0),
+                                        (None, 4, 1)]:
+        ds = DatagoDataset(config(root, source, batch_size=batch_size))
+        for b in DataLoader(ds, batch_size=None, num_workers=workers):
+            bucket = b["bucket"]
+            assert type(bucket) is datago.Bucket, type(bucket)
+            assert bucket == tuple(b["image"].shape[-2:])
+            assert (bucket.height, bucket.width) == tuple(b["image"].shape[-2:])
+            assert bucket in BUCKETS
+            seen.add(bucket)
+    assert any(b.height > b.width for b in seen) and any(b.width > b.height for b in seen)
+
+
+def test_map_dataset_bucket_of(tree):
+    root, ids = tree
+    ds = DatagoMapDataset(config(root))
+    for i in range(6):
+        b = ds.bucket_of(i)
+        assert type(b) is datago.Bucket
+        assert b == tuple(ds[i]["image"].shape[-2:]) == ds[i]["bucket"]
+
+
 def test_pin_memory(tree):
     root, ids = tree
     ds = DatagoDataset(config(root, batch_size=8))
@@ -675,8 +704,8 @@ def test_sidecars_under_many_threads(tmp_path):
             for j, sid in enumerate(b["id"]):
                 key = sid[:-4]
                 m = datago.decode_to_bucket((tmp_path / f"{key}.mask.png").read_bytes(),
-                                            bucket=(w, h), mask=True).image
+                                            bucket=(h, w), mask=True).image
                 d = datago.decode_to_bucket((tmp_path / f"{key}.depth.png").read_bytes(),
-                                            bucket=(w, h)).image
+                                            bucket=(h, w)).image
                 assert np.array_equal(b["masks"]["mask"][j, 0].numpy(), m[:, :, 0])
                 assert np.array_equal(b["additional_images"]["depth"][j].permute(1, 2, 0).numpy(), d)

@@ -448,8 +448,8 @@ def test_jpeg_exif_orientation(k):
     info = datago.read_header(data)
     assert info.format.lower() == "jpeg"
     assert (info.width, info.height, info.orientation) == (64, 40, k)
-    assert info.display_size == ((40, 64) if k >= 5 else (64, 40))
-    assert info.display_size == (want.shape[1], want.shape[0])
+    assert info.display_size == ((64, 40) if k >= 5 else (40, 64))          # (height, width)
+    assert info.display_size == want.shape[:2]
 
 
 @pytest.mark.parametrize("k", ORIENTATIONS, ids=[f"o{k}" for k in ORIENTATIONS])
@@ -461,7 +461,8 @@ def test_png_exif_orientation(k):
     info = datago.read_header(data)
     assert info.format.lower() == "png"
     assert (info.width, info.height, info.orientation) == (64, 40, k)
-    assert info.display_size == ((40, 64) if k >= 5 else (64, 40))
+    assert info.display_size == ((64, 40) if k >= 5 else (40, 64))          # (height, width)
+    assert info.display_size == datago.decode(data).shape[:2]
 
 
 @pytest.mark.parametrize("k", [3, 6, 8], ids=["o3", "o6", "o8"])
@@ -592,8 +593,8 @@ def test_bytes_like_inputs(name):
         got = datago.decode(v)
         assert np.array_equal(got, ref), vname
         assert datago.read_header(v) == datago.read_header(data), vname
-        r1 = datago.decode_to_bucket(v, bucket=(16, 24))
-        r0 = datago.decode_to_bucket(data, bucket=(16, 24))
+        r1 = datago.decode_to_bucket(v, bucket=(24, 16))
+        r0 = datago.decode_to_bucket(data, bucket=(24, 16))
         assert np.array_equal(r1.image, r0.image), vname
 
 
@@ -648,24 +649,24 @@ def test_array_owns_memory(name, mode):
 @pytest.mark.parametrize("name", SAMPLE_NAMES)
 def test_bucket_result_owns_memory(name):
     s = _samples()
-    r = datago.decode_to_bucket(bytearray(s[name]), bucket=(16, 24))
+    r = datago.decode_to_bucket(bytearray(s[name]), bucket=(24, 16))
     img = r.image
     snapshot = img.copy()
     assert img.shape == (24, 16, 3)
     assert img.flags.writeable
     gc.collect()
     for other in SAMPLE_NAMES:                             # scratch buffers get reused here
-        datago.decode_to_bucket(s[other], bucket=(16, 24))
+        datago.decode_to_bucket(s[other], bucket=(24, 16))
         datago.decode(s[other])
     assert np.array_equal(img, snapshot)
 
 
 # --------------------------------------------------------------------------- decode_to_bucket + EXIF
 
-BUCKETS = [(40, 32), (96, 64), (64, 96), (160, 96)]
+BUCKETS = [(32, 40), (64, 96), (96, 64), (96, 160)]          # (height, width)
 
 
-@pytest.mark.parametrize("bucket", BUCKETS, ids=[f"{w}x{h}" for w, h in BUCKETS])
+@pytest.mark.parametrize("bucket", BUCKETS, ids=[f"{w}x{h}" for h, w in BUCKETS])
 @pytest.mark.parametrize("k", ORIENTATIONS, ids=[f"o{k}" for k in ORIENTATIONS])
 def test_bucket_exif_jpeg_vs_upright_png(k, bucket):
     data = encode(photo(160, 96, seed=26), "JPEG", exif=_exif(k), quality=95)
@@ -674,8 +675,8 @@ def test_bucket_exif_jpeg_vs_upright_png(k, bucket):
     dw, dh = upright.size
     r = datago.decode_to_bucket(data, bucket=bucket)
     ref = datago.decode_to_bucket(png, bucket=bucket)
-    bw, bh = bucket
-    assert r.bucket == (bw, bh) and ref.bucket == (bw, bh)
+    bh, bw = bucket
+    assert r.bucket == (bh, bw) and ref.bucket == (bh, bw)
     assert r.image.shape == (bh, bw, 3)
     assert r.original_size == (dh, dw) == ref.original_size
     assert r.crop_coords == ref.crop_coords
@@ -691,7 +692,7 @@ def test_bucket_exif_jpeg_vs_upright_png(k, bucket):
 def test_bucket_exif_png_vs_upright_png(k):
     data = encode(photo(64, 40, seed=27), "PNG", exif=_exif(k))
     upright = encode(ImageOps.exif_transpose(pil_open(data)).convert("RGB"), "PNG")
-    for bucket in [(24, 24), (32, 48), (48, 32)]:
+    for bucket in [(24, 24), (48, 32), (32, 48)]:
         r = datago.decode_to_bucket(data, bucket=bucket)
         ref = datago.decode_to_bucket(upright, bucket=bucket)
         # lossless source, so only the resampler's rounding may differ (resize is

@@ -19,8 +19,9 @@ def pillow_cover_crop(im: Image.Image, bucket, exact: bool) -> np.ndarray:
     ``exact=False`` is the classic code (resize to the rounded cover size, crop at
     integer offsets).  ``exact=True`` asks Pillow for the same operation without the
     rounding (``resize(box=centre crop)``), so sub-pixel shifts do not count.
+    ``bucket`` is (height, width); Pillow's sizes are (width, height).
     """
-    bw, bh = bucket
+    bh, bw = bucket
     w, h = im.size
     s = max(bw / w, bh / h)
     if exact:
@@ -65,8 +66,8 @@ def test_crop_geometry():
     for w, h in SIZES + [(37, 2000), (2000, 37)]:
         data = encode(np.zeros((h, w), np.uint8), "PNG")
         res = datago.decode_to_bucket(data, BUCKETS)
-        bw, bh = res.bucket
-        assert res.bucket == datago.nearest_bucket(w, h, BUCKETS)
+        bh, bw = res.bucket
+        assert res.bucket == datago.nearest_bucket(h, w, BUCKETS)
         assert res.image.shape == (bh, bw, 3)
         assert res.original_size == (h, w)
         left, top, right, bottom = res.crop_box
@@ -89,9 +90,9 @@ def test_scaled_jpeg_decode_matches_full_decode():
 
 
 def test_upscale_small_image():
-    data = encode(photo(40, 30, seed=1), "PNG")
+    data = encode(photo(40, 30, seed=1), "PNG")               # 40 wide, 30 high
     res = datago.decode_to_bucket(data, BUCKETS)
-    assert res.bucket == (592, 432)
+    assert res.bucket == (432, 592)                           # 592x432
     ref = datago.resize(datago.decode(data), res.bucket, box=res.crop_box)
     assert np.abs(res.image.astype(int) - ref).max() <= 1
 
@@ -106,9 +107,10 @@ def test_exif_orientation_in_the_fused_path(k, size):
     exif[0x0112] = k
     data = encode(photo(*size, seed=21), "JPEG", exif=exif.tobytes(), quality=95)
     res = datago.decode_to_bucket(data, BUCKETS)
-    display = size[::-1] if k >= 5 else size
-    assert res.bucket == datago.nearest_bucket(*display, BUCKETS)
-    assert res.original_size == display[::-1]
+    stored_hw = size[::-1]                                    # photo() takes (w, h)
+    display_hw = stored_hw[::-1] if k >= 5 else stored_hw
+    assert res.bucket == datago.nearest_bucket(*display_hw, BUCKETS)
+    assert res.original_size == display_hw
     ref = datago.resize(datago.decode(data), res.bucket, box=res.crop_box)
     # the passes run in the stored orientation: rounding may differ by one step
     assert np.abs(res.image.astype(int) - ref).max() <= 1
@@ -123,9 +125,9 @@ def test_exif_orientation_in_the_fused_path(k, size):
 
 
 def test_out_batch_slice_and_planar_view():
-    data = encode(photo(1000, 700, seed=2), "JPEG")
-    bucket = datago.nearest_bucket(1000, 700, BUCKETS)
-    bw, bh = bucket
+    data = encode(photo(1000, 700, seed=2), "JPEG")           # 1000 wide, 700 high
+    bucket = datago.nearest_bucket(700, 1000, BUCKETS)
+    bh, bw = bucket
     alone = datago.decode_to_bucket(data, bucket=bucket).image
     batch = np.zeros((3, bh, bw, 3), np.uint8)
     res = datago.decode_to_bucket(data, bucket=bucket, out=batch[1])
@@ -139,15 +141,15 @@ def test_out_batch_slice_and_planar_view():
 def test_out_errors():
     data = encode(photo(100, 100), "JPEG")
     with pytest.raises(ValueError, match=r"out must have shape \(64, 32, 3\)"):
-        datago.decode_to_bucket(data, bucket=(32, 64), out=np.zeros((32, 64, 3), np.uint8))
+        datago.decode_to_bucket(data, bucket=(64, 32), out=np.zeros((32, 64, 3), np.uint8))
     ro = np.zeros((64, 32, 3), np.uint8)
     ro.flags.writeable = False
     with pytest.raises((ValueError, TypeError)):
-        datago.decode_to_bucket(data, bucket=(32, 64), out=ro)
+        datago.decode_to_bucket(data, bucket=(64, 32), out=ro)
     with pytest.raises(TypeError, match="numpy array"):
-        datago.decode_to_bucket(data, bucket=(32, 64), out=[[0]])
+        datago.decode_to_bucket(data, bucket=(64, 32), out=[[0]])
     with pytest.raises(ValueError, match="mode"):
-        datago.decode_to_bucket(data, bucket=(32, 64), mode="RGBA")
+        datago.decode_to_bucket(data, bucket=(64, 32), mode="RGBA")
 
 
 def test_mask_nearest_keeps_labels_and_follows_the_image_crop():
@@ -160,7 +162,7 @@ def test_mask_nearest_keeps_labels_and_follows_the_image_crop():
     msk = encode(labels, "PNG")
     res = datago.decode_to_bucket(img, BUCKETS)
     m = datago.decode_to_bucket(msk, bucket=res.bucket, mask=True)
-    assert m.image.shape == (res.bucket[1], res.bucket[0], 1)
+    assert m.image.shape == (*res.bucket, 1)
     assert m.crop_box == pytest.approx(res.crop_box)
     assert set(np.unique(m.image)) <= {0, 5, 17, 200}
     ref = datago.resize(labels, res.bucket, box=res.crop_box, filter="nearest")
@@ -172,10 +174,10 @@ def test_palette_png_mask_gives_indices():
     im = Image.fromarray(idx, "P")
     im.putpalette([v for i in range(256) for v in (i * 30 % 256, 255 - i, i * 7 % 256)])
     data = encode(im, "PNG")
-    m = datago.decode_to_bucket(data, bucket=(120, 80), mask=True)
+    m = datago.decode_to_bucket(data, bucket=(80, 120), mask=True)
     assert np.array_equal(m.image[:, :, 0], idx)
     # the same file as an image is decoded through the palette
-    rgb = datago.decode_to_bucket(data, bucket=(120, 80), filter="nearest").image
+    rgb = datago.decode_to_bucket(data, bucket=(80, 120), filter="nearest").image
     assert np.array_equal(rgb, np.asarray(im.convert("RGB")))
 
 
@@ -203,7 +205,7 @@ def test_fallback_formats(fmt):
     arr = photo(700, 500, seed=8)
     data = encode(arr, fmt, lossless=True) if fmt == "WEBP" else encode(arr, fmt)
     res = datago.decode_to_bucket(data, BUCKETS)
-    assert res.image.shape == (res.bucket[1], res.bucket[0], 3)
+    assert res.image.shape == (*res.bucket, 3)
     ref = datago.resize(arr, res.bucket, box=res.crop_box)
     assert np.array_equal(res.image, ref)
 
@@ -216,3 +218,27 @@ def test_bucket_argument_validation():
         datago.decode_to_bucket(data, bucket=(0, 10))
     with pytest.raises(ValueError, match="pair"):
         datago.decode_to_bucket(data, [(10, 10, 3)])
+    with pytest.raises(ValueError, match=r"\(height, width\) pair"):
+        datago.decode_to_bucket(data, bucket=(10, 10, 3))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_bucket_is_height_width(fmt):
+    """``bucket=(H, W)`` gives an H x W image, for the fused path and Pillow's."""
+    arr = photo(300, 500, seed=9)                             # tall: 300 wide, 500 high
+    data = encode(arr, fmt, lossless=True) if fmt == "WEBP" else encode(arr, fmt)
+    H, W = 96, 64
+    res = datago.decode_to_bucket(data, bucket=(H, W))
+    assert res.image.shape[:2] == (H, W)
+    assert res.bucket == (H, W) and type(res.bucket) is datago.Bucket
+    assert (res.bucket.height, res.bucket.width) == (H, W)
+    assert res.original_size == (500, 300)
+    # the mask path, and a mask aligned with the image
+    m = datago.decode_to_bucket(encode(arr[:, :, 0], "PNG"), bucket=(H, W), mask=True)
+    assert m.image.shape[:2] == (H, W) and m.bucket == (H, W)
+    like = datago.decode_to_bucket(encode(arr[:, :, 0], "PNG"), mask=True, like=res)
+    assert like.image.shape[:2] == (H, W) and like.bucket == (H, W)
+    # from the bucket list: a tall image gets a tall bucket
+    res = datago.decode_to_bucket(data, BUCKETS)
+    assert res.bucket.height > res.bucket.width
+    assert res.image.shape[:2] == res.bucket == datago.nearest_bucket(500, 300, BUCKETS)

@@ -72,7 +72,7 @@ def test_jsonl_with_sizes_needs_no_header_scan(tree, tmp_path):
     from datago import read_header
     rows = []
     for i in ids:
-        w, h = read_header((root / i).read_bytes()).display_size
+        h, w = read_header((root / i).read_bytes()).display_size
         rows.append({"path": str(root / i), "width": w, "height": h, "score": 0.5, "tags": ["a"]})
     index = tmp_path / "x.jsonl"
     index.write_text("\n".join(json.dumps(r) for r in rows) + "\n")

@@ -30,8 +30,8 @@ BUCKETS = datago.make_buckets(256, 16, 0.5, 2.0)
 # --------------------------------------------------------------------------- helpers
 
 def nearest_ref(labels: np.ndarray, bucket, box) -> np.ndarray:
-    """Nearest-neighbour crop + resize of ``labels`` (H, W[, C]) to ``bucket`` (w, h)."""
-    tw, th = bucket
+    """Nearest-neighbour crop + resize of ``labels`` (H, W[, C]) to ``bucket`` (h, w)."""
+    th, tw = bucket
     h, w = labels.shape[:2]
     x0, y0, x1, y1 = box
     sx, sy = (x1 - x0) / tw, (y1 - y0) / th
@@ -141,16 +141,16 @@ def mask_case(kind: str, w: int, h: int, seed: int = 0):
 def test_mask_values_kept_exactly(kind):
     w, h = 301, 207
     data, want, dtype = mask_case(kind, w, h, seed=3)
-    for bucket in [(192, 128), (128, 256), (304, 208), (64, 64)]:
+    for bucket in [(128, 192), (256, 128), (208, 304), (64, 64)]:          # (height, width)
         m = datago.decode_to_bucket(data, bucket=bucket, mask=True)
         assert m.image.dtype == dtype, (kind, m.image.dtype)
-        assert m.image.shape == (bucket[1], bucket[0], want.shape[2])
+        assert m.image.shape == (*bucket, want.shape[2])
         ref = nearest_ref(want, bucket, m.crop_box)
         assert np.array_equal(m.image, ref.astype(dtype)), kind
         assert set(np.unique(m.image)) <= set(np.unique(want))
     if kind in ("grey16", "grey8", "palette8"):
         # many distinct labels survive a mild downscale
-        m = datago.decode_to_bucket(data, bucket=(288, 192), mask=True)
+        m = datago.decode_to_bucket(data, bucket=(192, 288), mask=True)
         assert len(np.unique(m.image)) >= 150
 
 
@@ -201,39 +201,39 @@ def test_mask_with_its_own_exif_orientation():
     exif[0x0112] = 8
     data = encode(Image.fromarray(lab), "PNG", exif=exif.tobytes())
     shown = np.rot90(lab, 1)                                    # orientation 8
-    m = datago.decode_to_bucket(data, bucket=(64, 96), mask=True)
-    assert np.array_equal(m.image, nearest_ref(shown, (64, 96), m.crop_box))
+    m = datago.decode_to_bucket(data, bucket=(96, 64), mask=True)
+    assert np.array_equal(m.image, nearest_ref(shown, (96, 64), m.crop_box))
 
 
 def test_mask_modes_and_outputs():
     rgb, colours, idx = rgb_labels(90, 60)
     data = encode(rgb, "PNG")
     with pytest.raises(MaskMismatchError, match="3 channels"):
-        datago.decode_to_bucket(data, bucket=(90, 60), mask=True, mode="L")
+        datago.decode_to_bucket(data, bucket=(60, 90), mask=True, mode="L")
     # colours: a palette PNG expanded, a grey one replicated
     pal = palette_png(labels8(90, 60))
-    got = datago.decode_to_bucket(pal, bucket=(90, 60), mask=True, mode="RGB").image
+    got = datago.decode_to_bucket(pal, bucket=(60, 90), mask=True, mode="RGB").image
     assert np.array_equal(got, np.asarray(Image.open(io.BytesIO(pal)).convert("RGB")))
     grey = labels8(90, 60)
-    got = datago.decode_to_bucket(encode(grey, "PNG"), bucket=(90, 60), mask=True, mode="RGB").image
+    got = datago.decode_to_bucket(encode(grey, "PNG"), bucket=(60, 90), mask=True, mode="RGB").image
     assert np.array_equal(got, np.repeat(grey[:, :, None], 3, 2))
     with pytest.raises(MaskMismatchError, match="16-bit"):
-        datago.decode_to_bucket(encode(labels16(90, 60), "PNG"), bucket=(90, 60), mask=True,
+        datago.decode_to_bucket(encode(labels16(90, 60), "PNG"), bucket=(60, 90), mask=True,
                                 mode="RGB")
     # out: uint16 or int32 for 16-bit values, any of the three for 8-bit ones
     data16 = encode(labels16(90, 60), "PNG")
     for dt in (np.uint16, np.int32):
         out = np.zeros((60, 90), dt)
-        r = datago.decode_to_bucket(data16, bucket=(90, 60), mask=True, out=out)
+        r = datago.decode_to_bucket(data16, bucket=(60, 90), mask=True, out=out)
         assert np.array_equal(out, labels16(90, 60).astype(dt))
         assert np.shares_memory(r.image, out)
     with pytest.raises(ValueError, match="uint16 or int32"):
-        datago.decode_to_bucket(data16, bucket=(90, 60), mask=True, out=np.zeros((60, 90, 1), np.uint8))
+        datago.decode_to_bucket(data16, bucket=(60, 90), mask=True, out=np.zeros((60, 90, 1), np.uint8))
     out = np.zeros((60, 90, 1), np.int32)
-    datago.decode_to_bucket(encode(grey, "PNG"), bucket=(90, 60), mask=True, out=out)
+    datago.decode_to_bucket(encode(grey, "PNG"), bucket=(60, 90), mask=True, out=out)
     assert np.array_equal(out[:, :, 0], grey)
     with pytest.raises(ValueError, match="like"):
-        datago.decode_to_bucket(data, bucket=(90, 60), like=datago.decode_to_bucket(data, bucket=(90, 60)))
+        datago.decode_to_bucket(data, bucket=(60, 90), like=datago.decode_to_bucket(data, bucket=(60, 90)))
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "WEBP"])
@@ -254,11 +254,11 @@ def test_other_formats_keep_values(fmt):
         data, want = encode(rgb, "WEBP", lossless=True), rgb
     else:
         data, want = encode(lab, "BMP"), lab
-    m = datago.decode_to_bucket(data, bucket=(96, 64), mask=True)
+    m = datago.decode_to_bucket(data, bucket=(64, 96), mask=True)
     want = want if want.ndim == 3 else want[:, :, None]
     dtype = np.int32 if want.dtype == np.uint16 else np.uint8
     assert m.image.dtype == dtype
-    assert np.array_equal(m.image, nearest_ref(want, (96, 64), m.crop_box).astype(dtype))
+    assert np.array_equal(m.image, nearest_ref(want, (64, 96), m.crop_box).astype(dtype))
 
 
 def test_jpeg_mask_full_scale_values():
@@ -267,11 +267,11 @@ def test_jpeg_mask_full_scale_values():
     lab = labels8(640, 480)
     data = encode(lab, "JPEG", quality=95)
     full = datago.decode(data, mode="L")
-    m = datago.decode_to_bucket(data, bucket=(64, 48), mask=True)
+    m = datago.decode_to_bucket(data, bucket=(48, 64), mask=True)
     assert m.image.dtype == np.uint8 and m.image.shape == (48, 64, 1)
-    assert np.array_equal(m.image, nearest_ref(full, (64, 48), m.crop_box))
+    assert np.array_equal(m.image, nearest_ref(full, (48, 64), m.crop_box))
     rgb, _, _ = rgb_labels(320, 240)
-    m = datago.decode_to_bucket(encode(rgb, "JPEG", quality=95), bucket=(32, 24), mask=True)
+    m = datago.decode_to_bucket(encode(rgb, "JPEG", quality=95), bucket=(24, 32), mask=True)
     assert m.image.shape == (24, 32, 3)
 
 
@@ -291,12 +291,12 @@ def _check_batches(ds, root, labels: dict, name="mask", dtype=None):
             assert t.dtype == dtype
         for j, sid in enumerate(b["id"]):
             key = sid[:-4]
-            img = datago.decode_to_bucket((root / sid).read_bytes(), bucket=(w, h))
+            img = datago.decode_to_bucket((root / sid).read_bytes(), bucket=(h, w))
             lab, (mw, mh) = labels[key]
             sx, sy = mw / img.original_size[1], mh / img.original_size[0]
             box = (img.crop_box[0] * sx, img.crop_box[1] * sy,
                    min(img.crop_box[2] * sx, mw), min(img.crop_box[3] * sy, mh))
-            want = nearest_ref(lab, (w, h), box)
+            want = nearest_ref(lab, (h, w), box)
             got = t[j].permute(1, 2, 0).numpy()
             assert np.array_equal(got, want.astype(got.dtype)), sid
             assert int(np.abs(got.astype(np.int64) - want).max(initial=0)) == 0
@@ -368,7 +368,7 @@ def test_dataset_mixed_depths_and_missing_masks(tmp_path):
         if key == "c":
             assert not t[j].any()
             continue
-        img = datago.decode_to_bucket((tmp_path / sid).read_bytes(), bucket=(b["bucket"][1], b["bucket"][0]))
+        img = datago.decode_to_bucket((tmp_path / sid).read_bytes(), bucket=b["bucket"])
         want = nearest_ref(labels[key][0], img.bucket, img.crop_box)
         assert np.array_equal(t[j].permute(1, 2, 0).numpy(), want.astype(np.int32))
 
@@ -407,8 +407,7 @@ def test_dataset_rgb_masks_kept_or_mapped(tmp_path):
 
 
 def BUCKETS_OF(sample):
-    h, w = sample["bucket"]
-    return [(w, h)]
+    return [tuple(sample["bucket"])]
 
 
 def test_mask_palette_config_validation():
@@ -447,8 +446,7 @@ def test_dataset_grey_and_colour_masks_in_one_batch(tmp_path):
         t = b["masks"]["mask"]
         assert t.dtype == torch.uint8 and t.shape[1] == 3
         for j, sid in enumerate(b["id"]):
-            img = datago.decode_to_bucket((tmp_path / sid).read_bytes(),
-                                          bucket=(b["bucket"][1], b["bucket"][0]))
+            img = datago.decode_to_bucket((tmp_path / sid).read_bytes(), bucket=b["bucket"])
             src = rgb if sid == "a.jpg" else np.repeat(grey[:, :, None], 3, 2)
             assert np.array_equal(t[j].permute(1, 2, 0).numpy(),
                                   nearest_ref(src, img.bucket, img.crop_box))

@@ -9,7 +9,7 @@ libspng and crops/resizes into aspect-ratio buckets with the GIL released;
 are imported on first use, so tools that only decode do not pay for torch.
 """
 
-from datago.buckets import make_buckets, nearest_bucket
+from datago.buckets import Bucket, make_buckets, nearest_bucket
 from datago.config import DatagoConfig, FileSourceConfig, ImageConfig, LoaderConfig
 from datago.errors import (ConfigError, DatagoError, DecodeError, ImageTooLargeError,
                            MaskMismatchError, SharedMemoryError, WorkerError)
@@ -44,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "Bucket",
     "BucketResult",
     "ConfigError",
     "DataLoader",

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from datago import _shm
-from datago.buckets import nearest_bucket
+from datago.buckets import Bucket, nearest_bucket
 from datago.errors import DatagoError, DecodeError, ImageTooLargeError
 from datago.image import (DEFAULT_MAX_PIXELS, MaskMismatchError, decode_to_bucket,
                           decode_with_warning, read_header)
@@ -57,11 +57,10 @@ COUNTERS = ("samples", "batches", "bytes", "dropped", "t_read", "t_decode", "t_w
     tuple(f"skipped_{r}" for r in REASONS)
 
 
-class BucketShape(NamedTuple):
-    """(height, width) of a batch's bucket; a named tuple survives DataLoader's
-    conversions (a plain tuple comes out as a list)."""
-    height: int
-    width: int
+BucketShape = Bucket
+"""``batch["bucket"]``: the ``Bucket(height, width)`` of a batch (an older name of
+``datago.Bucket``); a named tuple survives DataLoader's conversions (a plain tuple
+comes out as a list)."""
 
 
 class SampleError(DatagoError):
@@ -340,7 +339,7 @@ class Batch:
     def __init__(self, bucket: Tuple[int, int], capacity: int, shared: bool = False,
                  mask_names: Iterable[str] = (), image_names: Iterable[str] = (),
                  stats: Optional[Stats] = None, pool_bytes: Optional[int] = None):
-        self.bucket = bucket                      # (width, height)
+        self.bucket = Bucket(*bucket)             # (height, width)
         self.capacity = capacity
         self.shared = shared
         self.stats = stats
@@ -361,7 +360,7 @@ class Batch:
 
     def _table(self, kind: str, table: Dict[str, torch.Tensor], name: str, channels: int) -> None:
         if name not in table:
-            w, h = self.bucket
+            h, w = self.bucket
             table[name] = _alloc((self.capacity, h, w, channels), self.shared, stats=self.stats,
                                  pool_bytes=self.pool_bytes)
             self.present[(kind, name)] = np.zeros(self.capacity, dtype=bool)
@@ -375,7 +374,7 @@ class Batch:
 
     def _mask_table(self, name: str, dtype: torch.dtype, channels: int) -> torch.Tensor:
         """A zero-filled (capacity, H, W, channels) table, holding the old one's values."""
-        w, h = self.bucket
+        h, w = self.bucket
         size = torch.empty((), dtype=dtype).element_size()
         t = _alloc((self.capacity, h, w, channels * size), self.shared, stats=self.stats,
                    pool_bytes=self.pool_bytes)
@@ -421,7 +420,7 @@ class Batch:
         if self._image is None:
             with self._lock:
                 if self._image is None:
-                    w, h = self.bucket
+                    h, w = self.bucket
                     t = _alloc((self.capacity, h, w, 3), self.shared, zero=False,
                                stats=self.stats, pool_bytes=self.pool_bytes)
                     self._image_np = t.numpy()
@@ -527,7 +526,6 @@ def _output(batch: Batch, good: List[int], stats: Stats, step: Optional[int] = N
                     p[dst] = p[src]
     samples = [batch.samples[s] for s in good]
     meta = [batch.meta[s] for s in good]
-    w, h = batch.bucket
     stats.add("samples", n)
     stats.add("batches", 1)
     stats.add("bytes", sum(s.nbytes for s in samples))
@@ -536,7 +534,7 @@ def _output(batch: Batch, good: List[int], stats: Stats, step: Optional[int] = N
         "id": [s.ref.id for s in samples],
         "original_size": torch.tensor([m[0] for m in meta], dtype=torch.int64).reshape(n, 2),
         "crop_coords": torch.tensor([m[1] for m in meta], dtype=torch.int64).reshape(n, 2),
-        "bucket": BucketShape(h, w),
+        "bucket": batch.bucket,
         "attributes": [s.attributes for s in samples],
         "masks": {k: t[:n].permute(0, 3, 1, 2) for k, t in batch.mask_tables().items()},
         "additional_images": {k: t[:n].permute(0, 3, 1, 2) for k, t in batch.images.items()},
@@ -824,7 +822,7 @@ class Engine(_ErrorPolicy):
             h, w = img.shape[:2]
             out = {"image": img.permute(2, 0, 1), "id": ref.id,
                    "original_size": torch.tensor([h, w]), "crop_coords": torch.tensor([0, 0]),
-                   "bucket": BucketShape(h, w), "attributes": loaded.attributes, "masks": {},
+                   "bucket": Bucket(h, w), "attributes": loaded.attributes, "masks": {},
                    "additional_images": {}}
         else:
             bucket = nearest_bucket(*loaded.info.display_size, self.buckets)
@@ -836,7 +834,7 @@ class Engine(_ErrorPolicy):
                 "id": ref.id,
                 "original_size": torch.tensor(batch.meta[0][0]),
                 "crop_coords": torch.tensor(batch.meta[0][1]),
-                "bucket": BucketShape(bucket[1], bucket[0]),
+                "bucket": batch.bucket,
                 "attributes": loaded.attributes,
                 "masks": {k: t[0].permute(2, 0, 1) for k, t in batch.mask_tables().items()},
                 "additional_images": {k: t[0].permute(2, 0, 1) for k, t in batch.images.items()},
@@ -857,7 +855,7 @@ class Job(NamedTuple):
     """One batch of the epoch plan: its global step, bucket, samples and which of
     them repeat a sample (remainder padding)."""
     step: int
-    bucket: Tuple[int, int]                 # (width, height)
+    bucket: Tuple[int, int]                 # (height, width)
     refs: Sequence[SampleRef]
     padded: Sequence[bool]
 

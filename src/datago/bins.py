@@ -186,11 +186,12 @@ def _normalize(sample: Mapping[str, Any]) -> Tuple[str, List[Tuple[str, str, str
 
 
 def _display_size(image: bytes) -> Tuple[int, int]:
+    """(height, width) of the displayed image; (0, 0) when the header is unreadable."""
     from datago.errors import DecodeError
     from datago.image import read_header
     try:
-        w, h = read_header(image).display_size
-        return (int(w), int(h)) if w > 0 and h > 0 else (0, 0)
+        h, w = read_header(image).display_size
+        return (int(h), int(w)) if w > 0 and h > 0 else (0, 0)
     except (DecodeError, ValueError):
         return 0, 0
 
@@ -395,7 +396,7 @@ class BinsWriter:
             raise BinsError("this BinsWriter is closed")
         sid, parts, w, h, attributes = _normalize(sample)
         if not w or not h:
-            w, h = _display_size(parts[0][3])
+            h, w = _display_size(parts[0][3])
         if not w or not h:
             self.unreadable += 1
         b = self.done % self.splits

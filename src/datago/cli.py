@@ -58,8 +58,8 @@ def _list_images(root: Path, limit: Optional[int]) -> List[Path]:
 def _pillow_to_bucket(data: bytes, buckets) -> np.ndarray:
     from PIL import Image, ImageOps
     im = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
-    w, h = im.size
-    bw, bh = nearest_bucket(w, h, buckets)
+    w, h = im.size                                  # Pillow's (width, height)
+    bh, bw = nearest_bucket(h, w, buckets)
     s = max(bw / w, bh / h)
     rw, rh = max(bw, round(w * s)), max(bh, round(h * s))
     im = im.resize((rw, rh), Image.LANCZOS)

@@ -643,7 +643,9 @@ class ImageConfig:
 
     @property
     def buckets(self) -> list:
-        """The bucket list ``[(width, height), ...]`` (see ``make_buckets``)."""
+        """The bucket list ``[Bucket(height, width), ...]``, sorted by aspect ratio
+        (see ``make_buckets``; the reference datago lists the same sizes as
+        ``(width, height)``)."""
         return make_buckets(self.default_image_size, self.downsampling_ratio,
                             self.min_aspect_ratio, self.max_aspect_ratio)
 

@@ -167,7 +167,7 @@ def _reencode(data: bytes, reencode: Tuple[str, int]) -> bytes:
     return buf.getvalue()
 
 
-def _read_one(ref, wh, fetcher, reencode) -> dict:
+def _read_one(ref, hw, fetcher, reencode) -> dict:
     """A sample dict (``datago.bins``'s) of one SampleRef, or ``{"error": ...}``."""
     from datago._engine import SampleError, merge_attributes
     from datago.bins import sniff_ext
@@ -190,19 +190,19 @@ def _read_one(ref, wh, fetcher, reencode) -> dict:
         return {"error": getattr(e, "reason", "read_error"), "id": ref.id, "message": str(e)}
     out = {"id": ref.id, "image": data, "ext": ext, "masks": masks, "images": images,
            "latents": latents, "attributes": attributes}
-    if wh is not None and wh[0] > 0 and wh[1] > 0:
-        out["width"], out["height"] = int(wh[0]), int(wh[1])
+    if hw is not None and hw[0] > 0 and hw[1] > 0:
+        out["width"], out["height"] = int(hw[1]), int(hw[0])
     return out
 
 
 def _work(chunk, fetcher, reencode, threads: int = 1) -> list:
-    """[(source index, sample dict)] for a chunk of (index, ref, (w, h) or None)."""
+    """[(source index, sample dict)] for a chunk of (index, ref, (height, width) or None)."""
     if threads > 1 and len(chunk) > 1:
         from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(min(threads, len(chunk))) as pool:
             got = list(pool.map(lambda c: _read_one(c[1], c[2], fetcher, reencode), chunk))
     else:
-        got = [_read_one(ref, wh, fetcher, reencode) for _, ref, wh in chunk]
+        got = [_read_one(ref, hw, fetcher, reencode) for _, ref, hw in chunk]
     return [(c[0], s) for c, s in zip(chunk, got)]
 
 
@@ -221,8 +221,8 @@ def _samples(source, fetcher, indices, sizes, workers: int, reencode,
         for k in range(0, len(indices), CHUNK):
             out = []
             for i in indices[k:k + CHUNK]:
-                wh = (int(sizes.width[i]), int(sizes.height[i])) if sizes is not None else None
-                out.append((int(i), source.ref(int(i)), wh))
+                hw = (int(sizes.height[i]), int(sizes.width[i])) if sizes is not None else None
+                out.append((int(i), source.ref(int(i)), hw))
             yield out
 
     if workers <= 1:

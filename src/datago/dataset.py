@@ -12,7 +12,7 @@ same bucket at every step, resumable.
             batch["step"]           # global step of this batch in the epoch (same on every rank)
             batch["original_size"]  # int64 (B, 2): (height, width) of each source image
             batch["crop_coords"]    # int64 (B, 2): (top, left) of the crop (SDXL conditioning)
-            batch["bucket"]         # (H, W)
+            batch["bucket"]         # datago.Bucket(height, width) == batch["image"].shape[-2:]
             batch["attributes"]     # list of B dicts (from .json / .txt sidecars)
             batch["masks"]          # {name: uint8 (B, 1, H, W)}, nearest-neighbour resized
             batch["additional_images"]  # {name: uint8 (B, 3, H, W)}
@@ -59,7 +59,7 @@ import xxhash
 from torch.utils.data import IterableDataset
 
 from datago._engine import COUNTERS, Engine, Job, PlanEngine, Stats, summarize
-from datago.buckets import nearest_bucket
+from datago.buckets import Bucket, nearest_bucket
 from datago.config import DatagoConfig
 from datago.errors import ConfigError, DatagoError, WorkerError
 from datago._prefetch import prefetched as _prefetched
@@ -97,14 +97,14 @@ def default_num_threads(num_workers: int) -> int:
     return max(1, cpus // max(1, num_workers))
 
 
-def _bucket_indices(width: np.ndarray, height: np.ndarray, buckets: list,
+def _bucket_indices(height: np.ndarray, width: np.ndarray, buckets: list,
                     valid: np.ndarray) -> np.ndarray:
     """Bucket index per sample (-1 where not valid); ``nearest_bucket`` once per
     distinct size."""
     out = np.full(len(width), -1, dtype=np.int64)
     if not valid.any():
         return out
-    key = (width[valid].astype(np.int64) << 32) | height[valid].astype(np.int64)
+    key = (height[valid].astype(np.int64) << 32) | width[valid].astype(np.int64)
     uniq, inv = np.unique(key, return_inverse=True)
     index = {b: i for i, b in enumerate(buckets)}
     per = np.array([index[nearest_bucket(int(k >> 32), int(k & 0xFFFFFFFF), buckets)]
@@ -190,7 +190,7 @@ class DatagoDataset(IterableDataset):
                     use_cache=src.sizes_cache, head=self.fetcher.head if fetched else None,
                     threads=src.io_concurrency if fetched else None)
             include = self.sizes.readable
-            self._bucket_of = _bucket_indices(self.sizes.width, self.sizes.height,
+            self._bucket_of = _bucket_indices(self.sizes.height, self.sizes.width,
                                               self.buckets, include)
         else:
             include = np.ones(n, dtype=bool)
@@ -353,8 +353,11 @@ class DatagoDataset(IterableDataset):
         return {
             "samples": len(items),
             "ids": xxhash.xxh64_hexdigest(self._hashes[items].tobytes()),
-            "buckets": xxhash.xxh64_hexdigest(self._bucket_of[items].astype(np.int32).tobytes()
-                                              + repr(self.buckets).encode()),
+            # the bucket list as (width, height) pairs, as it was written before
+            # buckets became (height, width): states saved by older builds still match
+            "buckets": xxhash.xxh64_hexdigest(
+                self._bucket_of[items].astype(np.int32).tobytes()
+                + repr(self.buckets and [(w, h) for h, w in self.buckets]).encode()),
             "batch_size": loader.batch_size,
             "seed": loader.seed,
             "remainder": loader.remainder,
@@ -839,8 +842,8 @@ class DatagoMapDataset(torch.utils.data.Dataset):
     def __getitem__(self, i) -> dict:
         return self._worker_engine()._one(self.listing.ref(self._index(i)))
 
-    def bucket_of(self, i: int) -> Optional[Tuple[int, int]]:
-        """(height, width) of sample ``i``'s bucket from its header (the sizes of all
+    def bucket_of(self, i: int) -> Optional[Bucket]:
+        """The ``Bucket(height, width)`` of sample ``i`` from its header (the sizes of all
         samples are read once, on first use, cached like DatagoDataset's); None
         when unreadable or without buckets."""
         if not self.buckets:
@@ -860,11 +863,10 @@ class DatagoMapDataset(torch.utils.data.Dataset):
                                    use_cache=getattr(src, "sizes_cache", True),
                                    head=self.fetcher.head if fetched else None)
             self._sizes = known
-        w, h = int(self._sizes.width[j]), int(self._sizes.height[j])
+        h, w = int(self._sizes.height[j]), int(self._sizes.width[j])
         if w <= 0 or h <= 0:
             return None
-        bw, bh = nearest_bucket(w, h, self.buckets)
-        return bh, bw
+        return nearest_bucket(h, w, self.buckets)
 
     def stats(self) -> dict:
         """This process's counters (samples, bytes, seconds reading and decoding)."""

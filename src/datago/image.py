@@ -7,6 +7,11 @@ GIL released; WebP, BMP, GIF and TIFF go through Pillow with the same contract
 Conventions
 -----------
 * Arrays are ``(H, W, C)`` uint8, C = 3 (``"RGB"``), 4 (``"RGBA"``) or 1 (``"L"``).
+* Every size pair is ``(height, width)``, the order arrays and tensors are
+  indexed in: buckets (``Bucket(height, width)``), ``resize`` targets,
+  ``BucketResult.original_size``, ``ImageInfo.display_size``.  Boxes are
+  ``(left, top, right, bottom)`` as in Pillow; ``crop_coords`` is ``(top, left)``.
+  Messages spell sizes the image way, ``WxH`` (``352x720``: 352 wide, 720 high).
 * The EXIF orientation (the first JPEG APP1 Exif, the last PNG eXIf wherever it
   is, or any format Pillow reads; read as Pillow reads it, every entry
   bounds-checked) is applied: the array is what an image viewer shows.
@@ -43,9 +48,8 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from datago._core import _pipeline, _resample
-from datago.errors import MaskMismatchError
 from datago.buckets import Bucket, nearest_bucket
-from datago.errors import DecodeError
+from datago.errors import DecodeError, MaskMismatchError
 
 __all__ = [
     "DEFAULT_BACKGROUND", "DEFAULT_FILTER", "DEFAULT_MAX_PIXELS", "HARD_MAX_PIXELS",
@@ -82,10 +86,12 @@ class ImageInfo(NamedTuple):
 
     @property
     def display_size(self) -> Tuple[int, int]:
-        """(width, height) after the EXIF orientation, as a viewer shows the image."""
+        """``(height, width)`` after the EXIF orientation, as a viewer shows the image
+        (the shape ``decode`` returns: ``decode(data).shape[:2]``).  ``width`` and
+        ``height`` are the stored sizes, before the orientation."""
         if self.orientation >= 5:
-            return self.height, self.width
-        return self.width, self.height
+            return self.width, self.height
+        return self.height, self.width
 
 
 class BucketResult(NamedTuple):
@@ -94,7 +100,7 @@ class BucketResult(NamedTuple):
     Orders are spelled out because they differ by convention:
 
     * ``image``: the (H, W, C) uint8 output (``out`` when one was given);
-    * ``bucket``: ``(width, height)``, as in the bucket list;
+    * ``bucket``: the ``Bucket(height, width)``, equal to ``image.shape[:2]``;
     * ``original_size``: ``(height, width)`` of the displayed source image (SDXL's
       ``original_size``);
     * ``crop_coords``: ``(top, left)`` of the crop in the cover-resized image, in
@@ -217,18 +223,22 @@ def decode_with_warning(data: BytesLike, *, mode: str = "RGB",
 
 
 def _size_pair(size, what: str = "size") -> Tuple[int, int]:
+    """``size`` as a validated ``(height, width)`` pair of ints."""
     try:
-        w, h = size
+        h, w = size
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a (width, height) pair, got {size!r}") from None
-    return (_resample.check_extent(w, f"{what} width"), _resample.check_extent(h, f"{what} height"))
+        raise ValueError(f"{what} must be a (height, width) pair, got {size!r}") from None
+    w = _resample.check_extent(w, f"{what} width")
+    return _resample.check_extent(h, f"{what} height"), w
 
 
 def resize(img: np.ndarray, size: Tuple[int, int], *, box=None, filter: str = DEFAULT_FILTER,
            out: Optional[np.ndarray] = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Resample ``img[box]`` to ``size = (width, height)`` with an antialiased filter.
+    """Resample ``img[box]`` to ``size = (height, width)`` with an antialiased filter.
 
-    ``img`` is uint8 (H, W) or (H, W, C) with C in 1, 3, 4; ``box`` is
+    ``size`` is in torchvision's order, the shape of the result (``resize(img,
+    (h, w)).shape[:2] == (h, w)``); Pillow's ``Image.resize`` takes ``(width,
+    height)`` instead.  ``img`` is uint8 (H, W) or (H, W, C) with C in 1, 3, 4; ``box`` is
     ``(left, top, right, bottom)`` in source pixels (floats allowed, default the
     whole image).  ``out``, if given, receives the result (any strides, e.g. a
     slice of a batch).  The GIL is released while resampling.  A target with a
@@ -239,13 +249,13 @@ def resize(img: np.ndarray, size: Tuple[int, int], *, box=None, filter: str = DE
     Filters: ``"triangle"`` (default; antialiased bilinear, support 1), ``"lanczos"``
     (Lanczos-3, support 3, sharper, about 1.7x the cost), ``"box"`` (area average)
     and ``"nearest"`` (for label masks).  Geometry and edge handling follow
-    Pillow's ``Image.resize(size, filter, box)``; the result is within 1 of an
+    Pillow's ``Image.resize((width, height), filter, box)``; the result is within 1 of an
     exact float64 computation of the same filter.  The default is the triangle
     filter because after DCT-domain downscaling the remaining scale factor is
     close to 1, where it is visually on par with Lanczos for training data while
     costing about 60% as much (benchmarks/RESULTS.md).
     """
-    w, h = _size_pair(size, "target")
+    h, w = _size_pair(size, "target")
     mp = _max_pixels(max_pixels)
     arr = np.asarray(img)
     if filter == "nearest" and arr.dtype in (np.uint16, np.int32):
@@ -254,20 +264,32 @@ def resize(img: np.ndarray, size: Tuple[int, int], *, box=None, filter: str = DE
 
 
 def _picker(buckets, bucket) -> Callable[[int, int], Bucket]:
+    """``choose(height, width) -> Bucket``: the fixed ``bucket``, or the one of
+    ``buckets`` nearest to the displayed image's aspect ratio."""
     if bucket is not None:
         try:
-            bw, bh = bucket
-            bw, bh = int(bw), int(bh)
+            bh, bw = bucket
+            fixed = Bucket(int(bh), int(bw))
         except (TypeError, ValueError):
-            raise ValueError(f"bucket must be a (width, height) pair, got {bucket!r}") from None
-        if bw <= 0 or bh <= 0:
-            raise ValueError(f"bucket must have a positive size, got {bucket!r}")
-        return lambda w, h: (bw, bh)
+            raise ValueError(f"bucket must be a (height, width) pair, got {bucket!r}") from None
+        if fixed.height <= 0 or fixed.width <= 0:
+            raise ValueError(f"bucket must have a positive size, got {bucket!r} "
+                             "(height, width)")
+        return lambda h, w: fixed
     if buckets is None:
         raise ValueError("give the bucket list (buckets=...) or a fixed bucket (bucket=...)")
     buckets = [tuple(b) for b in buckets]
     nearest_bucket(1, 1, buckets)           # validates the list once
-    return lambda w, h: nearest_bucket(w, h, buckets)
+    return lambda h, w: nearest_bucket(h, w, buckets)
+
+
+def _core_pick(choose: Callable[[int, int], Bucket]) -> Callable[[int, int], Tuple[int, int]]:
+    """``choose`` in the Cython core's protocol, which is (width, height) both ways:
+    ``pick(display_w, display_h) -> (bucket_w, bucket_h)``."""
+    def pick(dw: int, dh: int) -> Tuple[int, int]:
+        b = choose(dh, dw)
+        return b[1], b[0]
+    return pick
 
 
 def decode_to_bucket(data: BytesLike, buckets: Optional[Sequence[Bucket]] = None, *,
@@ -285,6 +307,10 @@ def decode_to_bucket(data: BytesLike, buckets: Optional[Sequence[Bucket]] = None
     still covers the crop at the bucket's resolution; resample only the crop into
     the output.  There is no full-size intermediate copy: the decoder writes to a
     per-thread scratch buffer and the resampler writes straight into ``out``.
+
+    ``buckets`` is a list of ``(height, width)`` pairs (``make_buckets``' list);
+    ``bucket`` a single ``(height, width)``.  The result's ``image.shape[:2]`` is
+    the bucket.
 
     ``out``: optional uint8 array of shape (bucket_h, bucket_w, C) (any strides, e.g.
     ``batch[i]`` of an (N, H, W, C) array or a transposed (C, H, W) view); it
@@ -322,7 +348,8 @@ def decode_to_bucket(data: BytesLike, buckets: Optional[Sequence[Bucket]] = None
     bg = _check_common(mode, max_pixels, background)
     mp = _max_pixels(max_pixels)
     filt = _resample.filter_id(filter)
-    pick = _picker(buckets, bucket)
+    choose = _picker(buckets, bucket)
+    pick = _core_pick(choose)
     view = _view(data)
     if out is not None and not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy array (use tensor.numpy() for a torch tensor), "
@@ -332,7 +359,7 @@ def decode_to_bucket(data: BytesLike, buckets: Optional[Sequence[Bucket]] = None
         from datago import _fallback
         arr = _fallback.decode(view, mode, mp, bg)
         dh, dw = arr.shape[:2]
-        tw, th = _size_pair(pick(dw, dh), "bucket")
+        th, tw = _size_pair(choose(dh, dw), "bucket")
         box = _pipeline.cover_box(dw, dh, tw, th)
         if out is not None and out.ndim == 2:
             out = out[:, :, None]
@@ -345,20 +372,24 @@ def decode_to_bucket(data: BytesLike, buckets: Optional[Sequence[Bucket]] = None
 
 
 def _result(res) -> BucketResult:
+    """The BucketResult of a core result tuple, whose sizes are (width, height):
+    ``(image, (display_w, display_h), (bucket_w, bucket_h), box, orientation, warning)``."""
     img, (dw, dh), (tw, th), box, _, warning = res
     scale = max(tw / dw, th / dh)
     crop = (int(round(box[1] * scale)), int(round(box[0] * scale)))
-    return BucketResult(img, (tw, th), (dh, dw), crop, tuple(float(v) for v in box), warning)
+    return BucketResult(img, Bucket(th, tw), (dh, dw), crop, tuple(float(v) for v in box),
+                        warning)
 
 
 _MASK_WANT = {None: _pipeline.MASK_VALUES, "L": _pipeline.MASK_ONE, "RGB": _pipeline.MASK_COLOURS}
 
 
 def _follow(like) -> Callable[[int, int], tuple]:
-    """The mask ``pick`` that aligns a mask with the image of ``like``."""
+    """The mask ``pick`` that aligns a mask with the image of ``like``, in the core's
+    protocol: ``pick(display_w, display_h) -> (bucket_w, bucket_h, box)``."""
     try:
         ih, iw = (int(v) for v in like.original_size)
-        tw, th = (int(v) for v in like.bucket)
+        th, tw = (int(v) for v in like.bucket)
         box = tuple(float(v) for v in like.crop_box)
     except (AttributeError, TypeError, ValueError):
         raise TypeError(f"like must be the image's BucketResult, got {type(like).__name__}") from None
@@ -391,8 +422,8 @@ def _mask_to_bucket(data, buckets, bucket, out, mode, max_pixels, like) -> Bucke
     else:
         choose = _picker(buckets, bucket)
 
-        def pick(dw: int, dh: int):
-            tw, th = _size_pair(choose(dw, dh), "bucket")
+        def pick(dw: int, dh: int):             # the core's (width, height) protocol
+            th, tw = _size_pair(choose(dh, dw), "bucket")
             return tw, th, _pipeline.cover_box(dw, dh, tw, th)
     view = _view(data)
     if out is not None and not isinstance(out, np.ndarray):

@@ -97,7 +97,7 @@ def local_head(path: str, whole: bool = False) -> bytes:
 
 
 def _header(path, head: Callable = local_head):
-    """(width, height, format code) after orientation; (0, 0, 0) when unreadable."""
+    """(height, width, format code) after orientation; (0, 0, 0) when unreadable."""
     from datago.image import read_header
     try:
         data = head(path)
@@ -107,10 +107,10 @@ def _header(path, head: Callable = local_head):
             if len(data) < HEAD_BYTES:
                 raise
             info = read_header(head(path, whole=True))   # a header longer than 64 KiB
-        w, h = info.display_size
+        h, w = info.display_size
         if w <= 0 or h <= 0:
             return 0, 0, 0
-        return w, h, _format_code(info.format)
+        return h, w, _format_code(info.format)
     except (OSError, DecodeError, ValueError):          # FetchError is an OSError
         return 0, 0, 0
 
@@ -270,7 +270,7 @@ def _scan(paths, todo, width, height, fmt, threads, progress, on_scanned, head) 
 
     def work(chunk):
         for i in chunk:
-            width[i], height[i], fmt[i] = _header(paths[i], head)
+            height[i], width[i], fmt[i] = _header(paths[i], head)
         return len(chunk)
 
     chunks = [todo[i:i + _CHUNK] for i in range(0, len(todo), _CHUNK)]

@@ -758,7 +758,7 @@ def _describe(payload, image_key: str, id_key: Optional[str]) -> dict:
             out["id"] = str(int(v[0]))             # an int64 id
     try:
         info = read_header(image[0])
-        w, h = info.display_size
+        h, w = info.display_size
         fmt = FORMATS.index(info.format) if info.format in FORMATS else len(FORMATS) - 1
         if w <= 0 or h <= 0:
             w = h = fmt = 0

@@ -284,7 +284,7 @@ def build_index(url: str, fetcher: Optional[Fetcher] = None,
             head = heads.get((key, main), b"")
             try:
                 info = read_header(head)
-                w, h = info.display_size
+                h, w = info.display_size
                 fmt = FORMATS.index(info.format) if info.format in FORMATS else len(FORMATS) - 1
             except (DecodeError, ValueError):
                 w = h = fmt = 0
