@@ -377,6 +377,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.server.owner._track_conn(self.connection, False)
 
     # --- responses -------------------------------------------------------
+    def send_response(self, code, message=None):
+        # the log shows the status before a byte of the response leaves: a client
+        # that reads the log as soon as it has its response must find it there
+        rec = getattr(self, "_rec", None)
+        if rec is not None:
+            rec.status = code
+        super().send_response(code, message)
+
     def _simple(self, status: int, body: bytes, ctype="text/plain; charset=utf-8", extra=()):
         self.send_response(status)
         self.send_header("Content-Type", ctype)
@@ -426,6 +434,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         fault = owner._take_fault(path)
         rec.fault = fault.kind if fault else None
         owner._append_log(rec)
+        self._rec = rec
         try:
             if owner.latency_s > 0 and stop.wait(owner.latency_s):
                 self._abort(rst=False)
@@ -433,6 +442,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             rec.status = self._respond(path, fault, stop)
         except (ConnectionError, BrokenPipeError, OSError):
             self.close_connection = True     # client went away (e.g. its timeout fired)
+        finally:
+            self._rec = None
 
     def _respond(self, path: str, fault: Fault | None, stop: threading.Event):
         kind = fault.kind if fault else None
