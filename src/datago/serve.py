@@ -1040,9 +1040,13 @@ def serve(root: Optional[str] = None, *, config: Optional[str] = None,
     print(f"datago serve: http://{shown}:{bound}/api/ ({cat.n} samples, source {cat.name})",
           flush=True)
     sys.stderr.flush()
+    # Idle connections close after uvicorn's 5 s.  75 s (nginx's default) made the
+    # reference datago's db client 4x slower against this server, spinning at 1.2
+    # cores (bench_db: 13 vs 57 img/s); datago's fetcher re-sends a request that
+    # races an idle close on a fresh connection, so it needs no longer keep-alive.
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            lifespan="off", server_header=False,
-                                           timeout_graceful_shutdown=5, timeout_keep_alive=75))
+                                           timeout_graceful_shutdown=5, timeout_keep_alive=5))
     try:
         server.run(sockets=[sock])
     finally:
