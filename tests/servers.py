@@ -230,10 +230,23 @@ http {{
         """nginx's stderr and error.log so far."""
         return self._read_logs()
 
-    def access_log(self) -> list[str]:
-        """Lines of the access log (one per completed request)."""
+    def access_log(self, settle_s: float = 0.05) -> list[str]:
+        """Lines of the access log (one per completed request).  nginx writes a
+        request's line just after the response's last byte, so a client that reads
+        the log as soon as it has its response can miss it: the log is read again
+        until it has not grown for ``settle_s`` (2 s at most)."""
         p = self.dir / "access.log"
-        return p.read_text().splitlines() if p.exists() else []
+
+        def read() -> list[str]:
+            return p.read_text().splitlines() if p.exists() else []
+
+        lines, deadline = read(), time.monotonic() + 2.0
+        while True:
+            time.sleep(settle_s)
+            again = read()
+            if len(again) == len(lines) or time.monotonic() > deadline:
+                return again
+            lines = again
 
     def _kill(self) -> None:
         """Stop the process: SIGQUIT (graceful), then SIGKILL to the group; always reaped."""
