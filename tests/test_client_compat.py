@@ -45,6 +45,7 @@ def config(root, **extra):
 
 CTRL_C = r"""
 import json, os, signal, sys, threading, time
+signal.signal(signal.SIGINT, signal.default_int_handler)   # (SIG_IGN in a background job)
 import datago.client
 from datago import DatagoClient
 datago.client.STOP_GRACE_S = 0.2           # stop() below gives up on the stuck reader sooner

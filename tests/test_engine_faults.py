@@ -220,7 +220,10 @@ def test_shm_really_too_small(tree, tmp_path):
 # ----------------------------------------------------------------------------- Ctrl-C
 
 CTRL_C = """
-import sys
+import signal, sys
+# a shell's background job (``cmd &``, nohup) starts with SIGINT ignored, and so
+# would this script: Ctrl-C is what is tested, so take Python's handler back
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from torch.utils.data import DataLoader
 from datago import DatagoDataset
 root, workers = sys.argv[1], int(sys.argv[2])
