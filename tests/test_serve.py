@@ -723,3 +723,25 @@ def test_the_listening_socket_is_tcp_so_responses_are_not_delayed():
         assert sock.proto == socket.IPPROTO_TCP and sock.type == socket.SOCK_STREAM
     finally:
         sock.close()
+
+
+def test_a_zip_member_that_fails_its_crc_is_a_502(tmp_path):
+    """Served from a ZIP source, a whole member is read with its CRC-32 checked: a
+    stored JPEG with one changed byte (it would still decode) is refused, not sent."""
+    import zipfile
+    good, bad = encode(photo(40, 30, seed=1), "JPEG"), encode(photo(40, 30, seed=2), "JPEG")
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+        z.writestr("good.jpg", good)
+        z.writestr("bad.jpg", bad)
+    raw = bytearray(path.read_bytes())
+    raw[raw.index(b"\xff\xdb", raw.index(bad)) + 15] ^= 0x01      # a quantisation step
+    path.write_bytes(bytes(raw))
+    cfg = tmp_path / "zip.json"
+    cfg.write_text(json.dumps({"source_type": "zip", "source_config": {"path": str(path)}}))
+    with DatagoServe(None, config=cfg) as srv, httpx.Client(timeout=30) as c:
+        rows = c.get(srv.api_url + "images/", params={"fields": "id,image_direct_url"}).json()
+        urls = {r["id"]: r["image_direct_url"] for r in rows["results"]}
+        assert c.get(urls["good.jpg"]).content == good
+        r = c.get(urls["bad.jpg"])
+        assert r.status_code == 502 and "CRC-32" in r.text

@@ -39,7 +39,7 @@ def decode_member(member, data: bytes) -> bytes:
         from datago.fetch import FetchError
         raise FetchError(f"{member}: unknown member codec {codec!r}", "bad_member",
                          str(member))
-    want = getattr(member, "crc32", -1)
+    want = member.crc32
     if want >= 0:
         got = crc32(out)
         if got != want:

@@ -256,11 +256,14 @@ def build_catalog(source, fetcher, name: str, *, cache_dir: Optional[str] = None
 
     sizes = source.known_sizes() if n else None
     if sizes is None:
-        remote = source.kind != "file" and source.remote()
+        # as the dataset does: plain local files are stat'ed and read directly, URLs
+        # and archive members (zip, tfrecord, bins, webdataset) go through the fetcher
+        fetched = source.kind not in ("file", "index") or \
+            (source.kind != "file" and source.remote())
         hashes = np.fromiter((shard_hash(s) for s in ids), dtype=np.uint64, count=n)
         sizes = scan_files(source.root, [source.main_location(i) for i in range(n)], hashes,
                            cache_dir=cache_dir, use_cache=sizes_cache,
-                           head=fetcher.head if remote else None, threads=threads)
+                           head=fetcher.head if fetched else None, threads=threads)
     readable = np.asarray(sizes.width > 0) & np.asarray(sizes.height > 0)
 
     attrs: List[Optional[dict]] = [None] * n
@@ -888,6 +891,8 @@ def make_app(cat: Catalog, *, token: Optional[str] = None, page_size_max: int = 
                     f"{loc.url}|{loc.offset}|{loc.size}".encode("utf-8", "surrogatepass")) + '"'
 
                 def read(a: int, b: int) -> bytes:
+                    if a == 0 and b == loc.size:         # the whole member: its CRC checked
+                        return cat.fetcher.read(loc)
                     return cat.fetcher.read(Member(loc.url, loc.offset + a, b - a, loc.name))
                 return ranged(request, loc.size, etag, read, ctype)
             data = cat.fetcher.read(loc)
