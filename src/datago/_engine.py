@@ -57,12 +57,6 @@ COUNTERS = ("samples", "batches", "bytes", "dropped", "t_read", "t_decode", "t_w
     tuple(f"skipped_{r}" for r in REASONS)
 
 
-BucketShape = Bucket
-"""``batch["bucket"]``: the ``Bucket(height, width)`` of a batch (an older name of
-``datago.Bucket``); a named tuple survives DataLoader's conversions (a plain tuple
-comes out as a list)."""
-
-
 class SampleError(DatagoError):
     """A sample could not be loaded; ``reason`` is one of REASONS.
 
