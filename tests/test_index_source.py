@@ -119,6 +119,7 @@ def test_remote_faults_are_retried_or_counted(tree, tmp_path):
             srv.add_fault(f"/{ids[10]}", "404", times=None)
             srv.add_fault(f"/{ids[11]}", "403", times=None)
             srv.add_fault(f"/{ids[12]}", "wrong_type", times=None)
+            srv.add_fault(f"/{ids[13]}", "302", times=None, location=f"/{ids[13]}")  # a loop
             got = [i for b in ds for i in b["id"]]
             st = ds.stats()
             planned_now = {ds.listing.sample_id(int(ds._items[i])) for i in ds.plan().samples.ravel()}
@@ -128,10 +129,11 @@ def test_remote_faults_are_retried_or_counted(tree, tmp_path):
     finally:
         (root / "list.txt").unlink()
     planned = {ds.listing.sample_id(int(ds._items[i])) for i in ds.plan().samples.ravel()}
-    lost = {ids[10], ids[11], ids[12]} & planned
+    lost = {ids[10], ids[11], ids[12], ids[13]} & planned
     assert set(got) == planned - lost
-    assert st["skipped"].get("http_4xx", 0) == len(lost - {ids[12]})
+    assert st["skipped"].get("http_4xx", 0) == len(lost - {ids[12], ids[13]})
     assert st["skipped"].get("wrong_content_type", 0) == (ids[12] in planned)
+    assert st["skipped"].get("redirect", 0) == (ids[13] in planned)
     assert len(got) + st["skipped_total"] + st["dropped_remainder"] == len(ids)
 
 
