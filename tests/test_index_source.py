@@ -137,6 +137,38 @@ def test_remote_faults_are_retried_or_counted(tree, tmp_path):
     assert len(got) + st["skipped_total"] + st["dropped_remainder"] == len(ids)
 
 
+def test_fetch_retries_count_for_the_reads_at_construction(tree):
+    """``fetch_retries`` (what DatagoClient's DATAGO_MAX_RETRIES sets) holds for the
+    reads that build the dataset: the index file (too few retries: construction
+    fails naming the reason) and the image headers of the size scan."""
+    from datago.fetch import FetchError
+    root, ids = tree
+    (root / "list.txt").write_text("\n".join(ids))
+    try:
+        with FaultServer(root) as srv:
+            cfg = index_cfg(f"{srv.url}/list.txt", source={"sizes_cache": False})
+            srv.add_fault("/list.txt", "503", times=3)
+            with pytest.raises(FetchError, match="list.txt: HTTP 503") as e:
+                DatagoDataset(cfg, fetch_retries=2)
+            assert (e.value.reason, e.value.attempts) == ("http_5xx", 3)
+            assert len(srv.requests("/list.txt")) == 3
+            srv.clear_faults()
+            srv.add_fault("/list.txt", "503", times=3)
+            srv.add_fault(f"/{ids[0]}", "503", times=1)
+            ds = DatagoDataset(cfg, fetch_retries=3)
+            assert len(srv.requests("/list.txt")) == 3 + 4
+            assert ds.fetcher.config.retries == 3
+            first = [ds.listing.sample_id(i) for i in range(len(ds.listing))].index(ids[0])
+            assert ds.sizes.width[first] > 0 and len(srv.requests(f"/{ids[0]}")) == 2
+            srv.add_fault(f"/{ids[0]}", "503", times=1)          # no retries: its size is lost
+            assert DatagoDataset(cfg, fetch_retries=0).sizes.width[first] == 0
+            assert DatagoDataset(cfg).fetcher.config.retries == 5
+    finally:
+        (root / "list.txt").unlink()
+    with pytest.raises(ConfigError, match="fetch_retries"):
+        DatagoDataset(cfg, fetch_retries=-1)
+
+
 def test_max_failures_turns_a_dying_source_into_an_error(tree, tmp_path):
     root, ids = tree
     (root / "list.txt").write_text("\n".join(ids))
