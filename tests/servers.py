@@ -40,7 +40,7 @@ from typing import Mapping
 HOST = "127.0.0.1"
 
 __all__ = ["HOST", "free_port", "wait_for_port", "find_nginx", "NginxNotFound", "Nginx",
-           "FaultServer", "Fault", "RequestRecord", "FAULT_KINDS"]
+           "FaultServer", "Fault", "RequestRecord", "FAULT_KINDS", "REDIRECT_KINDS"]
 
 
 def free_port() -> int:
@@ -110,12 +110,17 @@ class Nginx:
     in their own process group (killed as a group on the hard-stop path). nginx
     also gets PR_SET_PDEATHSIG=SIGKILL, so it dies with the thread that started it
     even if the test process is killed. ``extra_http``/``extra_server`` are raw
-    config text appended inside ``http {}`` / ``server {}``.
+    config text appended inside ``http {}`` / ``server {}``. ``log_format``: the
+    access log's line format (nginx variables, e.g. ``"$connection $status
+    $request_uri"``: ``$connection`` tells which requests shared a connection);
+    default nginx's ``combined``.
     """
 
     def __init__(self, root_dir: str | os.PathLike, *, master_process: bool = False,
                  workers: int = 1, extra_http: str = "", extra_server: str = "",
-                 start_timeout: float = 10.0):
+                 log_format: str = "", start_timeout: float = 10.0):
+        if "'" in log_format or "\\" in log_format:
+            raise ValueError("log_format: no quotes or backslashes")
         self.root = Path(root_dir).resolve()
         if not self.root.is_dir():
             raise NotADirectoryError(self.root)
@@ -124,6 +129,7 @@ class Nginx:
         self.workers = workers
         self.extra_http = extra_http
         self.extra_server = extra_server
+        self.log_format = log_format
         self.start_timeout = start_timeout
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
@@ -150,6 +156,7 @@ class Nginx:
         d = self.dir
         user = "user root;\n" if os.geteuid() == 0 else ""   # workers must read root-only tmp dirs
         root = str(self.root).replace('"', '\\"')
+        log = f"log_format datago '{self.log_format}';\n    " if self.log_format else ""
         return f"""\
 daemon off;
 master_process {"on" if self.master_process else "off"};
@@ -161,7 +168,7 @@ events {{ worker_connections 512; }}
 http {{
     types {{ {_MIME} }}
     default_type application/octet-stream;
-    access_log {d}/access.log;
+    {log}access_log {d}/access.log{" datago" if self.log_format else ""};
     client_body_temp_path {d}/client_body;
     proxy_temp_path {d}/proxy;
     fastcgi_temp_path {d}/fastcgi;
@@ -301,8 +308,12 @@ http {{
 # FaultServer
 # ---------------------------------------------------------------------------
 
+REDIRECT_KINDS = frozenset({"301", "302", "303", "307", "308"})
 FAULT_KINDS = frozenset({
     "500", "503", "401", "403", "404",  # that status, small text body, connection kept alive
+                                 # (``body``: that body instead, ``chunked``: sent chunked)
+    *REDIRECT_KINDS,             # that status + Location: <location> (None: no Location),
+                                 # small body (or ``body``/``chunked``), connection kept alive
     "429",                       # 429 + Retry-After: <retry_after>
     "reset",                     # headers (full Content-Length) + part of the body, then RST
     "truncate",                  # headers (full Content-Length) + part of the body, then FIN
@@ -324,6 +335,9 @@ class Fault:
     fraction: float = 0.5        # part of the body sent before reset/truncate/stall_body
     hits: int = 0
     after: int = 0               # matching requests let through untouched before this rule applies
+    location: str | None = None  # a redirect's Location header
+    body: bytes | None = None    # a status or redirect fault's body (None: a short text)
+    chunked: bool = False        # that body sent with Transfer-Encoding: chunked
 
 
 @dataclass
@@ -468,9 +482,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if kind == "drop":
             self._abort(rst=False)
             return None
-        if kind in ("500", "503", "401", "403", "404"):
+        if kind in ("500", "503", "401", "403", "404") or kind in REDIRECT_KINDS:
             status = int(kind)
-            return self._simple(status, f"injected {status}\n".encode())
+            body = fault.body if fault.body is not None else f"injected {status}\n".encode()
+            extra = [] if fault.location is None or kind not in REDIRECT_KINDS else \
+                [("Location", fault.location)]
+            if not fault.chunked:
+                return self._simple(status, body, extra=extra)
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Transfer-Encoding", "chunked")
+            for k, v in extra:
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                for i in range(0, len(body), 4096):
+                    piece = body[i:i + 4096]
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.write(b"0\r\n\r\n")
+            return status
         if kind == "429":
             return self._simple(429, b"slow down\n", extra=[("Retry-After", str(fault.retry_after))])
         if kind == "wrong_type":
@@ -640,19 +670,27 @@ class FaultServer:
 
     # --- fault plan --------------------------------------------------------
     def add_fault(self, pattern: str, kind: str | int, times: int | None = 1, *, retry_after: int = 0,
-                  stall_s: float = 10.0, fraction: float = 0.5, after: int = 0) -> Fault:
+                  stall_s: float = 10.0, fraction: float = 0.5, after: int = 0,
+                  location: str | None = None, body: bytes | None = None,
+                  chunked: bool = False) -> Fault:
         """Inject ``kind`` into the next ``times`` requests (None: all) whose path matches
         ``pattern`` (fnmatch on the URL path, e.g. "*.jpg", "/shard-0001.tar"), once
-        ``after`` matching requests have gone through untouched."""
+        ``after`` matching requests have gone through untouched.  A redirect kind
+        ("302", ...) sends ``location`` as its Location header (None: none); a status
+        or redirect kind sends ``body`` (default: a short text), ``chunked`` or with a
+        Content-Length."""
         kind = str(kind)
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; one of {sorted(FAULT_KINDS)}")
+        if location is not None and kind not in REDIRECT_KINDS:
+            raise ValueError(f"location is for the redirect kinds, not {kind!r}")
         if not 0 <= stall_s <= 120:
             raise ValueError("stall_s must be in [0, 120]")
         if not 0 <= fraction < 1:
             raise ValueError("fraction must be in [0, 1)")
         f = Fault(pattern, kind, times, int(retry_after), float(stall_s), float(fraction),
-                  after=int(after))
+                  after=int(after), location=location,
+                  body=None if body is None else bytes(body), chunked=bool(chunked))
         with self._lock:
             self._faults.append(f)
         return f

@@ -17,6 +17,7 @@ from PIL import Image
 import datago
 import datago.client as client_mod
 from datago import DatagoClient, ImagePayload, LatentPayload, Sample
+from datago.fetch import FetchError
 from conftest import encode, photo
 from servers import FaultServer
 from test_dataset import make_tree
@@ -477,6 +478,34 @@ def test_env_max_tasks_and_max_retries(tmp_path, monkeypatch):
     monkeypatch.setenv("DATAGO_MAX_TASKS", "many")
     with pytest.raises(datago.ConfigError, match="DATAGO_MAX_TASKS"):
         DatagoClient(ref_config(tmp_path))
+
+
+def test_env_max_retries_counts_at_construction(tmp_path, monkeypatch):
+    """DATAGO_MAX_RETRIES holds for the index file read when the client is built:
+    below the failures it raises naming the reason, at or above them it reads; a
+    mix of sources takes it too (each source's fetcher)."""
+    ids = small_tree(tmp_path, 3)
+    (tmp_path / "list.txt").write_text("\n".join(ids))
+    with FaultServer(tmp_path) as srv:
+        cfg = json.dumps({"source_config": {"index": f"{srv.url}/list.txt"},
+                          "image_config": REF_IMAGE_CONFIG, "samples_buffer_size": 4})
+        srv.add_fault("/list.txt", "503", times=2)
+        monkeypatch.setenv("DATAGO_MAX_RETRIES", "1")
+        with pytest.raises(FetchError, match="HTTP 503") as e:
+            DatagoClient(cfg)
+        assert (e.value.reason, e.value.attempts) == ("http_5xx", 2)
+        srv.add_fault("/list.txt", "503", times=2)
+        monkeypatch.setenv("DATAGO_MAX_RETRIES", "2")
+        c = DatagoClient(cfg)
+        assert c.config.source_type == "index" and c._dataset.fetcher.config.retries == 2
+        assert sorted(s.id for s in drain(c)) == ids
+        assert len(srv.requests("/list.txt")) == 2 + 3
+        mix = DatagoClient(json.dumps({"sources": [
+            {"weight": 1, "source_type": "index",
+             "source_config": {"index": f"{srv.url}/list.txt"}},
+            {"weight": 1, "source_type": "file", "source_config": {"root_path": str(tmp_path)}}],
+            "image_config": None, "seed": 1}))
+        assert [f.config.retries for f in mix._dataset.fetcher.fetchers] == [2, 2]
 
 
 # ---------------------------------------------------------------------------- logging

@@ -4,6 +4,7 @@ ranges, the project's fault-injecting server for every failure it classifies."""
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -199,48 +200,211 @@ def test_a_forked_process_makes_its_own_client(nginx):
     assert f.read(f"{nginx.url}/a.bin") == BODY
 
 
-def test_redirects_are_followed_and_credentials_stay_on_their_host(files):
-    """A 302 within the host keeps the Authorization header; one to another host
-    (another port) drops it; a redirect loop is an error naming it."""
-    import http.server
-    import threading
-    with FaultServer(files) as target:
-        class Redirect(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
+def test_redirects_are_followed_once_and_credentials_stay_on_their_origin(files):
+    """Every redirect status, relative and absolute Locations, on both of the
+    fetcher's ways (the transport's short way for plain URLs, httpx requests for
+    the rest, and streams): each URL is requested exactly once, the bytes are
+    right, the Authorization header stays on its origin while other headers and
+    the Range follow."""
+    with FaultServer(files) as origin, FaultServer(files) as other:
+        f = fast(headers={"Authorization": "Bearer SECRET-1", "X-Team": "vision"})
+        for status in (301, 302, 303, 307, 308):
+            origin.add_fault(f"/same{status}", status, times=None, location="/a.bin")
+            origin.add_fault(f"/rel{status}/x", status, times=None, location="../sub/b.bin")
+            origin.add_fault(f"/other{status}", status, times=None,
+                             location=f"{other.url}/a.bin")
+        origin.add_fault("/with space é", "302", times=None,
+                         location=f"{other.url}/sub/b.bin")
+        origin.add_fault("/member", "307", times=None, location=f"{other.url}/a.bin")
+        origin.add_fault("/streamed", "302", times=None, location=f"{other.url}/a.bin")
+        reads = []
+        for status in (301, 302, 303, 307, 308):
+            reads += [(f"/same{status}", "/a.bin", BODY, True),
+                      (f"/rel{status}/x", "/sub/b.bin", BODY[:1000], True),
+                      (f"/other{status}", "/a.bin", BODY, False)]
+        reads.append(("/with space é", "/sub/b.bin", BODY[:1000], False))
+        for path, to, body, same in reads:
+            n_origin, n_other = len(origin.log), len(other.log)
+            url = f"{origin.url}{path.replace('é', '%C3%A9') if ' ' not in path else path}"
+            assert f.read(url) == body, path
+            asked = origin.log[n_origin:] + other.log[n_other:]
+            assert [r.path for r in asked] == [path, to], path          # each URL once
+            got = asked[1].headers
+            assert got.get("Authorization") == ("Bearer SECRET-1" if same else None), path
+            assert got.get("X-Team") == "vision", path
+            assert (asked[1] in other.log) == (not same)
+        assert f.read(Member(f"{origin.url}/member", 100, 50)) == BODY[100:150]
+        assert other.log[-1].range == "bytes=100-149"
+        assert other.log[-1].headers.get("Authorization") is None
+        assert b"".join(f.stream(f"{origin.url}/streamed")) == BODY
+        assert [len(origin.requests(p)) for p in ("/member", "/streamed")] == [1, 1]
+        assert other.log[-1].headers.get("Authorization") is None
+        assert not f.retried
 
-            def do_GET(self):
-                to = {"/same": "/a.bin", "/other": f"{target.url}/a.bin",
-                      "/loop": "/loop"}.get(self.path)
-                if self.path == "/a.bin":
-                    # noted before the body goes out: the client checks as soon as it
-                    # has the body (appending after the write was a race)
-                    seen.append(self.headers.get("Authorization"))
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(BODY)))
-                    self.end_headers()
-                    self.wfile.write(BODY)
-                    return
-                self.send_response(302)
-                self.send_header("Location", to)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
 
-        seen = []
-        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        base = f"http://127.0.0.1:{srv.server_address[1]}"
-        try:
-            f = fast(headers={"Authorization": "Bearer SECRET-1"})
-            assert f.read(f"{base}/same") == BODY and seen == ["Bearer SECRET-1"]
-            assert f.read(f"{base}/other") == BODY
-            assert target.log[-1].headers.get("Authorization") is None
-            with pytest.raises(FetchError, match="redirects") as e:
-                f.read(f"{base}/loop")
-            assert "SECRET" not in str(e.value)
-        finally:
-            srv.shutdown()
-            srv.server_close()
+def test_redirects_that_lead_nowhere_fail_at_once(files):
+    """A redirect loop, more than 10 redirects, a Location that is not HTTP(S) and a
+    3xx without a Location: a FetchError ``redirect`` naming the case (no secrets
+    in it), never retried, every URL of the chain requested once; an optional read
+    takes them as a missing file.  (A dataset counts them: test_index_source.)"""
+    with FaultServer(files) as srv:
+        f = fast(headers={"Authorization": "Bearer SECRET-1"})
+        srv.add_fault("/loop", "302", times=None, location="/loop?sig=SECRET-2")
+        srv.add_fault("/ping", "302", times=None, location="/pong")
+        srv.add_fault("/pong", "301", times=None, location=f"{srv.url}/ping")
+        for i in range(12):
+            srv.add_fault(f"/hop{i}", "307", times=None, location=f"/hop{i + 1}")
+        srv.add_fault("/ftp", "302", times=None, location="ftp://127.0.0.1/a.bin")
+        srv.add_fault("/nowhere", "302", times=None)
+        cases = [("/loop", "redirect loop", ["/loop", "/loop"]),
+                 ("/ping", "redirect loop", ["/ping", "/pong"]),
+                 ("/hop0", "more than 10 redirects", [f"/hop{i}" for i in range(11)]),
+                 ("/ftp", "ftp: location, not HTTP(S)", ["/ftp"]),
+                 ("/nowhere", "HTTP 302 without a Location to follow", ["/nowhere"])]
+        for path, message, asked in cases:
+            for read in (f.read, f.stream):
+                n = len(srv.log)
+                with pytest.raises(FetchError, match=re.escape(message)) as e:
+                    b"".join(read(f"{srv.url}{path}"))
+                assert (e.value.reason, e.value.attempts) == ("redirect", 1), path
+                assert "SECRET" not in str(e.value) + e.value.url
+                # (the loop to itself differs by its query string: requested twice)
+                assert [r.path for r in srv.log[n:]] == asked, (path, read)
+            assert f.read_optional(f"{srv.url}{path}") is None
+        assert not f.retried
+
+
+def test_a_signed_s3_request_redirected_elsewhere_loses_its_signature(files, monkeypatch):
+    """An s3:// read whose endpoint redirects to another origin: the signature
+    (Authorization) and the X-Amz-* headers -- the session token among them -- reach
+    the endpoint only."""
+    with FaultServer(files) as endpoint, FaultServer(files) as other:
+        for k, v in {"AWS_ENDPOINT_URL": endpoint.url, "AWS_ACCESS_KEY_ID": "AKIDTEST",
+                     "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "SESSION-TOKEN",
+                     "AWS_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(k, v)
+        endpoint.add_fault("/bucket/a.bin", "307", times=None, location=f"{other.url}/a.bin")
+        f = fast()
+        assert f.read("s3://bucket/a.bin") == BODY
+        assert f.read(Member("s3://bucket/a.bin", 5, 10)) == BODY[5:15]
+        signed = [r.headers for r in endpoint.requests("/bucket/a.bin")]
+        sent = [r.headers for r in other.requests("/a.bin")]
+        assert len(signed) == len(sent) == 2
+        for h in signed:
+            assert h["Authorization"].startswith("AWS4-HMAC-SHA256")
+            assert h["X-Amz-Security-Token"] == "SESSION-TOKEN"
+        for h in sent:
+            assert not [k for k in h if k.lower() == "authorization" or
+                        k.lower().startswith("x-amz-")], h
+        assert sent[1]["Range"] == "bytes=5-14"
+
+
+def test_redirects_through_an_environment_proxy(files, monkeypatch):
+    """With HTTP_PROXY set the requests take httpx's own transport: redirects keep
+    the same rules (one request per URL, Authorization not sent to another origin).
+    The FaultServer stands in for the proxy (it serves its files whatever the host)."""
+    with FaultServer(files) as proxy:
+        for k in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY",
+                  "https_proxy", "http_proxy"):
+            monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        proxy.add_fault("/old", "302", times=None, location="/a.bin")
+        proxy.add_fault("/away", "302", times=None, location="http://elsewhere.invalid/a.bin")
+        proxy.add_fault("/loop", "302", times=None, location="/loop")
+        f = fast(headers={"Authorization": "Bearer SECRET-1"})
+        assert f.read("http://origin.invalid/old") == BODY
+        assert f._transport is None                       # (httpx's transport)
+        assert f.read("http://origin.invalid/away") == BODY
+        assert [len(proxy.requests(p)) for p in ("/old", "/away", "/a.bin")] == [1, 1, 2]
+        same, away = (r.headers for r in proxy.requests("/a.bin"))
+        assert same["Host"] == "origin.invalid" and same["Authorization"] == "Bearer SECRET-1"
+        assert away["Host"] == "elsewhere.invalid" and "Authorization" not in away
+        with pytest.raises(FetchError, match="redirect loop") as e:
+            f.read("http://origin.invalid/loop")
+        assert e.value.reason == "redirect" and len(proxy.requests("/loop")) == 1
+        f.close()
+
+
+def test_nginx_redirects_and_errors_keep_one_connection(files):
+    """nginx's own redirects (``return 302``, 301) and error pages (404, 503): each
+    URL is requested once, and the small bodies of those responses are read so the
+    next request reuses the connection (nginx logs ``$connection``); an error page
+    larger than the drain limit (64 KiB) closes it instead."""
+    from datago._http import DRAIN_LIMIT
+    (files / "big.bin").write_bytes(bytes(DRAIN_LIMIT + 1))
+    extra = """
+        location = /old { return 302 /a.bin; }
+        location = /moved { return 301 $scheme://$http_host/sub/b.bin; }
+        location = /busy { return 503; }
+        location = /big404 { error_page 404 /big.bin; return 404; }
+    """
+    with Nginx(files, extra_server=extra,
+               log_format="$connection $connection_requests $status $request_uri") as n:
+        f = fast(retries=2)
+        assert f.read(f"{n.url}/old") == BODY
+        assert f.read(f"{n.url}/moved") == BODY[:1000]
+        assert f.read(Member(f"{n.url}/old", 10, 20)) == BODY[10:30]
+        with pytest.raises(FetchError) as e:
+            f.read(f"{n.url}/nope.bin")
+        assert e.value.reason == "http_4xx"
+        with pytest.raises(FetchError) as e:
+            f.read(f"{n.url}/busy")
+        assert (e.value.reason, e.value.attempts) == ("http_5xx", 3)
+        with pytest.raises(FetchError):                       # (a stream: httpx's way)
+            b"".join(f.stream(f"{n.url}/busy"))
+        assert b"".join(f.stream(f"{n.url}/old")) == BODY
+        assert f.read(f"{n.url}/a.bin") == BODY
+        with pytest.raises(FetchError) as e:
+            f.read(f"{n.url}/big404")
+        assert e.value.status == 404
+        assert f.read(f"{n.url}/a.bin") == BODY
+        log = [line.split() for line in n.access_log()]
+        f.close()
+    assert [(s, u) for _, _, s, u in log] == [
+        ("302", "/old"), ("200", "/a.bin"), ("301", "/moved"), ("200", "/sub/b.bin"),
+        ("302", "/old"), ("206", "/a.bin"), ("404", "/nope.bin")] + \
+        [("503", "/busy")] * 6 + [("302", "/old"), ("200", "/a.bin"), ("200", "/a.bin"),
+                                  ("404", "/big404"), ("200", "/a.bin")]
+    conns = [c for c, _, _, _ in log]
+    assert len(set(conns[:-1])) == 1, log                 # one connection up to the big 404
+    assert conns[-1] != conns[-2], log                    # which closed it
+    assert [int(r) for _, r, _, _ in log[:-1]] == list(range(1, len(log)))
+
+
+def test_small_error_bodies_keep_the_connection(files):
+    """The project's server, its error bodies by size and framing: a 404 or 503 with
+    a short body (Content-Length or chunked) keeps the connection for the next
+    request; one larger than the drain limit, or a chunked one that runs past it,
+    closes it."""
+    from datago._http import DRAIN_LIMIT
+    with FaultServer(files) as srv:
+        f = fast(retries=3)
+        url = f"{srv.url}/a.bin"
+
+        def peers_after(fault_kwargs, expect_kept):
+            n = len(srv.log)
+            srv.add_fault("/a.bin", **fault_kwargs)
+            assert f.read(url) == BODY
+            first, *rest = srv.log[n:]
+            assert all(r.peer == first.peer for r in rest[:-1])
+            assert (rest[-1].peer == first.peer) == expect_kept, fault_kwargs
+
+        assert f.read(url) == BODY
+        peers_after(dict(kind="503", times=3), True)
+        peers_after(dict(kind="503", times=2, chunked=True, body=b"x" * 10000), True)
+        peers_after(dict(kind="503", times=1, body=b"x" * DRAIN_LIMIT), True)
+        peers_after(dict(kind="503", times=1, body=b"x" * (DRAIN_LIMIT + 1)), False)
+        peers_after(dict(kind="503", times=1, chunked=True, body=b"x" * (DRAIN_LIMIT + 1)),
+                    False)
+        for kind in ("404", "403"):
+            n = len(srv.log)
+            srv.add_fault("/a.bin", kind, times=2)
+            for _ in range(2):
+                with pytest.raises(FetchError):
+                    f.read(url)
+            assert f.read(url) == BODY
+            assert len({r.peer for r in srv.log[n:]}) == 1, kind
+        f.close()
 
 
 def test_tls_is_verified_by_default(files, tmp_path):

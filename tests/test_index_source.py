@@ -119,6 +119,7 @@ def test_remote_faults_are_retried_or_counted(tree, tmp_path):
             srv.add_fault(f"/{ids[10]}", "404", times=None)
             srv.add_fault(f"/{ids[11]}", "403", times=None)
             srv.add_fault(f"/{ids[12]}", "wrong_type", times=None)
+            srv.add_fault(f"/{ids[13]}", "302", times=None, location=f"/{ids[13]}")  # a loop
             got = [i for b in ds for i in b["id"]]
             st = ds.stats()
             planned_now = {ds.listing.sample_id(int(ds._items[i])) for i in ds.plan().samples.ravel()}
@@ -128,11 +129,44 @@ def test_remote_faults_are_retried_or_counted(tree, tmp_path):
     finally:
         (root / "list.txt").unlink()
     planned = {ds.listing.sample_id(int(ds._items[i])) for i in ds.plan().samples.ravel()}
-    lost = {ids[10], ids[11], ids[12]} & planned
+    lost = {ids[10], ids[11], ids[12], ids[13]} & planned
     assert set(got) == planned - lost
-    assert st["skipped"].get("http_4xx", 0) == len(lost - {ids[12]})
+    assert st["skipped"].get("http_4xx", 0) == len(lost - {ids[12], ids[13]})
     assert st["skipped"].get("wrong_content_type", 0) == (ids[12] in planned)
+    assert st["skipped"].get("redirect", 0) == (ids[13] in planned)
     assert len(got) + st["skipped_total"] + st["dropped_remainder"] == len(ids)
+
+
+def test_fetch_retries_count_for_the_reads_at_construction(tree):
+    """``fetch_retries`` (what DatagoClient's DATAGO_MAX_RETRIES sets) holds for the
+    reads that build the dataset: the index file (too few retries: construction
+    fails naming the reason) and the image headers of the size scan."""
+    from datago.fetch import FetchError
+    root, ids = tree
+    (root / "list.txt").write_text("\n".join(ids))
+    try:
+        with FaultServer(root) as srv:
+            cfg = index_cfg(f"{srv.url}/list.txt", source={"sizes_cache": False})
+            srv.add_fault("/list.txt", "503", times=3)
+            with pytest.raises(FetchError, match="list.txt: HTTP 503") as e:
+                DatagoDataset(cfg, fetch_retries=2)
+            assert (e.value.reason, e.value.attempts) == ("http_5xx", 3)
+            assert len(srv.requests("/list.txt")) == 3
+            srv.clear_faults()
+            srv.add_fault("/list.txt", "503", times=3)
+            srv.add_fault(f"/{ids[0]}", "503", times=1)
+            ds = DatagoDataset(cfg, fetch_retries=3)
+            assert len(srv.requests("/list.txt")) == 3 + 4
+            assert ds.fetcher.config.retries == 3
+            first = [ds.listing.sample_id(i) for i in range(len(ds.listing))].index(ids[0])
+            assert ds.sizes.width[first] > 0 and len(srv.requests(f"/{ids[0]}")) == 2
+            srv.add_fault(f"/{ids[0]}", "503", times=1)          # no retries: its size is lost
+            assert DatagoDataset(cfg, fetch_retries=0).sizes.width[first] == 0
+            assert DatagoDataset(cfg).fetcher.config.retries == 5
+    finally:
+        (root / "list.txt").unlink()
+    with pytest.raises(ConfigError, match="fetch_retries"):
+        DatagoDataset(cfg, fetch_retries=-1)
 
 
 def test_max_failures_turns_a_dying_source_into_an_error(tree, tmp_path):

@@ -212,6 +212,37 @@ def test_fault_status(fsrv, client, kind):
     assert client.get(fsrv.url + "/small.txt").content == SMALL
 
 
+def test_fault_redirect_and_error_bodies(fsrv, client):
+    """Redirect kinds send their Location (none when not given); a status or
+    redirect fault's body can be given, and sent chunked; the connection stays."""
+    fsrv.add_fault("/old", "307", location="/small.txt")
+    fsrv.add_fault("/nowhere", "302")
+    fsrv.add_fault("/small.txt", "503", body=b"z" * 10000, chunked=True)
+    r = client.get(fsrv.url + "/old")
+    assert (r.status_code, r.headers["location"]) == (307, "/small.txt")
+    assert r.content == b"injected 307\n" and r.headers["content-length"] == "13"
+    r = client.get(fsrv.url + "/nowhere")
+    assert r.status_code == 302 and "location" not in r.headers
+    r = client.get(fsrv.url + "/small.txt")
+    assert r.status_code == 503 and r.headers["transfer-encoding"] == "chunked"
+    assert r.content == b"z" * 10000
+    assert client.get(fsrv.url + "/small.txt").content == SMALL
+    assert len({rec.peer for rec in fsrv.log}) == 1
+    with pytest.raises(ValueError):
+        fsrv.add_fault("*", "404", location="/x")
+
+
+def test_nginx_log_format(root):
+    """``log_format``: the access log's lines in that format ($connection tells
+    which requests shared a connection)."""
+    with Nginx(root, log_format="$connection $status $request_uri") as n, \
+            httpx.Client(timeout=10) as c:
+        assert c.get(n.url + "/small.txt").content == SMALL
+        assert c.get(n.url + "/nope").status_code == 404
+        (c1, s1, u1), (c2, s2, u2) = (line.split() for line in n.access_log())
+    assert (s1, u1, s2, u2) == ("200", "/small.txt", "404", "/nope") and c1 == c2
+
+
 def test_fault_429_retry_after(fsrv, client):
     fsrv.add_fault("*", "429")
     fsrv.add_fault("*", 429, retry_after=7)

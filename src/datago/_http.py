@@ -24,7 +24,10 @@ closed before / reset during        ``RemoteProtocolError`` / ``ReadError``
 An idle connection is checked before reuse (a readable idle socket has been
 closed by the server); a request on a kept-alive connection that fails before
 any byte of a response anyway is sent once more on a new connection, and the
-host's other idle connections are dropped with it.
+host's other idle connections are dropped with it.  The unread body of a
+status >= 300 (a redirect, an error page) is read and discarded when it is
+small (``DRAIN_LIMIT``), so that a burst of 404s or 503s keeps its connection;
+a larger one, or one of unknown length, closes it.
 Environment proxies (``HTTP(S)_PROXY``, ``ALL_PROXY``) are not handled here:
 the fetch layer then uses httpx's default transport.
 """
@@ -44,6 +47,7 @@ import httpx
 __all__ = ["StdlibTransport", "env_proxies"]
 
 CHUNK = 1 << 20
+DRAIN_LIMIT = 64 << 10       # the largest unread body read to its end to keep a connection
 # what httpx's client would send, less compression (the bodies are images)
 _DEFAULT_HEADERS = ((b"accept", b"*/*"), (b"accept-encoding", b"identity"),
                     (b"user-agent", b"datago"))
@@ -66,6 +70,20 @@ def _alive(conn: http.client.HTTPConnection) -> bool:
         return not poller.poll(0)
     except (OSError, ValueError):
         return False
+
+
+def _drain(resp: http.client.HTTPResponse) -> bool:
+    """Read and discard the rest of a body of at most ``DRAIN_LIMIT`` bytes (its
+    Content-Length, or a chunked body that ends by then): True when the response
+    ended cleanly and its connection may serve another request; False when the
+    body is larger, of unknown length or broken (the caller closes it)."""
+    if resp.will_close or (resp.length or 0) > DRAIN_LIMIT:
+        return False
+    try:
+        resp.read(DRAIN_LIMIT + 1)
+    except (OSError, http.client.HTTPException):
+        return False
+    return resp.isclosed() and not resp.length   # (a short body also ends "closed")
 
 
 def _chunks(resp: http.client.HTTPResponse, partial: bool, request=None):
@@ -112,6 +130,8 @@ class _Body(httpx.SyncByteStream):
         if self._conn is None:
             return
         conn, self._conn = self._conn, None
+        if self._resp.length == 0:
+            self._resp.close()         # read1 leaves a finished body open (not reusable)
         if self._resp.will_close or not self._resp.isclosed():
             conn.close()
         else:
@@ -123,11 +143,12 @@ class _Body(httpx.SyncByteStream):
             self._conn = None
 
     def close(self) -> None:
-        if self._conn is not None:
-            if self._resp.isclosed():
-                self._release()
-            else:                              # closed before the end: cannot reuse
-                self._discard()
+        if self._conn is None:
+            return
+        if self._resp.isclosed() or (self._resp.status >= 300 and _drain(self._resp)):
+            self._release()
+        else:                                  # closed before the end: cannot reuse
+            self._discard()
 
 
 class StdlibTransport(httpx.BaseTransport):
@@ -204,7 +225,8 @@ class StdlibTransport(httpx.BaseTransport):
         URL parsing and header models cost ~0.25 ms of CPU per request, a third of
         the fetch): ``(status, headers, body)``, headers an ``email.message.Message``
         (case-insensitive ``get``).  ``url``: an ASCII, already percent-encoded
-        http(s) URL.  The body of a status >= 300 is not read (b"") and its
+        http(s) URL.  The body of a status >= 300 is not returned (b""): a small
+        one is read and discarded to keep the connection (``_drain``), else the
         connection is closed.  Failures raise the httpx exceptions of the table."""
         p = urlsplit(url)
         if p.scheme not in ("http", "https") or not p.hostname:
@@ -218,7 +240,10 @@ class StdlibTransport(httpx.BaseTransport):
         conn, resp = self._send(key, "GET", target, items, None, self.timeout, self.timeout,
                                 skip_host)
         if resp.status >= 300:
-            conn.close()
+            if _drain(resp):
+                self._put(key, conn)
+            else:
+                conn.close()
             return resp.status, resp.msg, b""
         try:
             body = b"".join(_chunks(resp, False))

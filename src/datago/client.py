@@ -58,8 +58,8 @@ first four):
 Seeds: ``random_sampling`` without a ``seed`` key draws a new seed per client,
 logged at INFO on the ``datago`` logger (pass ``"seed": N`` to replay that
 order); with ``seed`` every client reads the same order, pass after pass (each
-pass its own).  A ``DatagoConfig`` object is used as it is (its seed; the
-environment variables below are not applied to it).
+pass its own).  A ``DatagoConfig`` object is used as it is (its seed; its
+``num_threads`` and ``io_concurrency``: ``DATAGO_MAX_TASKS`` is not applied to it).
 
 Environment variables (read when the client is built)
 -----------------------------------------------------
@@ -69,10 +69,11 @@ Environment variables (read when the client is built)
     in flight (``io_concurrency``) become ``N`` (0 means 1: serial, as in the
     reference).  A ``num_threads`` or ``io_concurrency`` key in the config wins.
 ``DATAGO_MAX_RETRIES=N``
-    Retries of a failed request of a remote source while reading samples
-    (``datago.fetch``'s policy: 5xx, 429, timeouts, resets; default 5).  The
-    listing a db or index source pages, and the WebDataset shard indexes read,
-    at construction keep the default.
+    Retries of a failed request of a remote source (``datago.fetch``'s policy:
+    5xx, 429, timeouts, resets; default 5): the reads that build the client
+    (the index files, the pages of a db listing, the WebDataset shard indexes,
+    the image headers of a size scan) and the samples read after
+    (``DatagoDataset``'s ``fetch_retries``).
     Local files are not retried (an unreadable file is skipped, counted).
 ``RUST_LOG``
     Read by ``initialize_logging`` as the reference does (it wins over the
@@ -664,11 +665,7 @@ class DatagoClient:
             logger.info("random_sampling without a seed: this client's order has seed %d "
                         "(add \"seed\": %d to the config to read it again)", seed, seed)
         self.config = cfg
-        self._dataset = DatagoDataset(cfg)
-        retries = _env_int("DATAGO_MAX_RETRIES")
-        fetcher = getattr(self._dataset, "fetcher", None)
-        if retries is not None and fetcher is not None:
-            fetcher.config = dataclasses.replace(fetcher.config, retries=retries)
+        self._dataset = DatagoDataset(cfg, fetch_retries=_env_int("DATAGO_MAX_RETRIES"))
         if cfg.source_type == "webdataset":
             _tag_shard_source(self._dataset.listing)
 

@@ -120,15 +120,24 @@ class DatagoDataset(IterableDataset):
     ``detector``: a callable returning a ``ShardInfo`` (rank, world size, worker id,
     worker count) for the calling process; default ``ShardDetector`` from the
     config and the environment.  Tests inject fixed values through it.
+    ``fetch_retries``: retries of a failed request of a remote source
+    (``datago.fetch``'s policy), from the reads at construction (index files,
+    shard indexes, listing pages, size scans) on; None: its default (5).
+    ``DatagoClient`` sets it from ``DATAGO_MAX_RETRIES``.
     """
 
     def __init__(self, config: Union[DatagoConfig, dict, str], *,
-                 detector: Optional[Callable[[], ShardInfo]] = None):
+                 detector: Optional[Callable[[], ShardInfo]] = None,
+                 fetch_retries: Optional[int] = None):
         super().__init__()
         self.config = DatagoConfig.coerce(config)
         src = self.config.source
         loader = self.config.loader
-        self.fetcher, self.listing = make_source(self.config)
+        if fetch_retries is not None and (isinstance(fetch_retries, bool) or
+                                          not isinstance(fetch_retries, int) or
+                                          fetch_retries < 0):
+            raise ConfigError(f"fetch_retries: must be an integer >= 0, got {fetch_retries!r}")
+        self.fetcher, self.listing = make_source(self.config, retries=fetch_retries)
         n = len(self.listing)
         # stable id hashes: shard membership, shuffle keys, the sizes cache key
         self._hashes = np.fromiter((shard_hash(i) for i in self.listing.hash_keys()),

@@ -24,8 +24,20 @@ body shorter than    yes                           ``truncated``
 Content-Length
 other 4xx            no                            ``http_4xx``
 an HTML page         no                            ``wrong_content_type``
+a redirect loop,     no                            ``redirect``
+more than 10, to a
+non-HTTP(S) place,
+a 3xx not followed
 local OSError        no                            ``read_error``
 ===================  ============================  =====================
+
+Redirects (301, 302, 303, 307, 308) are followed here, each URL requested once,
+by the rules of httpx's client: a relative ``Location`` resolved against the
+URL that answered, and the credentials -- ``Authorization`` (a token, an S3
+signature), ``Proxy-Authorization``, ``Cookie`` and the ``X-Amz-*`` signing
+headers (an S3 session token) -- dropped when a redirect leaves the origin
+(scheme, host, port), except from ``http`` to ``https`` on the same host and
+default ports.
 
 When the retries or the per-location ``deadline_s`` run out, ``FetchError``
 carries the reason of the last failure, the URL with its query string and
@@ -180,6 +192,51 @@ class FetchConfig:
 
 
 _MAX_REDIRECTS = 10
+_REDIRECTS = frozenset((301, 302, 303, 307, 308))
+_CREDENTIALS = frozenset(("authorization", "proxy-authorization", "cookie"))
+
+
+def _request_target(url) -> str:
+    """An ``httpx.URL`` as the ASCII, percent-encoded URL the transport's short way
+    takes (IDNA host, no userinfo or fragment)."""
+    return f"{url.scheme}://{url.netloc.decode('ascii')}{url.raw_path.decode('ascii')}"
+
+
+def _origin(url) -> tuple:
+    return url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80)
+
+
+def _redirected(url: str, status: int, location: str, headers: Dict[str, str],
+                chain: list):
+    """``(url, headers)`` of the request a redirect from ``url`` to ``location`` asks
+    for (see the module docstring for the rules); ``FetchError`` (``redirect``) for
+    a Location that is not HTTP(S), a loop, or more than ``_MAX_REDIRECTS``.
+    ``chain``: the URLs requested so far for this location, the new one appended."""
+    import httpx
+    shown = redact(chain[0])
+    try:
+        old = httpx.URL(url)
+        new = old.join(location.strip())
+    except (httpx.InvalidURL, ValueError, TypeError):
+        raise FetchError(f"{shown}: HTTP {status} with an invalid Location", "redirect",
+                         shown, status) from None
+    if new.scheme not in ("http", "https") or not new.host:
+        raise FetchError(f"{shown}: HTTP {status} to a {new.scheme}: location, "
+                         "not HTTP(S)", "redirect", shown, status)
+    target = _request_target(new)
+    if target in chain or target == _request_target(old):
+        raise FetchError(f"{shown}: a redirect loop ({redact(url)} -> {redact(target)}, "
+                         f"after {len(chain) - 1} redirects)", "redirect", shown, status)
+    if len(chain) > _MAX_REDIRECTS:
+        raise FetchError(f"{shown}: more than {_MAX_REDIRECTS} redirects", "redirect",
+                         shown, status)
+    chain.append(target)
+    keep = _origin(old) == _origin(new) or (
+        old.scheme == "http" and new.scheme == "https" and old.host == new.host
+        and old.port in (None, 80) and new.port in (None, 443))
+    return target, {k: v for k, v in headers.items()
+                    if k.lower() != "host" and (keep or not (
+                        k.lower() in _CREDENTIALS or k.lower().startswith("x-amz-")))}
 
 
 class _Head(NamedTuple):
@@ -262,13 +319,13 @@ class Fetcher:
 
     def read_optional(self, loc: str) -> Optional[bytes]:
         """The bytes of a file or URL that may not exist (an index next to a shard):
-        None when it is missing (a local OSError, an HTTP 4xx or an HTML page); other
-        failures raise.  Never cached."""
+        None when it is missing (a local OSError, an HTTP 4xx, an HTML page or a
+        redirect that leads nowhere); other failures raise.  Never cached."""
         if is_remote(loc):
             try:
                 return self.read(loc, cache=False)
             except FetchError as e:
-                if e.reason in ("http_4xx", "wrong_content_type"):
+                if e.reason in ("http_4xx", "wrong_content_type", "redirect"):
                     return None
                 raise
         try:
@@ -341,52 +398,45 @@ class Fetcher:
                     if not env_proxies():          # (httpx's own transport handles proxies)
                         self._transport = kw["transport"] = StdlibTransport(
                             timeout=c.timeout_s, verify=c.verify_tls, max_idle=c.io_concurrency)
+                    # (redirects and the configured headers: _get)
                     self._client = httpx.Client(
                         limits=httpx.Limits(max_connections=c.io_concurrency,
                                             max_keepalive_connections=c.io_concurrency),
-                        timeout=httpx.Timeout(c.timeout_s), follow_redirects=True,
-                        verify=c.verify_tls, headers=dict(c.headers), **kw)
+                        timeout=httpx.Timeout(c.timeout_s), follow_redirects=False,
+                        verify=c.verify_tls, **kw)
                     self._pid = pid
         return self._client
 
-    def _get(self, url: str, headers: Dict[str, str], partial: bool = False, client=None):
-        """A streamed GET: a context manager giving the ``httpx.Response``.  With the
-        standard-library transport the request goes to it directly (redirects
-        followed here, the Authorization header dropped when one leaves the host),
+    @contextlib.contextmanager
+    def _get(self, url: str, headers: Dict[str, str], partial: bool = False):
+        """A streamed GET with the configured headers, redirects followed
+        (``_redirected``): a context manager giving the last ``httpx.Response``.
+        With the standard-library transport the request goes to it directly,
         skipping the client's cookie and auth machinery (~0.3 ms per request).
         ``partial``: the body is consumed as it arrives (a stream).  (Whole bodies
         take a shorter way still: ``_attempt``.)"""
-        client = client or self._http_client()
-        if self._transport is None:
-            return client.stream("GET", url, headers=headers)
-        return self._direct(url, headers, partial)
-
-    @contextlib.contextmanager
-    def _direct(self, url: str, headers: Dict[str, str], partial: bool):
         import httpx
-        merged = {**self.config.headers, **headers}
-        for _ in range(_MAX_REDIRECTS + 1):
-            req = httpx.Request("GET", url, headers=merged,
-                                extensions={"partial_reads": True} if partial else None)
-            resp = self._transport.handle_request(req)
+        client = self._http_client()
+        transport = self._transport
+        headers = {**self.config.headers, **headers}
+        chain = [url]
+        while True:
+            if transport is not None:
+                req = httpx.Request("GET", url, headers=headers,
+                                    extensions={"partial_reads": True} if partial else None)
+                resp = transport.handle_request(req)
+            else:                                    # (environment proxies)
+                req = client.build_request("GET", url, headers=headers)
+                resp = client.send(req, stream=True)
             location = resp.headers.get("location")
-            if resp.status_code in (301, 302, 303, 307, 308) and location:
-                resp.close()
-                new = req.url.join(location)
-                if new.scheme not in ("http", "https"):
-                    raise FetchError(f"{redact(url)}: redirected to a {new.scheme}: location, "
-                                     "not HTTP(S)", "http_4xx", redact(url), resp.status_code)
-                if (new.scheme, new.host, new.port) != (req.url.scheme, req.url.host, req.url.port):
-                    merged = {k: v for k, v in merged.items() if k.lower() != "authorization"}
-                url = str(new)
-                continue
-            try:
-                yield resp
-            finally:
-                resp.close()
-            return
-        raise FetchError(f"{redact(url)}: more than {_MAX_REDIRECTS} redirects", "http_4xx",
-                         redact(url))
+            if resp.status_code not in _REDIRECTS or not location:
+                break
+            resp.close()
+            url, headers = _redirected(str(req.url), resp.status_code, location, headers, chain)
+        try:
+            yield resp
+        finally:
+            resp.close()
 
     def _http(self, url: str, offset: Optional[int], size: Optional[int],
               short_ok: bool = False) -> bytes:
@@ -440,6 +490,9 @@ class Fetcher:
                          _retry_after(resp.headers.get("retry-after")))
         if status >= 400:
             raise FetchError(f"{redact(url)}: HTTP {status}", "http_4xx", redact(url), status)
+        if status >= 300:                     # (the ones with a Location are followed)
+            raise FetchError(f"{redact(url)}: HTTP {status} without a Location to follow",
+                             "redirect", redact(url), status)
         ctype = resp.headers.get("content-type", "").lower()
         if ctype.startswith("text/html"):
             raise FetchError(f"{redact(url)}: got an HTML page ({ctype}), not data",
@@ -472,16 +525,21 @@ class Fetcher:
             headers["Range"] = f"bytes={offset}-{offset + size - 1}"
         target, headers = self.prepare(url, headers)
         try:
-            client = self._http_client()
+            self._http_client()
             if self._transport is not None and _plain_url(target):
-                status, head, data = self._transport.get(target, {**self.config.headers,
-                                                                  **headers})
-                if not 300 <= status < 400:        # (redirects: the general way below)
-                    if status == 416 and short_ok:
-                        return b""
-                    self._check(_Head(status, head), url)
-                    return self._sized(data, status, offset, size, short_ok)
-            with self._get(target, headers, client=client) as resp:
+                headers = {**self.config.headers, **headers}
+                chain = [target]
+                while True:
+                    status, head, data = self._transport.get(target, headers)
+                    if status not in _REDIRECTS or not head.get("location"):
+                        break
+                    target, headers = _redirected(target, status, head["location"], headers,
+                                                  chain)
+                if status == 416 and short_ok:
+                    return b""
+                self._check(_Head(status, head), url)
+                return self._sized(data, status, offset, size, short_ok)
+            with self._get(target, headers) as resp:
                 status = resp.status_code
                 if status == 416 and short_ok:
                     return b""                        # an empty object

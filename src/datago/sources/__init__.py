@@ -10,38 +10,42 @@ from datago.sources.filesystem import FileListing, SampleRef
 __all__ = ["FileListing", "SampleRef", "make_source"]
 
 
-def _fetcher(src, headers=None):
+def _fetcher(src, headers=None, retries=None):
     """The fetch layer of a remote-capable source config (its IO, timeout and
-    disk-cache keys)."""
+    disk-cache keys; ``retries``: None for the fetch layer's default)."""
     from datago.fetch import FetchConfig, Fetcher
-    kw = {}
+    kw = {} if retries is None else {"retries": retries}
     if src.cache_limit_bytes:
         from datago.sources.sizes import default_cache_dir
-        kw = {"cache_dir": src.cache_dir or os.path.dirname(default_cache_dir()),
-              "cache_limit_bytes": src.cache_limit_bytes}
+        kw.update(cache_dir=src.cache_dir or os.path.dirname(default_cache_dir()),
+                  cache_limit_bytes=src.cache_limit_bytes)
     return Fetcher(FetchConfig(io_concurrency=src.io_concurrency, timeout_s=src.timeout_s,
                                headers=headers or {}, **kw))
 
 
-def make_source(config):
+def make_source(config, *, retries=None):
     """``(fetcher, source)`` for a ``DatagoConfig``'s source_type (no torch needed:
-    ``datago serve`` and ``datago convert`` use it too)."""
-    from datago.fetch import Fetcher
+    ``datago serve`` and ``datago convert`` use it too).  ``retries``: of a failed
+    remote request (``FetchConfig.retries``), for the reads building the source
+    (index files, shard indexes, listing pages) and those after; None: the
+    default."""
+    from datago.fetch import FetchConfig, Fetcher
     src = config.source
     kind = config.source_type
     if kind == "file":
-        return Fetcher(), FileListing(src.root_path)
+        return Fetcher(None if retries is None else FetchConfig(retries=retries)), \
+            FileListing(src.root_path)
     if kind == "mix":
         from datago.sources.mix import build
-        return build(config, make_source)
+        return build(config, lambda sub: make_source(sub, retries=retries))
     if kind == "webdataset":
         from datago.sources.webdataset import WebDatasetSource
         fetcher = _fetcher(src, {"Authorization": f"Bearer {src.auth_token}"}
-                           if src.auth_token else None)
+                           if src.auth_token else None, retries)
         return fetcher, WebDatasetSource(src.url, reference_image_type=src.reference_image_type,
                                          index_dir=src.index_dir, cache_dir=src.cache_dir,
                                          fetcher=fetcher, streaming=src.streaming)
-    fetcher = _fetcher(src)
+    fetcher = _fetcher(src, retries=retries)
     if kind == "index":
         from datago.sources.index import IndexSource
         return fetcher, IndexSource(src.index, url_column=src.url_column,
