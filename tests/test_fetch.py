@@ -470,3 +470,16 @@ def test_stale_kept_alive_connections_are_not_failures(files):
         for _ in range(4):
             assert f.read(f"{ng.url}/a.bin") == BODY
         assert f.retried == {} and f.waits == []
+
+
+def test_size_checks_reuse_one_connection(files):
+    """``Fetcher.size`` (a one-byte ranged GET per shard or archive) reads its byte,
+    so a run of size checks keeps one kept-alive connection (nginx's ``$connection``)."""
+    with Nginx(files, log_format="$connection $status $request_uri") as n:
+        f = fast(retries=0)
+        assert [f.size(f"{n.url}/a.bin") for _ in range(4)] == [len(BODY)] * 4
+        assert f.read(f"{n.url}/a.bin") == BODY
+        log = [line.split() for line in n.access_log()]
+        f.close()
+    assert [(s, u) for _, s, u in log] == [("206", "/a.bin")] * 4 + [("200", "/a.bin")]
+    assert len({c for c, _, _ in log}) == 1, log

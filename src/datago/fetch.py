@@ -580,6 +580,7 @@ class Fetcher:
                     self._check(resp, loc)
                     total = resp.headers.get("content-range", "").rpartition("/")[2]
                     if resp.status_code == 206 and total.isdigit():
+                        resp.read()            # (its byte: the connection stays reusable)
                         return int(total)
                     length = resp.headers.get("content-length", "")
                     if resp.status_code == 200 and length.isdigit():
