@@ -100,6 +100,104 @@ def test_filters_and_modes_match_libspng(ct, channels, filters, mode):
         assert np.array_equal(fast, img)
 
 
+def _de_bruijn(k: int, n: int) -> list:
+    """A de Bruijn sequence B(k, n) made linear: every run of n symbols appears."""
+    a, seq = [0] * k * n, []
+
+    def db(t, p):
+        if t > n:
+            if n % p == 0:
+                seq.extend(a[1:p + 1])
+        else:
+            a[t] = a[t - p]
+            db(t + 1, p)
+            for j in range(a[t - p] + 1, k):
+                a[t] = j
+                db(t + 1, t)
+    db(1, 1)
+    return seq + seq[:n - 1]
+
+
+# Row filters after the first row: every filter after every filter, then runs of 1 to 4
+# Paeth rows (the SIMD unfilter does two Paeth rows at once).
+FILTER_TAIL = _de_bruijn(5, 2) + [4, 4, 4, 0, 4, 4, 4, 4, 1, 4]
+
+
+@pytest.mark.parametrize("ct, channels", [(0, 1), (2, 3), (6, 4)])
+@pytest.mark.parametrize("width", [1, 2, 3, 5, 17, 33])
+@pytest.mark.parametrize("values", ["random", "few"])
+def test_every_filter_per_row_matches_libspng(ct, channels, width, values):
+    """Every filter type on the first row and after every other one, for each colour
+    type the fast path takes, at odd widths: the fast path's pixels are the image's,
+    as libspng's are.  "few" values (0 to 5 and 250 to 255) make the Paeth distances
+    tie often and the sums wrap around."""
+    rng = np.random.default_rng(width * 10 + channels)
+    for first in range(5):
+        filters = [first] + FILTER_TAIL
+        shape = (len(filters), width, channels)
+        if values == "random":
+            img = rng.integers(0, 256, shape, dtype=np.uint8)
+        else:
+            img = rng.choice(np.r_[0:6, 250:256].astype(np.uint8), shape)
+        data = encode(img, ct, filters)
+        mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
+        fast, slow = both_paths(data, mode)
+        assert np.array_equal(slow, img)
+        assert np.array_equal(fast, img), f"first filter {first}"
+
+
+@pytest.mark.parametrize("bpp", [1, 2, 3, 4, 6])
+def test_unfilter_simd_matches_scalar(bpp):
+    """The unfilter's SIMD loops (3 and 4 bytes per pixel) against its scalar loops,
+    on random filtered bytes with random filter types; a filter type above 4 stops
+    both at the same row."""
+    from datago._core import _png
+    rng = np.random.default_rng(bpp)
+    for width in (1, 2, 3, 5, 17, 33, 100):
+        for trial in range(12):
+            h = int(rng.integers(1, 12))
+            raw = rng.integers(0, 256, (h, 1 + width * bpp), dtype=np.uint8)
+            if trial % 2:
+                raw[:, 1:] = rng.integers(126, 130, (h, width * bpp))
+            raw[:, 0] = 4 if trial % 3 == 0 else rng.integers(0, 5, h)
+            if trial == 11:
+                raw[h // 2, 0] = 5
+            a, b = bytearray(raw.tobytes()), bytearray(raw.tobytes())
+            ok_a = _png._unfilter(a, width, h, bpp, simd=True)
+            ok_b = _png._unfilter(b, width, h, bpp, simd=False)
+            assert ok_a == ok_b == (trial != 11)
+            assert a == b, (width, h, raw[:, 0].tolist())
+
+
+@pytest.mark.parametrize("background", [(255, 255, 255), (0, 0, 0), (12, 200, 77)])
+def test_alpha_composite_is_exact(background):
+    """RGBA composited over the background (4 pixels at a time, then one by one)
+    is round((c * a + bg * (255 - a)) / 255) for every alpha, at widths around
+    multiples of 4: in decode (RGB, L) and in decode_to_bucket (RGBX, resampled),
+    on the fast path and on libspng's."""
+    rng = np.random.default_rng(sum(background))
+    bg = np.array(background, np.int64)
+    for width in (1, 2, 3, 4, 5, 7, 8, 9, 17, 64):
+        img = rng.integers(0, 256, (256 // width + 3, width, 4), dtype=np.uint8)
+        img[..., 3].flat[:256] = np.arange(256)                  # every alpha
+        c, a = img[..., :3].astype(np.int64), img[..., 3:].astype(np.int64)
+        want = ((c * a + bg * (255 - a) + 127) // 255).astype(np.uint8)
+        data = encode(img, 6, (4, 1))
+        adam7 = encode(img, 6, (4, 1), interlace=True)           # libspng's route
+        for d in (data, adam7):
+            assert np.array_equal(datago.decode(d, background=background), want)
+            assert np.array_equal(datago.decode(d, mode="L", background=background),
+                                  _luma(want))
+            res = datago.decode_to_bucket(d, bucket=(5, 3), background=background)
+            ref = datago.resize(want, (5, 3), box=res.crop_box).reshape(res.image.shape)
+            assert np.array_equal(res.image, ref), width
+
+
+def _luma(rgb):
+    r, g, b = (rgb[..., i].astype(np.int64) for i in range(3))
+    return ((19595 * r + 38470 * g + 7471 * b + 32768) >> 16).astype(np.uint8)[..., None]
+
+
 @pytest.mark.parametrize("ct, channels", [(0, 1), (2, 3), (6, 4)])
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
 def test_interlaced_copy_takes_libspng_and_matches(ct, channels, mode):

@@ -7,7 +7,8 @@ data (as Pillow reads it), on both paths.
 Fast path (8-bit grey, RGB or RGBA, not interlaced, no tRNS -- the bulk of
 photo and mask datasets): our own chunk walk (every chunk's CRC checked),
 libdeflate's whole-buffer zlib inflate (2.4x faster than zlib's streaming inflate
-on the benchmark corpus; Adler-32 checked) and our own unfiltering, in place.
+on the benchmark corpus; Adler-32 checked) and our own unfiltering, in place
+(SSE2 for RGB and RGBA: ``_unfilter.pxi``).
 Anything else, and anything the walk finds unusual (odd chunk order, unknown
 critical chunks, invalid headers, more data than the header announces), is
 handed to libspng, which also produces the error messages for malformed files.
@@ -212,77 +213,30 @@ cdef void png_gather(const uint8_t* d, size_t n, uint8_t* dst) noexcept nogil:
         pos += 12 + length
 
 
-cdef inline uint8_t _paeth(int a, int b, int c) noexcept nogil:
-    cdef int pa = b - c
-    cdef int pb = a - c
-    cdef int pc = pa + pb
-    pa = -pa if pa < 0 else pa
-    pb = -pb if pb < 0 else pb
-    pc = -pc if pc < 0 else pc
-    if pa <= pb and pa <= pc:
-        return <uint8_t>a
-    return <uint8_t>(b if pb <= pc else c)
+include "_unfilter.pxi"
 
 
 cdef int png_unfilter(uint8_t* buf, uint32_t w, uint32_t h, int bpp) noexcept nogil:
-    """Undo the per-row filters in place; row y's pixels start at buf[y*stride + 1]."""
-    cdef size_t rowlen = <size_t>w * bpp
-    cdef size_t stride = rowlen + 1
-    cdef size_t i
-    cdef uint32_t y
-    cdef uint8_t* row
-    cdef uint8_t* prev = NULL
-    cdef uint8_t f
-    for y in range(h):
-        row = buf + y * stride + 1
-        f = row[-1]
-        if f == 0:
-            pass
-        elif f == 1:                                 # Sub
-            for i in range(bpp, rowlen):
-                row[i] = <uint8_t>(row[i] + row[i - bpp])
-        elif f == 2:                                 # Up
-            if prev != NULL:
-                for i in range(rowlen):
-                    row[i] = <uint8_t>(row[i] + prev[i])
-        elif f == 3:                                 # Average
-            if prev == NULL:
-                for i in range(bpp, rowlen):
-                    row[i] = <uint8_t>(row[i] + (row[i - bpp] >> 1))
-            else:
-                for i in range(bpp):
-                    row[i] = <uint8_t>(row[i] + (prev[i] >> 1))
-                for i in range(bpp, rowlen):
-                    row[i] = <uint8_t>(row[i] + ((<int>row[i - bpp] + prev[i]) >> 1))
-        elif f == 4:                                 # Paeth
-            if prev == NULL:                         # = Sub on the first row
-                for i in range(bpp, rowlen):
-                    row[i] = <uint8_t>(row[i] + row[i - bpp])
-            else:
-                for i in range(bpp):
-                    row[i] = <uint8_t>(row[i] + prev[i])
-                if bpp == 4:                         # four independent chains per pixel
-                    i = 4
-                    while i < rowlen:
-                        row[i] = <uint8_t>(row[i] + _paeth(row[i - 4], prev[i], prev[i - 4]))
-                        row[i + 1] = <uint8_t>(row[i + 1] + _paeth(row[i - 3], prev[i + 1], prev[i - 3]))
-                        row[i + 2] = <uint8_t>(row[i + 2] + _paeth(row[i - 2], prev[i + 2], prev[i - 2]))
-                        row[i + 3] = <uint8_t>(row[i + 3] + _paeth(row[i - 1], prev[i + 3], prev[i - 1]))
-                        i += 4
-                elif bpp == 3:
-                    i = 3
-                    while i < rowlen:
-                        row[i] = <uint8_t>(row[i] + _paeth(row[i - 3], prev[i], prev[i - 3]))
-                        row[i + 1] = <uint8_t>(row[i + 1] + _paeth(row[i - 2], prev[i + 1], prev[i - 2]))
-                        row[i + 2] = <uint8_t>(row[i + 2] + _paeth(row[i - 1], prev[i + 2], prev[i - 1]))
-                        i += 3
-                else:
-                    for i in range(bpp, rowlen):
-                        row[i] = <uint8_t>(row[i] + _paeth(row[i - bpp], prev[i], prev[i - bpp]))
-        else:
-            return FAST_FILTER
-        prev = row
-    return FAST_OK
+    """Undo the per-row filters in place; row y's pixels start at buf[y*stride + 1]
+    (``_unfilter.pxi``: SSE2 for 3 and 4 bytes per pixel)."""
+    return FAST_OK if datago_png_unfilter(buf, w, h, bpp) == 0 else FAST_FILTER
+
+
+# whether png_unfilter has its SSE2 loops in this build (else: the scalar ones)
+UNFILTER_SIMD = bool(DATAGO_UNFILTER_SIMD)
+
+
+def _unfilter(buf, uint32_t w, uint32_t h, int bpp, bint simd=True):
+    """For the tests: ``png_unfilter`` (or, ``simd=False``, its scalar loops) on a
+    writable buffer of h rows of 1 + w*bpp bytes, in place; True, or False for a
+    filter type above 4.  ``UNFILTER_SIMD`` says whether this build has SIMD loops."""
+    cdef uint8_t[::1] v = buf
+    cdef int rc
+    if w == 0 or h == 0 or bpp < 1 or <size_t>v.shape[0] < (1 + <size_t>w * bpp) * h:
+        raise ValueError("buffer too small for the image")
+    with nogil:
+        rc = datago_png_unfilter(&v[0], w, h, bpp) if simd else datago_png_unfilter_scalar(&v[0], w, h, bpp)
+    return rc == 0
 
 
 cdef str png_fast_message(int code, PngScan* p):
