@@ -359,3 +359,113 @@ def _try(fn):
         return fn()
     except datago.DecodeError as e:
         return e
+
+
+# ----------------------------------------------------------------------------- what libspng refuses
+
+EXIF6 = b"MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00"
+
+
+def _png_with(ct=2, before=b"", after=b"", iend=None, corrupt=False):
+    """A small PNG with chunks before and after its IDAT, and another IEND if given;
+    ``corrupt``: the IDAT holds a broken zlib stream (which path read it shows in
+    the message)."""
+    img = IMG[:5, :7, :{0: 1, 2: 3, 6: 4}[ct]].copy()
+    data = encode(img, ct, (4, 1), extra_before=before, extra_after=after)
+    if corrupt:
+        data = _corrupt_idat(data)
+    if iend is not None:
+        data = data[:-12] + iend
+    return data
+
+
+def _texts(k, crc_ok=True):
+    return b"".join(chunk(b"tEXt", b"k\x00%d" % i, crc_ok) for i in range(k))
+
+
+# file -> libspng's words.  libspng 0.7 discards most invalid ancillary chunks, but not
+# these: the fast path hands them over, so the message is libspng's on every path.
+REFUSED = {
+    "IEND with 1 byte": (dict(iend=chunk(b"IEND", b"\x00")), "invalid chunk length"),
+    "IEND with 4 bytes": (dict(iend=chunk(b"IEND", b"abcd")), "invalid chunk length"),
+    "PLTE of 0 bytes": (dict(before=chunk(b"PLTE", b"")), "invalid chunk length"),
+    "PLTE of 2 bytes": (dict(before=chunk(b"PLTE", b"ab")), "invalid chunk length"),
+    "PLTE of 2 bytes, RGBA": (dict(ct=6, before=chunk(b"PLTE", b"ab")), "invalid chunk length"),
+    "PLTE of 4 bytes": (dict(before=chunk(b"PLTE", bytes(4))), "invalid chunk length"),
+    "PLTE of 257 entries": (dict(before=chunk(b"PLTE", bytes(771))), "invalid chunk length"),
+    "PLTE of 2 bytes after IDAT": (dict(after=chunk(b"PLTE", b"ab")), "invalid chunk length"),
+    "PLTE after bKGD": (dict(before=chunk(b"bKGD", bytes(6)) + chunk(b"PLTE", bytes(6))),
+                        "invalid chunk position"),
+    "empty eXIf": (dict(before=chunk(b"eXIf", b"")), "chunk/cache limits"),
+    "empty eXIf, RGBA": (dict(ct=6, before=chunk(b"eXIf", b"")), "chunk/cache limits"),
+    "empty eXIf after IDAT": (dict(after=chunk(b"eXIf", b"")), "chunk/cache limits"),
+    "empty eXIf with a bad CRC": (dict(before=chunk(b"eXIf", b"", crc_ok=False)),
+                                  "chunk/cache limits"),
+    "1001 tEXt": (dict(before=_texts(1001)), "chunk/cache limits"),
+    "1001 tEXt with bad CRCs": (dict(before=_texts(1001, crc_ok=False)), "chunk/cache limits"),
+    "500 tEXt before IDAT, 501 after": (dict(before=_texts(500), after=_texts(501)),
+                                        "chunk/cache limits"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_fast_path_hands_over_what_libspng_refuses(case):
+    kw, words = REFUSED[case]
+    data = _png_with(**kw)
+    match = "PNG: (reading the header|decoding) failed: .*" + words
+    with pytest.raises(datago.DecodeError, match=match):
+        libspng(data)
+    with pytest.raises(datago.DecodeError, match=match):
+        datago.decode(data)
+    with pytest.raises(datago.DecodeError, match=match):
+        datago.decode_to_bucket(data, bucket=(4, 4))
+    with pytest.raises(datago.DecodeError, match=match):
+        datago.decode_to_bucket(data, bucket=(4, 4), mask=True)
+
+
+def test_decompression_bomb_in_ztxt_is_libspngs_to_refuse():
+    """A zTXt (or iCCP, iTXt) whose text inflates beyond the chunk limit: the walk
+    bounds what the compressed chunks could inflate to and hands the file over."""
+    bomb = zlib.compress(bytes(65 << 20), 9)                 # 64 KiB -> 65 MiB
+    for typ, head in ((b"zTXt", b"k\x00\x00"), (b"iCCP", b"icc\x00\x00")):
+        data = _png_with(before=chunk(typ, head + bomb))
+        for fn in (libspng, datago.decode):
+            with pytest.raises(datago.DecodeError, match="chunk/cache limits"):
+                fn(data)
+
+
+ACCEPTED = {
+    "PLTE of 1 entry": dict(before=chunk(b"PLTE", b"abc")),
+    "PLTE of 256 entries": dict(before=chunk(b"PLTE", bytes(768))),
+    "two PLTE": dict(before=chunk(b"PLTE", bytes(6)) + chunk(b"PLTE", bytes(6))),
+    "PLTE after IDAT": dict(after=chunk(b"PLTE", bytes(6))),
+    "eXIf, then an empty one": dict(before=chunk(b"eXIf", EXIF6) + chunk(b"eXIf", b"")),
+    "eXIf of 3 bytes": dict(before=chunk(b"eXIf", b"MM\x00")),
+    "hIST without PLTE, then PLTE": dict(before=chunk(b"hIST", bytes(4)) + chunk(b"PLTE", bytes(6))),
+    "1000 tEXt": dict(before=_texts(1000)),
+    "1100 empty tEXt": dict(before=b"".join(chunk(b"tEXt", b"") for _ in range(1100))),
+}
+
+
+@pytest.mark.parametrize("case", list(ACCEPTED))
+def test_what_libspng_accepts_decodes_the_same(case):
+    data = _png_with(**ACCEPTED[case])
+    fast, slow = both_paths(data)
+    assert np.array_equal(fast, slow)
+    assert np.array_equal(slow, IMG[:5, :7, :3])      # (the last eXIf counts: no rotation)
+
+
+@pytest.mark.parametrize("before", [
+    chunk(b"PLTE", bytes(768)) + chunk(b"bKGD", bytes(6)) + chunk(b"hIST", bytes(512)),
+    chunk(b"eXIf", EXIF6) + _texts(254) + chunk(b"iCCP", b"icc\x00\x00" + bytes(30000)),
+    chunk(b"gAMA", bytes(4)) + chunk(b"sRGB", b"\x00") + chunk(b"pHYs", bytes(9))],
+    ids=["plte-bkgd-hist", "exif-256-texts-iccp", "gama-srgb-phys"])
+def test_ordinary_ancillary_chunks_stay_on_the_fast_path(before):
+    """The new checks cost no fast-path file with the usual chunks: the broken zlib
+    stream is reported in the fast path's words (libdeflate), not libspng's."""
+    data = _png_with(before=before, after=chunk(b"tIME", b"\x07\xe9\x01\x01\x00\x00\x00"),
+                     corrupt=True)
+    with pytest.raises(datago.DecodeError, match="zlib stream or Adler-32"):
+        datago.decode(data)
+    with pytest.raises(datago.DecodeError, match="IDAT stream error"):
+        libspng(data)
