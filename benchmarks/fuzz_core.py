@@ -323,6 +323,16 @@ def generated_seeds() -> List[Tuple[str, bytes]]:
     out.append(("png_exif_after.png", _png_raw(arr, 2, extra_after=exif_chunk)))
     out.append(("png_rgba_trns.png", _png_raw(np.dstack([arr, grey]), 6,
                                               extra_before=_png_chunk(b"gAMA", b"\x00\x00\xb1\x8f"))))
+    # the ancillary chunks libspng checks (a suggested palette, its bKGD and hIST, text,
+    # a profile, sPLT, tIME): mutating them finds what libspng refuses that the fast path reads
+    z = zlib.compress(b"profile or text " * 8)
+    extra = b"".join(_png_chunk(k, v) for k, v in (
+        (b"gAMA", b"\x00\x00\xb1\x8f"), (b"iCCP", b"icc\x00\x00" + z), (b"PLTE", bytes(range(48))),
+        (b"bKGD", b"\x00\x10\x00\x20\x00\x30"), (b"hIST", bytes(32)), (b"pHYs", bytes(9)),
+        (b"sPLT", b"pal\x00\x08" + bytes(12)), (b"tEXt", b"Title\x00seed"),
+        (b"zTXt", b"Comment\x00\x00" + z), (b"iTXt", b"Author\x00\x00\x00en\x00\x00name")))
+    out.append(("png_ancillary.png", _png_raw(arr, 2, extra_before=extra,
+                                              extra_after=_png_chunk(b"tIME", b"\x07\xe9\x01\x02\x03\x04\x05"))))
     save("webp_lossy.webp", rgb, "WEBP", quality=80)
     save("webp_lossless.webp", Image.fromarray(np.dstack([arr, grey])), "WEBP", lossless=True)
     save("bmp.bmp", small, "BMP")

@@ -100,6 +100,104 @@ def test_filters_and_modes_match_libspng(ct, channels, filters, mode):
         assert np.array_equal(fast, img)
 
 
+def _de_bruijn(k: int, n: int) -> list:
+    """A de Bruijn sequence B(k, n) made linear: every run of n symbols appears."""
+    a, seq = [0] * k * n, []
+
+    def db(t, p):
+        if t > n:
+            if n % p == 0:
+                seq.extend(a[1:p + 1])
+        else:
+            a[t] = a[t - p]
+            db(t + 1, p)
+            for j in range(a[t - p] + 1, k):
+                a[t] = j
+                db(t + 1, t)
+    db(1, 1)
+    return seq + seq[:n - 1]
+
+
+# Row filters after the first row: every filter after every filter, then runs of 1 to 4
+# Paeth rows (the SIMD unfilter does two Paeth rows at once).
+FILTER_TAIL = _de_bruijn(5, 2) + [4, 4, 4, 0, 4, 4, 4, 4, 1, 4]
+
+
+@pytest.mark.parametrize("ct, channels", [(0, 1), (2, 3), (6, 4)])
+@pytest.mark.parametrize("width", [1, 2, 3, 5, 17, 33])
+@pytest.mark.parametrize("values", ["random", "few"])
+def test_every_filter_per_row_matches_libspng(ct, channels, width, values):
+    """Every filter type on the first row and after every other one, for each colour
+    type the fast path takes, at odd widths: the fast path's pixels are the image's,
+    as libspng's are.  "few" values (0 to 5 and 250 to 255) make the Paeth distances
+    tie often and the sums wrap around."""
+    rng = np.random.default_rng(width * 10 + channels)
+    for first in range(5):
+        filters = [first] + FILTER_TAIL
+        shape = (len(filters), width, channels)
+        if values == "random":
+            img = rng.integers(0, 256, shape, dtype=np.uint8)
+        else:
+            img = rng.choice(np.r_[0:6, 250:256].astype(np.uint8), shape)
+        data = encode(img, ct, filters)
+        mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
+        fast, slow = both_paths(data, mode)
+        assert np.array_equal(slow, img)
+        assert np.array_equal(fast, img), f"first filter {first}"
+
+
+@pytest.mark.parametrize("bpp", [1, 2, 3, 4, 6])
+def test_unfilter_simd_matches_scalar(bpp):
+    """The unfilter's SIMD loops (3 and 4 bytes per pixel) against its scalar loops,
+    on random filtered bytes with random filter types; a filter type above 4 stops
+    both at the same row."""
+    from datago._core import _png
+    rng = np.random.default_rng(bpp)
+    for width in (1, 2, 3, 5, 17, 33, 100):
+        for trial in range(12):
+            h = int(rng.integers(1, 12))
+            raw = rng.integers(0, 256, (h, 1 + width * bpp), dtype=np.uint8)
+            if trial % 2:
+                raw[:, 1:] = rng.integers(126, 130, (h, width * bpp))
+            raw[:, 0] = 4 if trial % 3 == 0 else rng.integers(0, 5, h)
+            if trial == 11:
+                raw[h // 2, 0] = 5
+            a, b = bytearray(raw.tobytes()), bytearray(raw.tobytes())
+            ok_a = _png._unfilter(a, width, h, bpp, simd=True)
+            ok_b = _png._unfilter(b, width, h, bpp, simd=False)
+            assert ok_a == ok_b == (trial != 11)
+            assert a == b, (width, h, raw[:, 0].tolist())
+
+
+@pytest.mark.parametrize("background", [(255, 255, 255), (0, 0, 0), (12, 200, 77)])
+def test_alpha_composite_is_exact(background):
+    """RGBA composited over the background (4 pixels at a time, then one by one)
+    is round((c * a + bg * (255 - a)) / 255) for every alpha, at widths around
+    multiples of 4: in decode (RGB, L) and in decode_to_bucket (RGBX, resampled),
+    on the fast path and on libspng's."""
+    rng = np.random.default_rng(sum(background))
+    bg = np.array(background, np.int64)
+    for width in (1, 2, 3, 4, 5, 7, 8, 9, 17, 64):
+        img = rng.integers(0, 256, (256 // width + 3, width, 4), dtype=np.uint8)
+        img[..., 3].flat[:256] = np.arange(256)                  # every alpha
+        c, a = img[..., :3].astype(np.int64), img[..., 3:].astype(np.int64)
+        want = ((c * a + bg * (255 - a) + 127) // 255).astype(np.uint8)
+        data = encode(img, 6, (4, 1))
+        adam7 = encode(img, 6, (4, 1), interlace=True)           # libspng's route
+        for d in (data, adam7):
+            assert np.array_equal(datago.decode(d, background=background), want)
+            assert np.array_equal(datago.decode(d, mode="L", background=background),
+                                  _luma(want))
+            res = datago.decode_to_bucket(d, bucket=(5, 3), background=background)
+            ref = datago.resize(want, (5, 3), box=res.crop_box).reshape(res.image.shape)
+            assert np.array_equal(res.image, ref), width
+
+
+def _luma(rgb):
+    r, g, b = (rgb[..., i].astype(np.int64) for i in range(3))
+    return ((19595 * r + 38470 * g + 7471 * b + 32768) >> 16).astype(np.uint8)[..., None]
+
+
 @pytest.mark.parametrize("ct, channels", [(0, 1), (2, 3), (6, 4)])
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
 def test_interlaced_copy_takes_libspng_and_matches(ct, channels, mode):
@@ -261,3 +359,113 @@ def _try(fn):
         return fn()
     except datago.DecodeError as e:
         return e
+
+
+# ----------------------------------------------------------------------------- what libspng refuses
+
+EXIF6 = b"MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00"
+
+
+def _png_with(ct=2, before=b"", after=b"", iend=None, corrupt=False):
+    """A small PNG with chunks before and after its IDAT, and another IEND if given;
+    ``corrupt``: the IDAT holds a broken zlib stream (which path read it shows in
+    the message)."""
+    img = IMG[:5, :7, :{0: 1, 2: 3, 6: 4}[ct]].copy()
+    data = encode(img, ct, (4, 1), extra_before=before, extra_after=after)
+    if corrupt:
+        data = _corrupt_idat(data)
+    if iend is not None:
+        data = data[:-12] + iend
+    return data
+
+
+def _texts(k, crc_ok=True):
+    return b"".join(chunk(b"tEXt", b"k\x00%d" % i, crc_ok) for i in range(k))
+
+
+# file -> libspng's words.  libspng 0.7 discards most invalid ancillary chunks, but not
+# these: the fast path hands them over, so the message is libspng's on every path.
+REFUSED = {
+    "IEND with 1 byte": (dict(iend=chunk(b"IEND", b"\x00")), "invalid chunk length"),
+    "IEND with 4 bytes": (dict(iend=chunk(b"IEND", b"abcd")), "invalid chunk length"),
+    "PLTE of 0 bytes": (dict(before=chunk(b"PLTE", b"")), "invalid chunk length"),
+    "PLTE of 2 bytes": (dict(before=chunk(b"PLTE", b"ab")), "invalid chunk length"),
+    "PLTE of 2 bytes, RGBA": (dict(ct=6, before=chunk(b"PLTE", b"ab")), "invalid chunk length"),
+    "PLTE of 4 bytes": (dict(before=chunk(b"PLTE", bytes(4))), "invalid chunk length"),
+    "PLTE of 257 entries": (dict(before=chunk(b"PLTE", bytes(771))), "invalid chunk length"),
+    "PLTE of 2 bytes after IDAT": (dict(after=chunk(b"PLTE", b"ab")), "invalid chunk length"),
+    "PLTE after bKGD": (dict(before=chunk(b"bKGD", bytes(6)) + chunk(b"PLTE", bytes(6))),
+                        "invalid chunk position"),
+    "empty eXIf": (dict(before=chunk(b"eXIf", b"")), "chunk/cache limits"),
+    "empty eXIf, RGBA": (dict(ct=6, before=chunk(b"eXIf", b"")), "chunk/cache limits"),
+    "empty eXIf after IDAT": (dict(after=chunk(b"eXIf", b"")), "chunk/cache limits"),
+    "empty eXIf with a bad CRC": (dict(before=chunk(b"eXIf", b"", crc_ok=False)),
+                                  "chunk/cache limits"),
+    "1001 tEXt": (dict(before=_texts(1001)), "chunk/cache limits"),
+    "1001 tEXt with bad CRCs": (dict(before=_texts(1001, crc_ok=False)), "chunk/cache limits"),
+    "500 tEXt before IDAT, 501 after": (dict(before=_texts(500), after=_texts(501)),
+                                        "chunk/cache limits"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_fast_path_hands_over_what_libspng_refuses(case):
+    kw, words = REFUSED[case]
+    data = _png_with(**kw)
+    match = "PNG: (reading the header|decoding) failed: .*" + words
+    with pytest.raises(datago.DecodeError, match=match):
+        libspng(data)
+    with pytest.raises(datago.DecodeError, match=match):
+        datago.decode(data)
+    with pytest.raises(datago.DecodeError, match=match):
+        datago.decode_to_bucket(data, bucket=(4, 4))
+    with pytest.raises(datago.DecodeError, match=match):
+        datago.decode_to_bucket(data, bucket=(4, 4), mask=True)
+
+
+def test_decompression_bomb_in_ztxt_is_libspngs_to_refuse():
+    """A zTXt (or iCCP, iTXt) whose text inflates beyond the chunk limit: the walk
+    bounds what the compressed chunks could inflate to and hands the file over."""
+    bomb = zlib.compress(bytes(65 << 20), 9)                 # 64 KiB -> 65 MiB
+    for typ, head in ((b"zTXt", b"k\x00\x00"), (b"iCCP", b"icc\x00\x00")):
+        data = _png_with(before=chunk(typ, head + bomb))
+        for fn in (libspng, datago.decode):
+            with pytest.raises(datago.DecodeError, match="chunk/cache limits"):
+                fn(data)
+
+
+ACCEPTED = {
+    "PLTE of 1 entry": dict(before=chunk(b"PLTE", b"abc")),
+    "PLTE of 256 entries": dict(before=chunk(b"PLTE", bytes(768))),
+    "two PLTE": dict(before=chunk(b"PLTE", bytes(6)) + chunk(b"PLTE", bytes(6))),
+    "PLTE after IDAT": dict(after=chunk(b"PLTE", bytes(6))),
+    "eXIf, then an empty one": dict(before=chunk(b"eXIf", EXIF6) + chunk(b"eXIf", b"")),
+    "eXIf of 3 bytes": dict(before=chunk(b"eXIf", b"MM\x00")),
+    "hIST without PLTE, then PLTE": dict(before=chunk(b"hIST", bytes(4)) + chunk(b"PLTE", bytes(6))),
+    "1000 tEXt": dict(before=_texts(1000)),
+    "1100 empty tEXt": dict(before=b"".join(chunk(b"tEXt", b"") for _ in range(1100))),
+}
+
+
+@pytest.mark.parametrize("case", list(ACCEPTED))
+def test_what_libspng_accepts_decodes_the_same(case):
+    data = _png_with(**ACCEPTED[case])
+    fast, slow = both_paths(data)
+    assert np.array_equal(fast, slow)
+    assert np.array_equal(slow, IMG[:5, :7, :3])      # (the last eXIf counts: no rotation)
+
+
+@pytest.mark.parametrize("before", [
+    chunk(b"PLTE", bytes(768)) + chunk(b"bKGD", bytes(6)) + chunk(b"hIST", bytes(512)),
+    chunk(b"eXIf", EXIF6) + _texts(254) + chunk(b"iCCP", b"icc\x00\x00" + bytes(30000)),
+    chunk(b"gAMA", bytes(4)) + chunk(b"sRGB", b"\x00") + chunk(b"pHYs", bytes(9))],
+    ids=["plte-bkgd-hist", "exif-256-texts-iccp", "gama-srgb-phys"])
+def test_ordinary_ancillary_chunks_stay_on_the_fast_path(before):
+    """The new checks cost no fast-path file with the usual chunks: the broken zlib
+    stream is reported in the fast path's words (libdeflate), not libspng's."""
+    data = _png_with(before=before, after=chunk(b"tIME", b"\x07\xe9\x01\x01\x00\x00\x00"),
+                     corrupt=True)
+    with pytest.raises(datago.DecodeError, match="zlib stream or Adler-32"):
+        datago.decode(data)
+    with pytest.raises(datago.DecodeError, match="IDAT stream error"):
+        libspng(data)

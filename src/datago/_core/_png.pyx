@@ -7,10 +7,12 @@ data (as Pillow reads it), on both paths.
 Fast path (8-bit grey, RGB or RGBA, not interlaced, no tRNS -- the bulk of
 photo and mask datasets): our own chunk walk (every chunk's CRC checked),
 libdeflate's whole-buffer zlib inflate (2.4x faster than zlib's streaming inflate
-on the benchmark corpus; Adler-32 checked) and our own unfiltering, in place.
+on the benchmark corpus; Adler-32 checked) and our own unfiltering, in place
+(SSE2 for RGB and RGBA: ``_unfilter.pxi``).
 Anything else, and anything the walk finds unusual (odd chunk order, unknown
-critical chunks, invalid headers, more data than the header announces), is
-handed to libspng, which also produces the error messages for malformed files.
+critical chunks, invalid headers, chunks libspng refuses: see ``png_scan``, more
+data than the header announces), is handed to libspng, which also produces the
+error messages for malformed files.
 
 Ownership: a ``PngDecoder`` owns one ``spng_ctx`` (``__cinit__``/``__dealloc__``),
 made per image; an ``Inflater`` owns one libdeflate decompressor, kept per thread.
@@ -104,17 +106,58 @@ cdef inline uint32_t _be32(const uint8_t* p) noexcept nogil:
     return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
 
 
+# Chunk types, as _be32 reads them.
+cdef enum:
+    T_IDAT = 0x49444154
+    T_IEND = 0x49454E44
+    T_PLTE = 0x504C5445
+    T_tRNS = 0x74524E53
+    T_eXIf = 0x65584966
+    T_tEXt = 0x74455874
+    T_zTXt = 0x7A545874
+    T_iTXt = 0x69545874
+    T_iCCP = 0x69434350
+    T_sPLT = 0x73504C54
+    T_bKGD = 0x624B4744
+    T_hIST = 0x68495354
+
+# What libspng (0.7, not strict) refuses in chunks the fast path would otherwise
+# read, found with benchmarks/fuzz_core.py and crafted files (tests/test_png_fast.py):
+# - IEND with data; a PLTE of 0 bytes, a length not a multiple of 3 or above 768
+#   bytes, or after a bKGD or hIST chunk;
+# - an empty eXIf chunk (the first one; "reached chunk/cache limits");
+# - more than 1000 eXIf/tEXt/zTXt/iTXt/sPLT chunks, counted whatever their CRC
+#   ("reached chunk/cache limits"), and text or profiles that decompress beyond
+#   CHUNK_LIMIT, or together beyond CACHE_LIMIT.
+# The walk hands such files to libspng, which refuses them (or reads them) in its
+# own words.  The limits are checked on a bound: more than STORED_COUNT such
+# chunks, or more than STORED_BYTES as counted by _stored_bound (deflate expands
+# at most 1032:1), go to libspng.
+cdef int STORED_COUNT = 256
+cdef unsigned long long STORED_BYTES = 32 * 1024 * 1024
+
+
+cdef inline unsigned long long _stored_bound(uint32_t typ, size_t length) noexcept nogil:
+    """An upper bound on what libspng keeps in memory for one of these chunks."""
+    if typ == T_zTXt or typ == T_iTXt or typ == T_iCCP:
+        return 1032 * <unsigned long long>length + 1024
+    return 2 * <unsigned long long>length + 1024
+
+
 cdef int png_scan(const uint8_t* d, size_t n, PngScan* p) noexcept nogil:
     """Walk the chunks of a PNG (signature already checked); FAST_OK fills ``p``.
 
-    Returns FAST_FALLBACK for anything the fast path does not handle, and a
-    negative code for a truncated file or a critical chunk whose CRC does not
-    match (an ancillary chunk with a bad CRC is ignored, as libspng does).
+    Returns FAST_FALLBACK for anything the fast path does not handle (including
+    what libspng refuses, above), and a negative code for a truncated file or a
+    critical chunk whose CRC does not match (an ancillary chunk with a bad CRC is
+    ignored, as libspng does).
     """
     cdef size_t pos = 8
     cdef size_t length
+    cdef unsigned long long stored_bytes = 0
     cdef const uint8_t* t
-    cdef int bd, ct, prev_idat = 0, seen_idat = 0
+    cdef uint32_t typ
+    cdef int bd, ct, prev_idat = 0, seen_idat = 0, stored = 0, bkgd_hist = 0
     p.orientation = 1
     p.idat_total = 0
     p.idat_count = 0
@@ -141,6 +184,22 @@ cdef int png_scan(const uint8_t* d, size_t n, PngScan* p) noexcept nogil:
         if pos + 12 + length > n:
             return FAST_TRUNCATED
         t = d + pos + 4
+        typ = _be32(t)
+        # what libspng refuses, whatever the CRC (it parses a chunk before checking it)
+        if typ == T_IEND:
+            if length != 0:
+                return FAST_FALLBACK
+        elif typ == T_PLTE:
+            if length == 0 or length % 3 != 0 or length > 768 or bkgd_hist:
+                return FAST_FALLBACK
+        elif (typ == T_eXIf or typ == T_tEXt or typ == T_zTXt or typ == T_iTXt
+                or typ == T_sPLT or typ == T_iCCP):
+            stored += 1
+            stored_bytes += _stored_bound(typ, length)
+            if (typ == T_eXIf and length == 0) or stored > STORED_COUNT or stored_bytes > STORED_BYTES:
+                return FAST_FALLBACK
+        elif typ == T_bKGD or typ == T_hIST:
+            bkgd_hist = 1
         if ld.libdeflate_crc32(0, t, length + 4) != _be32(t + 4 + length):
             if t[0] & 0x20:                          # ancillary: ignored, as libspng does
                 pos += 12 + length
@@ -149,7 +208,7 @@ cdef int png_scan(const uint8_t* d, size_t n, PngScan* p) noexcept nogil:
             memcpy(p.bad_chunk, t, 4)
             p.bad_chunk[4] = 0
             return FAST_CRC
-        if memcmp(t, b"IDAT", 4) == 0:
+        if typ == T_IDAT:
             if seen_idat and not prev_idat:
                 return FAST_FALLBACK             # IDATs must be consecutive
             if p.idat_count == 0:
@@ -159,14 +218,14 @@ cdef int png_scan(const uint8_t* d, size_t n, PngScan* p) noexcept nogil:
             seen_idat = prev_idat = 1
         else:
             prev_idat = 0
-            if memcmp(t, b"IEND", 4) == 0:
+            if typ == T_IEND:
                 break
-            if memcmp(t, b"tRNS", 4) == 0:
+            if typ == T_tRNS:
                 return FAST_FALLBACK
-            if memcmp(t, b"eXIf", 4) == 0:            # the last one counts (as Pillow)
+            if typ == T_eXIf:                         # the last one counts (as Pillow)
                 p.orientation = tiff_orientation(t + 4, length)
             elif 0x41 <= t[0] <= 0x5A and pos > 8:      # critical chunk
-                if memcmp(t, b"PLTE", 4) != 0 or ct == 0:
+                if typ != T_PLTE or ct == 0:
                     return FAST_FALLBACK     # unknown critical chunk, or PLTE in grey
         pos += 12 + length
     if not seen_idat:
@@ -212,77 +271,30 @@ cdef void png_gather(const uint8_t* d, size_t n, uint8_t* dst) noexcept nogil:
         pos += 12 + length
 
 
-cdef inline uint8_t _paeth(int a, int b, int c) noexcept nogil:
-    cdef int pa = b - c
-    cdef int pb = a - c
-    cdef int pc = pa + pb
-    pa = -pa if pa < 0 else pa
-    pb = -pb if pb < 0 else pb
-    pc = -pc if pc < 0 else pc
-    if pa <= pb and pa <= pc:
-        return <uint8_t>a
-    return <uint8_t>(b if pb <= pc else c)
+include "_unfilter.pxi"
 
 
 cdef int png_unfilter(uint8_t* buf, uint32_t w, uint32_t h, int bpp) noexcept nogil:
-    """Undo the per-row filters in place; row y's pixels start at buf[y*stride + 1]."""
-    cdef size_t rowlen = <size_t>w * bpp
-    cdef size_t stride = rowlen + 1
-    cdef size_t i
-    cdef uint32_t y
-    cdef uint8_t* row
-    cdef uint8_t* prev = NULL
-    cdef uint8_t f
-    for y in range(h):
-        row = buf + y * stride + 1
-        f = row[-1]
-        if f == 0:
-            pass
-        elif f == 1:                                 # Sub
-            for i in range(bpp, rowlen):
-                row[i] = <uint8_t>(row[i] + row[i - bpp])
-        elif f == 2:                                 # Up
-            if prev != NULL:
-                for i in range(rowlen):
-                    row[i] = <uint8_t>(row[i] + prev[i])
-        elif f == 3:                                 # Average
-            if prev == NULL:
-                for i in range(bpp, rowlen):
-                    row[i] = <uint8_t>(row[i] + (row[i - bpp] >> 1))
-            else:
-                for i in range(bpp):
-                    row[i] = <uint8_t>(row[i] + (prev[i] >> 1))
-                for i in range(bpp, rowlen):
-                    row[i] = <uint8_t>(row[i] + ((<int>row[i - bpp] + prev[i]) >> 1))
-        elif f == 4:                                 # Paeth
-            if prev == NULL:                         # = Sub on the first row
-                for i in range(bpp, rowlen):
-                    row[i] = <uint8_t>(row[i] + row[i - bpp])
-            else:
-                for i in range(bpp):
-                    row[i] = <uint8_t>(row[i] + prev[i])
-                if bpp == 4:                         # four independent chains per pixel
-                    i = 4
-                    while i < rowlen:
-                        row[i] = <uint8_t>(row[i] + _paeth(row[i - 4], prev[i], prev[i - 4]))
-                        row[i + 1] = <uint8_t>(row[i + 1] + _paeth(row[i - 3], prev[i + 1], prev[i - 3]))
-                        row[i + 2] = <uint8_t>(row[i + 2] + _paeth(row[i - 2], prev[i + 2], prev[i - 2]))
-                        row[i + 3] = <uint8_t>(row[i + 3] + _paeth(row[i - 1], prev[i + 3], prev[i - 1]))
-                        i += 4
-                elif bpp == 3:
-                    i = 3
-                    while i < rowlen:
-                        row[i] = <uint8_t>(row[i] + _paeth(row[i - 3], prev[i], prev[i - 3]))
-                        row[i + 1] = <uint8_t>(row[i + 1] + _paeth(row[i - 2], prev[i + 1], prev[i - 2]))
-                        row[i + 2] = <uint8_t>(row[i + 2] + _paeth(row[i - 1], prev[i + 2], prev[i - 1]))
-                        i += 3
-                else:
-                    for i in range(bpp, rowlen):
-                        row[i] = <uint8_t>(row[i] + _paeth(row[i - bpp], prev[i], prev[i - bpp]))
-        else:
-            return FAST_FILTER
-        prev = row
-    return FAST_OK
+    """Undo the per-row filters in place; row y's pixels start at buf[y*stride + 1]
+    (``_unfilter.pxi``: SSE2 for 3 and 4 bytes per pixel)."""
+    return FAST_OK if datago_png_unfilter(buf, w, h, bpp) == 0 else FAST_FILTER
+
+
+# whether png_unfilter has its SSE2 loops in this build (else: the scalar ones)
+UNFILTER_SIMD = bool(DATAGO_UNFILTER_SIMD)
+
+
+def _unfilter(buf, uint32_t w, uint32_t h, int bpp, bint simd=True):
+    """For the tests: ``png_unfilter`` (or, ``simd=False``, its scalar loops) on a
+    writable buffer of h rows of 1 + w*bpp bytes, in place; True, or False for a
+    filter type above 4.  ``UNFILTER_SIMD`` says whether this build has SIMD loops."""
+    cdef uint8_t[::1] v = buf
+    cdef int rc
+    if w == 0 or h == 0 or bpp < 1 or <size_t>v.shape[0] < (1 + <size_t>w * bpp) * h:
+        raise ValueError("buffer too small for the image")
+    with nogil:
+        rc = datago_png_unfilter(&v[0], w, h, bpp) if simd else datago_png_unfilter_scalar(&v[0], w, h, bpp)
+    return rc == 0
 
 
 cdef str png_fast_message(int code, PngScan* p):
