@@ -260,3 +260,105 @@ def test_streamed_shards_go_to_the_disk_cache(data, tmp_path):
         next(stream)
         stream.close()
         assert not glob.glob(str(tmp_path / "d" / "objects" / "*" / "*"))
+
+
+# ----------------------------------------------------------------------------- the tar reader
+
+def _tar_bytes(members, fmt=tarfile.PAX_FORMAT, extra=()):
+    """A tar (``fmt``) of ``[(name, payload)]``, plus ``extra`` TarInfos without data
+    (directories, links) after the first member."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for i, (name, payload) in enumerate(members):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+            if i == 0:
+                for e in extra:
+                    tar.addfile(e)
+    return buf.getvalue()
+
+
+def _oracle(data):
+    """``tarfile``'s own reading of the same bytes: [(name, offset_data, payload)]."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return [(m.name, m.offset_data, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_the_tar_reader_agrees_with_tarfile(tmp_path, fmt):
+    """Long names (pax ``path`` records, GNU long-name members, the ustar prefix),
+    non-ASCII names, empty members, members of exactly 512 bytes, directories and
+    links in between: names, offsets and bytes as ``tarfile`` reads them, through
+    ``iter_shard`` and ``build_index`` (and gzip-compressed too)."""
+    from datago.sources.webdataset import build_index
+    deep = "d" * 60 + "/" + "e" * 60 + "/"                         # > 100 chars with the name
+    members = [(f"{deep}k1.jpg", b"A" * 700), (f"{deep}k1.json", b"{}"),
+               ("k2.jpg", b"B" * 512), ("k2.txt", b""), ("k3.cls", b"7")]
+    if fmt != tarfile.USTAR_FORMAT:
+        members += [("x" * 120 + ".jpg", b"C" * 3), ("caf\u00e9/\u732b.jpg", b"D" * 1000)]
+    d = tarfile.TarInfo("somedir")
+    d.type = tarfile.DIRTYPE
+    ln = tarfile.TarInfo("k1link.jpg")
+    ln.type, ln.linkname = tarfile.SYMTYPE, "k2.jpg"
+    data = _tar_bytes(members, fmt, extra=(d, ln))
+    oracle = _oracle(data)
+    assert [n for n, _, _ in oracle] == [n for n, _ in members]
+    (tmp_path / "a.tar").write_bytes(data)
+    import gzip
+    (tmp_path / "a.tar.gz").write_bytes(gzip.compress(data))
+    for name in ("a.tar", "a.tar.gz"):
+        got = list(iter_shard(str(tmp_path / name)))
+        want = {}
+        for n, _, payload in oracle:
+            key, _, ext = n.rpartition("/")[2].partition(".")
+            want.setdefault(n.rpartition("/")[0] + "/" * ("/" in n) + key, {})[ext] = payload
+        assert dict(got) == want and len(got) == len(want)
+    idx = build_index(str(tmp_path / "a.tar"))
+    offsets = {(s["key"], ext): tuple(v) for s in idx["samples"] for ext, v in s["members"].items()}
+    assert sorted(offsets.values()) == sorted((off, len(p)) for _, off, p in oracle)
+    for (_, off, payload) in oracle:                            # the offsets read the bytes
+        assert data[off:off + len(payload)] == payload
+
+
+def test_a_damaged_tar_is_an_error_not_a_short_shard(tmp_path):
+    """A header whose checksum fails after the first member, data cut short, and a
+    tar without its end marker raise (``tarfile``'s stream mode would end quietly at
+    the bad header, losing the rest of the shard uncounted)."""
+    data = _tar_bytes([("a.jpg", b"1" * 600), ("b.jpg", b"2" * 600), ("c.jpg", b"3")])
+    second = 512 + 1024                                   # header of b.jpg
+    bad = bytearray(data)
+    bad[second + 10] ^= 0x55                              # its name: checksum mismatch
+    cases = {"bad.tar": bytes(bad), "cut.tar": data[:second + 512 + 100],
+             "noend.tar": data[:second + 512 + 1024 + 512 + 512]}
+    assert _oracle(bytes(bad)) == [("a.jpg", 512, b"1" * 600)]      # tarfile stops quietly
+    for name, payload in cases.items():
+        (tmp_path / name).write_bytes(payload)
+        got = []
+        with pytest.raises(DatagoError, match="not a readable tar shard") as e:
+            for item in iter_shard(str(tmp_path / name)):
+                got.append(item[0])
+        # samples are complete when the next key's header is read: the one being
+        # read when the damage shows is lost with the shard (counted as failed)
+        assert got == {"bad.tar": [], "cut.tar": ["a"], "noend.tar": ["a", "b"]}[name], name
+        assert {"bad.tar": "checksum", "cut.tar": "unexpected end",
+                "noend.tar": "without its end marker"}[name] in str(e.value), (name, e.value)
+
+
+def test_a_damaged_streamed_shard_is_counted(data, tmp_path):
+    """In a streamed epoch such a shard's samples before the damage are delivered,
+    and the shard is counted as failed with a warning."""
+    base, samples, _ = data
+    src = (base / "shards" / "shard-002.tar").read_bytes()
+    shards = tmp_path / "s"
+    shards.mkdir()
+    for i in range(8):
+        (shards / f"shard-{i:03d}.tar").write_bytes(
+            (base / "shards" / f"shard-{i:03d}.tar").read_bytes())
+    (shards / "shard-002.tar").write_bytes(src[:len(src) // 2])
+    ds = DatagoDataset(stream_cfg(str(shards / "shard-{000..007}.tar")))
+    with pytest.warns(RuntimeWarning, match=r"shard 2 failed"):
+        ids = [i for b in ds for i in b["id"]]
+    lost = {k for j, (k, _) in enumerate(samples) if j % 8 == 2} - set(ids)
+    assert lost and set(ids) | lost == {k for k, _ in samples}
+    assert ds.stats()["streaming"]["shards_failed"] == 1

@@ -146,16 +146,158 @@ class _Stream(io.RawIOBase):
         return n
 
 
+class _Entry:
+    """A member header of a streamed tar: ``name``, ``size``, ``offset`` (of its data
+    in the uncompressed tar), ``isfile``; ``read(limit)`` gives its data (the first
+    ``limit`` bytes) while the stream is at it."""
+
+    __slots__ = ("name", "size", "offset", "isfile", "_tar")
+
+    def __init__(self, name: str, size: int, offset: int, isfile: bool, tar: "_TarStream"):
+        self.name, self.size, self.offset, self.isfile, self._tar = name, size, offset, isfile, tar
+
+    def read(self, limit: Optional[int] = None) -> bytes:
+        return self._tar.read_data(self, limit)
+
+
+_ZERO_BLOCK = bytes(512)
+_PAX_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+_NO_DATA_TYPES = (tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE,
+                  tarfile.BLKTYPE, tarfile.FIFOTYPE)
+
+
+class _TarStream:
+    """The members of a tar read front to back from a file object, each member's
+    data read once, straight into its own bytes object.  (``tarfile``'s stream mode
+    moves data through a 10 KiB buffer with a join and two slices per read: ~0.35
+    ms of CPU per 380 KB sample.)  Headers are parsed by ``tarfile.TarInfo``
+    (ustar, GNU, v7; checksums checked); pax extended headers (``path``,
+    ``size``) and GNU long names apply to the next member, global pax headers to
+    all that follow.  Sparse members are refused.  The archive ends at its first
+    zero block; an invalid header, or data ending before that block, is
+    ``tarfile.ReadError`` (``tarfile``'s stream mode ends silently at an invalid
+    header after the first)."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.pos = 0                         # bytes consumed, in the uncompressed tar
+        self._left = 0                       # data + padding of the current member not read
+        self._current: Optional[_Entry] = None
+        self._global: Dict[str, str] = {}
+
+    def _read(self, n: int) -> bytes:
+        data = self.raw.read(n)
+        if len(data) != n:
+            raise tarfile.ReadError(f"unexpected end of data at byte {self.pos + len(data)} "
+                                    f"(wanted {n} more)")
+        self.pos += n
+        return data
+
+    def _skip(self, n: int) -> None:
+        while n > 0:
+            got = len(self.raw.read(min(n, 1 << 20)))
+            if got == 0:
+                raise tarfile.ReadError(f"unexpected end of data at byte {self.pos}")
+            self.pos += got
+            n -= got
+
+    def read_data(self, entry: _Entry, limit: Optional[int]) -> bytes:
+        if entry is not self._current or self.pos != entry.offset:
+            raise RuntimeError("a streamed tar member can be read once, while the stream is at it")
+        n = entry.size if limit is None else min(limit, entry.size)
+        data = self._read(n)
+        self._left -= n
+        return data
+
+    @staticmethod
+    def _pax(data: bytes) -> Dict[str, str]:
+        """The records of a pax extended header (``"LEN key=value\\n"``)."""
+        out: Dict[str, str] = {}
+        pos = 0
+        while pos < len(data) and data[pos] != 0:
+            sp = data.find(b" ", pos)
+            if sp < 0 or not data[pos:sp].isdigit():
+                raise tarfile.ReadError("invalid pax header")
+            length = int(data[pos:sp])
+            rec = data[sp + 1:pos + length]
+            if length <= sp - pos or not rec.endswith(b"\n") or b"=" not in rec:
+                raise tarfile.ReadError("invalid pax header")
+            k, _, v = rec[:-1].partition(b"=")
+            out[k.decode("utf-8", "surrogateescape")] = v.decode("utf-8", "surrogateescape")
+            pos += length
+        return out
+
+    def __iter__(self) -> Iterator[_Entry]:
+        local: Dict[str, str] = {}
+        while True:
+            if self._left:
+                self._skip(self._left)
+                self._left = 0
+            block = self.raw.read(512)
+            if not block:
+                raise tarfile.ReadError(f"the archive ends at byte {self.pos} without its "
+                                        "end marker (truncated?)")
+            if len(block) < 512:
+                raise tarfile.ReadError(f"unexpected end of data in a header at byte {self.pos}")
+            self.pos += 512
+            if block == _ZERO_BLOCK:
+                return
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            size = info.size
+            padded = -(-size // 512) * 512
+            if info.type in _PAX_TYPES:
+                rec = self._pax(self._read(padded)[:size])
+                (self._global if info.type == tarfile.XGLTYPE else local).update(rec)
+                continue
+            if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+                data = self._read(padded)[:size]
+                if info.type == tarfile.GNUTYPE_LONGNAME:
+                    local["path"] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                continue
+            if info.type == tarfile.GNUTYPE_SPARSE:
+                raise tarfile.ReadError(f"member {info.name!r} is a GNU sparse file (not supported)")
+            fields = {**self._global, **local}
+            local = {}
+            name = fields.get("path", info.name)
+            if "size" in fields:
+                if not fields["size"].isdigit():
+                    raise tarfile.ReadError(f"invalid pax size {fields['size']!r}")
+                size = int(fields["size"])
+                padded = -(-size // 512) * 512
+            isfile = info.type in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+            if info.type in _NO_DATA_TYPES:
+                padded = 0                      # (no data, whatever the size field: as tarfile)
+            self._left = padded
+            self._current = _Entry(name, size, self.pos, isfile, self)
+            yield self._current
+
+
+def _gunzip(chunks) -> Iterator[bytes]:
+    """The decompressed pieces of a gzip stream given as chunks (CRC checked)."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    for chunk in chunks:
+        while chunk:
+            out = d.decompress(chunk, 1 << 20)
+            if out:
+                yield out
+            chunk = d.unconsumed_tail
+            if d.eof:
+                return                                   # (bytes after the gzip member: ignored)
+    if not d.eof:
+        raise EOFError("compressed shard ends before its end")
+
+
 @contextlib.contextmanager
 def _open_stream(url: str, fetcher: Fetcher, cache: bool = False):
-    """The shard as a streamed tar (``fetcher.stream``: local reads, or HTTP/S3 resumed
-    by ``Range`` when the connection breaks); ``.tar.gz``/``.tgz`` decompressed.
-    The stream is read to its end after the tar's end marker (record padding), so
-    a ``cache``d stream counts as complete."""
-    raw = io.BufferedReader(_Stream(fetcher.stream(url, cache=cache)), 1 << 20)
-    mode = "r|gz" if url.split("?")[0].endswith((".tar.gz", ".tgz")) else "r|"
-    with tarfile.open(fileobj=raw, mode=mode) as tar:
-        yield tar
+    """The shard as a streamed tar (``_TarStream``; the bytes from ``fetcher.stream``:
+    local reads, or HTTP/S3 resumed by ``Range`` when the connection breaks);
+    ``.tar.gz``/``.tgz`` decompressed.  The stream is read to its end after the
+    tar's end marker (record padding), so a ``cache``d stream counts as complete."""
+    chunks = fetcher.stream(url, cache=cache)
+    if url.split("?")[0].endswith((".tar.gz", ".tgz")):
+        chunks = _gunzip(chunks)
+    raw = io.BufferedReader(_Stream(chunks), 1 << 16)
+    yield _TarStream(raw)
     while raw.read(1 << 20):
         pass
 
@@ -177,7 +319,7 @@ def iter_shard(url: str, fetcher: Optional[Fetcher] = None,
     try:
         with _open_stream(url, fetcher, cache=True) as tar:
             for info in tar:
-                if not info.isfile():
+                if not info.isfile:
                     continue
                 k, ext = _split(info.name)
                 why = "ignored_members" if _ignored(k, ext) else \
@@ -190,8 +332,7 @@ def iter_shard(url: str, fetcher: Optional[Fetcher] = None,
                     if key is not None:
                         yield key, parts
                     key, parts = k, {}
-                f = tar.extractfile(info)
-                parts[ext] = f.read() if f is not None else b""
+                parts[ext] = info.read()
     except (tarfile.TarError, EOFError, zlib.error) as e:
         raise DatagoError(f"{redact(url)}: not a readable tar shard ({e})") from None
     if key is not None:
@@ -249,10 +390,10 @@ def build_index(url: str, fetcher: Optional[Fetcher] = None,
     order: List[str] = []
     ignored = 0
 
-    def scan(tar: tarfile.TarFile) -> None:
+    def scan(tar: _TarStream) -> None:
         nonlocal ignored
         for info in tar:
-            if not info.isfile():
+            if not info.isfile:
                 continue
             key, ext = _split(info.name)
             if _ignored(key, ext):
@@ -261,10 +402,9 @@ def build_index(url: str, fetcher: Optional[Fetcher] = None,
             if key not in members:
                 members[key] = {}
                 order.append(key)
-            members[key][ext] = [info.offset_data, info.size]
+            members[key][ext] = [info.offset, info.size]
             if _image_ext(ext):
-                f = tar.extractfile(info)
-                heads[(key, ext)] = f.read(65536) if f is not None else b""
+                heads[(key, ext)] = info.read(65536)
 
     try:
         with _open_stream(url, fetcher) as tar:
