@@ -142,16 +142,18 @@ def target_decode(data: bytes) -> str:
 
 def _png_matches_libspng(data: bytes, mode: str, arr: np.ndarray) -> str:
     """A PNG ``decode`` read (through the fast path where it applies) must have
-    libspng's pixels: ``_pipeline.decode_png_libspng`` is the reference.  Returns ""
-    or, when libspng refuses a file the fast path read, an outcome suffix naming
-    that (a distinct outcome, not a finding: the two may differ on what they accept)."""
+    libspng's pixels: ``_pipeline.decode_png_libspng`` is the reference.  Returns "".
+    A file the fast path read and libspng refuses is a finding too: the fast path
+    hands libspng everything libspng would refuse (``_png.png_scan``), so the two
+    accept the same files."""
     from datago._core import _pipeline
     from datago.image import DEFAULT_BACKGROUND, _orient
     try:
         ref, orientation, _ = _pipeline.decode_png_libspng(data, mode, MAX_PIXELS,
                                                            bytes(DEFAULT_BACKGROUND))
     except acceptable() as e:
-        return f":libspng-refuses:{type(e).__name__}"
+        raise Finding(f"PNG decode({mode}) read a file libspng alone refuses "
+                      f"({type(e).__name__}: {e})") from None
     ref = _orient(ref, orientation)
     if ref.shape != arr.shape or not np.array_equal(ref, arr):
         raise Finding(f"PNG decode({mode}) and libspng alone (the reference) differ: "

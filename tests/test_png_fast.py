@@ -405,6 +405,14 @@ REFUSED = {
     "1001 tEXt with bad CRCs": (dict(before=_texts(1001, crc_ok=False)), "chunk/cache limits"),
     "500 tEXt before IDAT, 501 after": (dict(before=_texts(500), after=_texts(501)),
                                         "chunk/cache limits"),
+    # a chunk type that is not four letters, its "critical" bit (bit 5 of the first
+    # byte) clear: the fuzzer's find (fuzz_core, seed 12)
+    "critical non-letter chunk after IDAT": (dict(after=chunk(b"\x04\x01v[", b"")),
+                                             "unknown critical chunk"),
+    "critical non-letter chunk before IDAT": (dict(before=chunk(b"\x1bxyz", b"ab")),
+                                              "unknown critical chunk"),
+    "unknown critical chunk after IDAT": (dict(after=chunk(b"ABCD", b"")),
+                                          "unknown critical chunk"),
 }
 
 

@@ -144,6 +144,15 @@ cdef inline unsigned long long _stored_bound(uint32_t typ, size_t length) noexce
     return 2 * <unsigned long long>length + 1024
 
 
+cdef inline bint _chunk_name(const uint8_t* t) noexcept nogil:
+    """Four ASCII letters (what the PNG specification allows in a chunk type)."""
+    cdef int i
+    for i in range(4):
+        if not (0x41 <= t[i] <= 0x5A or 0x61 <= t[i] <= 0x7A):
+            return False
+    return True
+
+
 cdef int png_scan(const uint8_t* d, size_t n, PngScan* p) noexcept nogil:
     """Walk the chunks of a PNG (signature already checked); FAST_OK fills ``p``.
 
@@ -224,7 +233,9 @@ cdef int png_scan(const uint8_t* d, size_t n, PngScan* p) noexcept nogil:
                 return FAST_FALLBACK
             if typ == T_eXIf:                         # the last one counts (as Pillow)
                 p.orientation = tiff_orientation(t + 4, length)
-            elif 0x41 <= t[0] <= 0x5A and pos > 8:      # critical chunk
+            elif pos > 8 and (not (t[0] & 0x20) or not _chunk_name(t)):
+                # critical (bit 5 of the first byte clear, as libspng reads it), or
+                # not a chunk name at all: only a PLTE in colour is ours
                 if typ != T_PLTE or ct == 0:
                     return FAST_FALLBACK     # unknown critical chunk, or PLTE in grey
         pos += 12 + length
