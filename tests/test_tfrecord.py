@@ -332,7 +332,7 @@ def test_equals_the_folder_source(data, folder_result, tmp_path, monkeypatch):
 
     def no_scan(*a, **k):
         raise AssertionError("the index has every size: no header scan")
-    monkeypatch.setattr(dataset_mod, "scan_files", no_scan)
+    monkeypatch.setattr(dataset_mod, "scan_source", no_scan)
     cfg = tf_cfg(str(base / "records" / "part-*.tfrecord"),
                  source={"id_key": "image/filename", "cache_dir": str(tmp_path / "c")})
     ds = DatagoDataset(cfg)

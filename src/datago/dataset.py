@@ -69,7 +69,7 @@ from datago.sharding import (ShardDetector, ShardInfo, available_cpus, local_wor
 from datago.fetch import redact
 from datago.sources import make_source
 from datago.sources.webdataset import assign_shards
-from datago.sources.sizes import SizesIndex, scan_files
+from datago.sources.sizes import SizesIndex, scan_source
 
 __all__ = ["DataLoader", "DatagoDataset", "DatagoMapDataset", "StateError", "WorkerError",
            "default_num_threads"]
@@ -190,14 +190,10 @@ class DatagoDataset(IterableDataset):
             if known is not None:
                 self.sizes = known
             else:
-                locs = [self.listing.main_location(i) for i in range(n)]
-                # plain local files are stat'ed and read directly (cached by size and
-                # mtime); URLs and archive members go through the fetch layer
-                fetched = self._remote or self.listing.kind not in ("file", "index")
-                self.sizes = scan_files(
-                    self.listing.root, locs, self._hashes, cache_dir=src.cache_dir,
-                    use_cache=src.sizes_cache, head=self.fetcher.head if fetched else None,
-                    threads=src.io_concurrency if fetched else None)
+                self.sizes = scan_source(self.listing, self.fetcher, self._hashes,
+                                         cache_dir=src.cache_dir, use_cache=src.sizes_cache,
+                                         threads=getattr(src, "io_concurrency", None),
+                                         remote=self._remote)
             include = self.sizes.readable
             self._bucket_of = _bucket_indices(self.sizes.height, self.sizes.width,
                                               self.buckets, include)
@@ -862,15 +858,11 @@ class DatagoMapDataset(torch.utils.data.Dataset):
             known = self.listing.known_sizes()
             if known is None:
                 src = self.config.source
-                fetched = self.listing.kind not in ("file", "index") or \
-                    (self.listing.kind != "file" and self.listing.remote())
                 hashes = np.fromiter((shard_hash(k) for k in self.listing.hash_keys()),
                                      dtype=np.uint64, count=len(self.listing))
-                known = scan_files(self.listing.root,
-                                   [self.listing.main_location(k) for k in range(len(self))],
-                                   hashes, cache_dir=getattr(src, "cache_dir", None),
-                                   use_cache=getattr(src, "sizes_cache", True),
-                                   head=self.fetcher.head if fetched else None)
+                known = scan_source(self.listing, self.fetcher, hashes,
+                                    cache_dir=getattr(src, "cache_dir", None),
+                                    use_cache=getattr(src, "sizes_cache", True))
             self._sizes = known
         h, w = int(self._sizes.height[j]), int(self._sizes.width[j])
         if w <= 0 or h <= 0:

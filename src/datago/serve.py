@@ -245,7 +245,7 @@ def build_catalog(source, fetcher, name: str, *, cache_dir: Optional[str] = None
     """Scan sizes, load attributes (a thread pool) and index part names."""
     from datago._engine import SampleError, merge_attributes
     from datago.sharding import shard_hash
-    from datago.sources.sizes import scan_files
+    from datago.sources.sizes import scan_source
 
     n = len(source)
     ids = [source.sample_id(i) for i in range(n)]
@@ -256,14 +256,9 @@ def build_catalog(source, fetcher, name: str, *, cache_dir: Optional[str] = None
 
     sizes = source.known_sizes() if n else None
     if sizes is None:
-        # as the dataset does: plain local files are stat'ed and read directly, URLs
-        # and archive members (zip, tfrecord, bins, webdataset) go through the fetcher
-        fetched = source.kind not in ("file", "index") or \
-            (source.kind != "file" and source.remote())
         hashes = np.fromiter((shard_hash(s) for s in ids), dtype=np.uint64, count=n)
-        sizes = scan_files(source.root, [source.main_location(i) for i in range(n)], hashes,
-                           cache_dir=cache_dir, use_cache=sizes_cache,
-                           head=fetcher.head if fetched else None, threads=threads)
+        sizes = scan_source(source, fetcher, hashes, cache_dir=cache_dir,
+                            use_cache=sizes_cache, threads=threads)
     readable = np.asarray(sizes.width > 0) & np.asarray(sizes.height > 0)
 
     attrs: List[Optional[dict]] = [None] * n

@@ -194,7 +194,7 @@ def build(config, make_source) -> Tuple[RoutedFetcher, MixedSource]:
     source; sizes come from each source or its header scan (its own cache)."""
     from datago.config import DatagoConfig
     from datago.sharding import shard_hash
-    from datago.sources.sizes import scan_files
+    from datago.sources.sizes import scan_source
     fetchers, sources, sizes = [], [], []
     for weight, stype, sub in config.source.sources:
         cfg = DatagoConfig(source=sub, image=config.image, loader=config.loader,
@@ -202,14 +202,11 @@ def build(config, make_source) -> Tuple[RoutedFetcher, MixedSource]:
         fetcher, src = make_source(cfg)
         known = src.known_sizes()
         if known is None and getattr(sub, "scan_sizes", True) and len(src):
-            fetched = src.kind not in ("file", "index") or (src.kind != "file" and src.remote())
             hashes = np.fromiter((shard_hash(i) for i in src.ids()), dtype=np.uint64,
                                  count=len(src))
-            known = scan_files(src.root, [src.main_location(i) for i in range(len(src))], hashes,
-                               cache_dir=getattr(sub, "cache_dir", None),
-                               use_cache=getattr(sub, "sizes_cache", True),
-                               head=fetcher.head if fetched else None,
-                               threads=getattr(sub, "io_concurrency", None) if fetched else None)
+            known = scan_source(src, fetcher, hashes, cache_dir=getattr(sub, "cache_dir", None),
+                                use_cache=getattr(sub, "sizes_cache", True),
+                                threads=getattr(sub, "io_concurrency", None))
         elif known is None and not len(src):
             known = SizesIndex.from_arrays(np.zeros(0), np.zeros(0))
         fetchers.append(fetcher)

@@ -40,7 +40,8 @@ import xxhash
 
 from datago.errors import DecodeError
 
-__all__ = ["FORMATS", "HEAD_BYTES", "SizesIndex", "default_cache_dir", "scan_files"]
+__all__ = ["FORMATS", "HEAD_BYTES", "SizesIndex", "default_cache_dir", "scan_files",
+           "scan_source"]
 
 FORMATS = ("", "jpeg", "png", "webp", "bmp", "gif", "tiff")
 """Format codes of the index; code 0 marks a file whose header could not be read."""
@@ -282,3 +283,24 @@ def _scan(paths, todo, width, height, fmt, threads, progress, on_scanned, head) 
                 on_scanned(k)
     if bar is not None:
         bar.close()
+
+
+def scan_source(source, fetcher, hashes: np.ndarray, *, cache_dir: Optional[str] = None,
+                use_cache: bool = True, threads: Optional[int] = None,
+                remote: Optional[bool] = None) -> SizesIndex:
+    """``scan_files`` over a source's main images (the dataset, each source of a mix,
+    and ``datago serve`` read sizes this way).  Plain local files are stat'ed and
+    read directly (cached by size and mtime); URLs and archive members (zip,
+    tfrecord, bins, webdataset) go through ``fetcher.head`` with ``threads``
+    readers.  ``remote``: ``source.remote()`` when the caller knows it already (it
+    walks every location; only an index source needs it)."""
+    if source.kind == "file":
+        fetched = False
+    elif source.kind == "index":
+        fetched = source.remote() if remote is None else remote
+    else:
+        fetched = True
+    return scan_files(source.root, [source.main_location(i) for i in range(len(source))],
+                      hashes, cache_dir=cache_dir, use_cache=use_cache,
+                      head=fetcher.head if fetched else None,
+                      threads=threads if fetched else None)
