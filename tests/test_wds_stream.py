@@ -362,3 +362,41 @@ def test_a_damaged_streamed_shard_is_counted(data, tmp_path):
     lost = {k for j, (k, _) in enumerate(samples) if j % 8 == 2} - set(ids)
     assert lost and set(ids) | lost == {k for k, _ in samples}
     assert ds.stats()["streaming"]["shards_failed"] == 1
+
+
+def test_a_finished_prefetch_keeps_saying_so():
+    """``next`` after the end (or after the error was raised) is StopIteration again,
+    not a wait on a queue no thread will fill: the per-sample streaming engine asks
+    once more after the end, and hung there (found by the reference_image_type test
+    with ``batch_size: None``)."""
+    import threading
+    from datago._prefetch import prefetched
+
+    def bounded_next(p):
+        """``next(p, "end")``, or "hung" after 5 s."""
+        got = ["hung"]
+        t = threading.Thread(target=lambda: got.__setitem__(0, next(p, "end")), daemon=True)
+        t.start()
+        t.join(5)
+        return got[0]
+
+    p = prefetched(iter([1, 2]), 4)
+    assert list(p) == [1, 2]
+    assert bounded_next(p) == "end" and bounded_next(p) == "end"
+
+    def failing():
+        yield 1
+        raise ValueError("boom")
+
+    p = prefetched(failing(), 4)
+    assert next(p) == 1
+    with pytest.raises(ValueError, match="boom"):
+        next(p)
+    assert bounded_next(p) == "end"
+
+
+def test_per_sample_streaming_ends(data):
+    """``batch_size: None`` over streamed shards yields every sample and ends."""
+    base, samples, pattern = data
+    ds = DatagoDataset(stream_cfg(pattern, batch_size=None))
+    assert sorted(s["id"] for s in ds) == sorted(k for k, _ in samples)

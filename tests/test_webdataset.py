@@ -240,3 +240,39 @@ def test_not_a_tar_is_a_clear_error(tmp_path):
     from datago import DatagoError
     with pytest.raises(DatagoError, match="not a readable tar shard"):
         DatagoDataset(wds_cfg(str(bad), source={"cache_dir": str(tmp_path / "c")}))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_reference_image_type_picks_the_main_image(tmp_path, streaming):
+    """Samples carrying both a .jpg and a .png: ``reference_image_type`` says which
+    is the main image (``batch["image"]``), the other is an additional image; a
+    sample without that type falls back to its other image."""
+    import datago
+    jpg = {k: encode(photo(64, 48, seed=k), "JPEG", quality=95) for k in range(3)}
+    png = {k: encode(photo(48, 64, seed=10 + k), "PNG") for k in range(3)}
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for k in range(3):
+            parts = {"jpg": jpg[k], "png": png[k]} if k < 2 else {"png": png[k]}
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"k{k}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    buckets = datago.make_buckets(64, 16, 0.5, 2.0)
+
+    def expected(data):
+        return datago.decode_to_bucket(data, buckets).image
+
+    for ref, main, other in (("jpg", jpg, png), ("png", png, jpg)):
+        ds = DatagoDataset(wds_cfg(str(shard), batch_size=None, source={
+            "reference_image_type": ref, "streaming": streaming,
+            "cache_dir": str(tmp_path / "c")}))
+        got = {s["id"]: s for s in ds}
+        assert sorted(got) == ["k0", "k1", "k2"]
+        for k in range(2):
+            s = got[f"k{k}"]
+            assert np.array_equal(s["image"].permute(1, 2, 0).numpy(), expected(main[k])), (ref, k)
+            (name, extra), = s["additional_images"].items()
+            assert name == ("png" if ref == "jpg" else "jpg")
+            assert extra.shape[1:] == s["image"].shape[1:]          # in the main one's bucket
+        assert np.array_equal(got["k2"]["image"].permute(1, 2, 0).numpy(), expected(png[2]))

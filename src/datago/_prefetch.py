@@ -9,7 +9,8 @@ __all__ = ["prefetched"]
 class prefetched:
     """Iterate ``items`` in a thread of its own (started by the first ``next``), at
     most ``maxsize`` ahead; its exceptions are raised here, in order; ``close()``
-    stops it."""
+    stops it.  Once the end or an exception has been handed over, ``next`` raises
+    StopIteration (as a generator does after it ended)."""
 
     _END = object()
 
@@ -21,6 +22,7 @@ class prefetched:
         self._thread = threading.Thread(target=self._run, args=(iter(items),),
                                         name=name, daemon=True)
         self._started = False                      # the thread starts on the first next()
+        self._finished = False                     # the end or an error was handed over
 
     def _put(self, item) -> bool:
         import queue
@@ -49,15 +51,19 @@ class prefetched:
         return self
 
     def __next__(self):
+        if self._finished:                         # (its thread is gone: get() would hang)
+            raise StopIteration
         if not self._started:
             self._started = True
             self._thread.start()
         ok, item = self._q.get()
         if not ok:
             self._stop.set()
+            self._finished = True
             raise item
         if item is self._END:
             self._stop.set()
+            self._finished = True
             raise StopIteration
         return item
 
