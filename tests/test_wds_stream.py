@@ -329,8 +329,11 @@ def test_a_damaged_tar_is_an_error_not_a_short_shard(tmp_path):
     second = 512 + 1024                                   # header of b.jpg
     bad = bytearray(data)
     bad[second + 10] ^= 0x55                              # its name: checksum mismatch
+    huge = tarfile.TarInfo("h")                            # a pax header claiming 1 TiB
+    huge.type, huge.size = tarfile.XHDTYPE, 1 << 40
     cases = {"bad.tar": bytes(bad), "cut.tar": data[:second + 512 + 100],
-             "noend.tar": data[:second + 512 + 1024 + 512 + 512]}
+             "noend.tar": data[:second + 512 + 1024 + 512 + 512],
+             "huge.tar": data[:second] + huge.tobuf(tarfile.GNU_FORMAT) + data[second:]}
     assert _oracle(bytes(bad)) == [("a.jpg", 512, b"1" * 600)]      # tarfile stops quietly
     for name, payload in cases.items():
         (tmp_path / name).write_bytes(payload)
@@ -340,9 +343,11 @@ def test_a_damaged_tar_is_an_error_not_a_short_shard(tmp_path):
                 got.append(item[0])
         # samples are complete when the next key's header is read: the one being
         # read when the damage shows is lost with the shard (counted as failed)
-        assert got == {"bad.tar": [], "cut.tar": ["a"], "noend.tar": ["a", "b"]}[name], name
+        assert got == {"bad.tar": [], "cut.tar": ["a"], "noend.tar": ["a", "b"],
+                       "huge.tar": []}[name], name
         assert {"bad.tar": "checksum", "cut.tar": "unexpected end",
-                "noend.tar": "without its end marker"}[name] in str(e.value), (name, e.value)
+                "noend.tar": "without its end marker",
+                "huge.tar": "extended header"}[name] in str(e.value), (name, e.value)
 
 
 def test_a_damaged_streamed_shard_is_counted(data, tmp_path):

@@ -161,6 +161,7 @@ class _Entry:
 
 
 _ZERO_BLOCK = bytes(512)
+_MAX_META_BYTES = 1 << 20          # a pax header or GNU long name is read whole: bounded
 _PAX_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
 _NO_DATA_TYPES = (tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE,
                   tarfile.BLKTYPE, tarfile.FIFOTYPE)
@@ -245,6 +246,10 @@ class _TarStream:
             info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
             size = info.size
             padded = -(-size // 512) * 512
+            if info.type in _PAX_TYPES + (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK) \
+                    and size > _MAX_META_BYTES:
+                raise tarfile.ReadError(f"a {size}-byte extended header (the limit is "
+                                        f"{_MAX_META_BYTES}): not a sane tar")
             if info.type in _PAX_TYPES:
                 rec = self._pax(self._read(padded)[:size])
                 (self._global if info.type == tarfile.XGLTYPE else local).update(rec)
