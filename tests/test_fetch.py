@@ -483,3 +483,135 @@ def test_size_checks_reuse_one_connection(files):
         f.close()
     assert [(s, u) for _, s, u in log] == [("206", "/a.bin")] * 4 + [("200", "/a.bin")]
     assert len({c for c, _, _ in log}) == 1, log
+
+
+class ScriptedServer:
+    """A TCP server on loopback that answers each request head it reads with the
+    next scripted reply, bytes as given (``None``: close the connection without a
+    reply).  ``log`` holds (connection number, request head) per request."""
+
+    def __init__(self, replies):
+        import socket
+        import threading
+        self.replies = list(replies)
+        self.log = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        n = 0
+        while self.replies:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            n += 1
+            with conn:
+                data = b""
+                while self.replies:
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    if b"\r\n\r\n" not in data:
+                        break
+                    head, _, data = data.partition(b"\r\n\r\n")
+                    self.log.append((n, head.decode("latin-1")))
+                    reply = self.replies.pop(0)
+                    if reply is None:
+                        break
+                    conn.sendall(reply)
+                    if b"Connection: close" in reply or (reply.startswith(b"HTTP/1.0")
+                                                         and b"keep-alive" not in reply):
+                        break
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+        self.thread.join(5)
+
+
+def _reply(body: bytes, *headers: str, status: str = "200 OK", version: str = "HTTP/1.1"):
+    head = [f"{version} {status}", *headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+def test_the_short_way_reads_every_framing_http_allows():
+    """The transport's short way (plain GETs) parses responses itself: a chunked
+    body with extensions and trailers, a body ended by the peer closing, an
+    HTTP/1.0 reply, interim 100 and 103 replies before the real one, folded and
+    repeated headers, and an equal repeated Content-Length; a kept-alive
+    connection serves the next request, the others do not."""
+    chunked = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+    replies = [
+        _reply(chunked, "Transfer-Encoding: chunked", "Content-Type: image/jpeg"),
+        _reply(b"abc", "Content-Length: 3", "X-Long: part one,", "  part two",
+               "Set-Cookie: a=1", "Set-Cookie: b=2"),
+        _reply(b"", status="100 Continue") + _reply(b"", status="103 Early Hints",
+                                                    version="HTTP/1.1")
+        + _reply(b"four", "Content-Length: 4, 4"),
+        _reply(b"until the end", "Connection: close"),
+        _reply(b"old", "Content-Length: 3", version="HTTP/1.0"),
+        _reply(b"kept", "Content-Length: 4", "Connection: keep-alive", version="HTTP/1.0"),
+        _reply(b"again", "Content-Length: 5"),
+    ]
+    with ScriptedServer(replies) as srv:
+        f = fast(retries=0)
+        got = [f.read(f"{srv.url}/{i}") for i in range(7)]
+        assert got == [b"hello world", b"abc", b"four", b"until the end", b"old", b"kept",
+                       b"again"]
+        conns = [n for n, _ in srv.log]
+        # 0-3 share a connection, which 3 closes; 4 (HTTP/1.0) ends its own; 5-6 share one
+        assert conns == [1, 1, 1, 1, 2, 3, 3], conns
+        assert f.retried == {}
+        head = srv.log[0][1].split("\r\n")
+        assert head[0] == "GET /0 HTTP/1.1"
+        assert head[1] == f"Host: {srv.url[len('http://'):]}"
+        from datago._http import StdlibTransport
+        t = StdlibTransport(timeout=2)
+    with ScriptedServer([_reply(b"abc", "Content-Length: 3", "X-Long: part one,",
+                                "  part two", "Set-Cookie: a=1", "Set-Cookie: b=2")]) as srv:
+        status, headers, body = t.get(f"{srv.url}/h", {})
+        assert (status, body) == (200, b"abc")
+        assert headers["x-long"] == "part one, part two" == headers.get("X-LONG")
+        assert headers.get("set-cookie") == "a=1, b=2" and "Content-Length" in headers
+        t.close()
+
+
+@pytest.mark.parametrize("reply, reason, text", [
+    (_reply(b"ab", "Content-Length: 5"), "truncated", "complete message body"),
+    (_reply(b"3\r\nab", "Transfer-Encoding: chunked"), "truncated", "complete message body"),
+    (_reply(b"zz\r\n", "Transfer-Encoding: chunked"), "reset", "bad chunk size"),
+    (_reply(b"abc", "Content-Length: 3, 4"), "reset", "bad Content-Length"),
+    (b"HTTP/1.1 2xx OK\r\n\r\n", "reset", "bad status line"),
+    (b"SPDY 200 OK\r\n\r\n", "reset", "bad status line"),
+    (_reply(b"", "No colon here"), "reset", "bad header line"),
+    (b"HTTP/1.1 200 OK\r\nX: " + b"y" * (70 << 10), "reset", "response head over"),
+    (b"HTTP/1.1 200 O", "reset", "middle of a response head"),
+    (None, "reset", "disconnected without sending a response"),
+])
+def test_the_short_way_fails_broken_responses_with_their_reason(reply, reason, text):
+    """Each broken response is a failure of the reason the retry policy knows,
+    with a message naming what was wrong (no retries here: each is tried once)."""
+    with ScriptedServer([reply]) as srv:
+        f = fast(retries=0)
+        with pytest.raises(FetchError) as e:
+            f.read(f"{srv.url}/x")
+    assert e.value.reason == reason
+    assert text in str(e.value)
+
+
+def test_the_short_way_refuses_headers_that_would_smuggle_another():
+    from datago._http import StdlibTransport
+    t = StdlibTransport(timeout=2)
+    for bad in ({"X-A": "1\r\nX-B: 2"}, {"X-A": "1\nGET / HTTP/1.1"}, {"X A": "1"},
+                {"X-A:": "1"}):
+        with pytest.raises(ValueError, match="invalid (value for )?header"):
+            t.get("http://127.0.0.1:9/x", bad)
+    with pytest.raises(ValueError, match="invalid request target"):
+        t.get("http://127.0.0.1:9/a\x01b", {})
