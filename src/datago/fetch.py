@@ -8,7 +8,8 @@ a byte range of either (a member of an archive at a known offset).
 Remote reads go through one shared ``httpx`` client per process (a keep-alive
 pool sized to ``io_concurrency``; TLS verified), whose transport is the
 standard library's ``http.client`` (``datago._http``: ~5x less CPU per request
-than httpx's pure-Python HTTP/1.1 parser).  Failures are classified once,
+than httpx's pure-Python HTTP/1.1 parser); whole-body GETs read their response
+straight from the pooled socket (``StdlibTransport.get``).  Failures are classified once,
 here:
 
 ===================  ============================  =====================
