@@ -299,6 +299,73 @@ def test_a_signed_s3_request_redirected_elsewhere_loses_its_signature(files, mon
         assert sent[1]["Range"] == "bytes=5-14"
 
 
+def _sigv4_holds(record, secret: str, region: str = "us-east-1") -> bool:
+    """Whether the SigV4 signature of a request the FaultServer received is valid
+    for the request as received (its path, Host and signed headers), as S3 checks
+    it: the signature recomputed from them and the secret."""
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+    auth = record.headers["Authorization"]
+    fields = dict(part.strip().split("=", 1) for part in auth.split(" ", 1)[1].split(","))
+    key_id, _, scope = fields["Credential"].partition("/")
+    signed = fields["SignedHeaders"].split(";")
+    assert scope.endswith(f"/{region}/s3/aws4_request") and "host" in signed
+    headers = {k.lower(): v for k, v in record.headers.items() if k.lower() in signed}
+    req = AWSRequest(method=record.method, url=f"http://{headers['host']}{record.path}",
+                     headers=headers)
+    req.context["timestamp"] = headers["x-amz-date"]
+    signer = S3SigV4Auth(Credentials(key_id, secret), "s3", region)
+    want = signer.signature(signer.string_to_sign(req, signer.canonical_request(req)), req)
+    return fields["Signature"] == want
+
+
+def test_a_signed_s3_request_redirected_on_its_origin_is_signed_again(files, monkeypatch):
+    """An s3:// read whose endpoint redirects to another path of its own: the
+    follow-up carries a signature of its own path (the old one covers the old path:
+    S3 would refuse it, SignatureDoesNotMatch), with the session token and the Range,
+    on both ways (whole and ranged reads, a stream, a size).  A redirect from there
+    to another origin is not signed, on either way."""
+    with FaultServer(files) as endpoint, FaultServer(files) as other:
+        for k, v in {"AWS_ENDPOINT_URL": endpoint.url, "AWS_ACCESS_KEY_ID": "AKIDTEST",
+                     "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "SESSION-TOKEN",
+                     "AWS_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(k, v)
+        endpoint.add_fault("/bucket/old.bin", "307", times=None, location="/a.bin")
+        endpoint.add_fault("/bucket/rel/x.bin", "302", times=None, location="../../sub/b.bin")
+        f = fast()
+        assert f.read("s3://bucket/old.bin") == BODY
+        assert f.read(Member("s3://bucket/old.bin", 5, 10)) == BODY[5:15]
+        assert f.read("s3://bucket/rel/x.bin") == BODY[:1000]
+        assert b"".join(f.stream("s3://bucket/old.bin")) == BODY
+        assert f.size("s3://bucket/rel/x.bin") == 1000
+        asked = [r for r in endpoint.log]
+        assert [r.path for r in asked] == ["/bucket/old.bin", "/a.bin"] * 2 + [
+            "/bucket/rel/x.bin", "/sub/b.bin", "/bucket/old.bin", "/a.bin",
+            "/bucket/rel/x.bin", "/sub/b.bin"]
+        for first, then in zip(asked[::2], asked[1::2]):
+            assert _sigv4_holds(first, "secret"), first.path
+            assert _sigv4_holds(then, "secret"), (first.path, then.path)
+            old, new = first.headers, then.headers
+            assert new["Authorization"] != old["Authorization"]
+            assert new["Authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDTEST/")
+            signed = new["Authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
+            assert {"host", "x-amz-date", "x-amz-security-token"} <= set(signed)
+            assert new["X-Amz-Security-Token"] == "SESSION-TOKEN"
+            assert then.range == first.range and ("range" in signed) == bool(then.range)
+        assert asked[3].range == "bytes=5-14" and asked[9].range == "bytes=0-0"
+        endpoint.add_fault("/a.bin", "302", times=None, location=f"{other.url}/sub/b.bin")
+        assert f.read("s3://bucket/old.bin") == BODY[:1000]
+        assert b"".join(f.stream("s3://bucket/old.bin")) == BODY[:1000]
+        assert [r.path for r in endpoint.log[len(asked):]] == ["/bucket/old.bin", "/a.bin"] * 2
+        for r in endpoint.log[len(asked):]:
+            assert _sigv4_holds(r, "secret"), r.path
+        for r in other.log:
+            assert not [k for k in r.headers if k.lower() == "authorization" or
+                        k.lower().startswith("x-amz-")], r.headers
+        assert len(other.log) == 2 and not f.retried
+
+
 def test_redirects_through_an_environment_proxy(files, monkeypatch):
     """With HTTP_PROXY set the requests take httpx's own transport: redirects keep
     the same rules (one request per URL, Authorization not sent to another origin).

@@ -38,7 +38,14 @@ URL that answered, and the credentials -- ``Authorization`` (a token, an S3
 signature), ``Proxy-Authorization``, ``Cookie`` and the ``X-Amz-*`` signing
 headers (an S3 session token) -- dropped when a redirect leaves the origin
 (scheme, host, port), except from ``http`` to ``https`` on the same host and
-default ports.
+default ports.  A signed ``s3://`` request redirected where its credentials go
+is signed afresh for the new URL (a SigV4 signature covers the path: the old one
+would be refused there), its other headers (``Range``) kept; one redirected to
+another origin goes unsigned, as above.  S3's answer to a request signed for
+another region than the bucket's -- a 301 without a ``Location`` (``redirect``),
+or a 400 (``http_4xx``), naming the bucket's region in ``x-amz-bucket-region``
+-- fails with a message that names that region and ``AWS_REGION``; it is not
+retried in the other region.
 
 When the retries or the per-location ``deadline_s`` run out, ``FetchError``
 carries the reason of the last failure, the URL with its query string and
@@ -52,10 +59,11 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, NamedTuple, Optional, Union
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 from urllib.parse import urlsplit, urlunsplit
 
 from datago.errors import DatagoError
@@ -120,6 +128,10 @@ class _S3:
     (path-style) for S3-compatible stores, region from ``AWS_REGION`` /
     ``AWS_DEFAULT_REGION`` / the AWS config (default us-east-1)."""
 
+    # what ``sign`` adds: replaced, never kept, when a request is signed again
+    SIGNATURE = frozenset(("authorization", "x-amz-date", "x-amz-content-sha256",
+                           "x-amz-security-token"))
+
     def __init__(self):
         try:
             import botocore.session
@@ -148,9 +160,13 @@ class _S3:
         return f"https://{bucket}.s3.{self.region}.amazonaws.com/{key}"
 
     def sign(self, url: str, headers: Dict[str, str]) -> Dict[str, str]:
+        """``headers`` with a SigV4 signature of a GET of ``url`` (an ASCII,
+        percent-encoded URL) in place of any signature they carry (a redirect's
+        follow-up is signed again: ``_redirected``)."""
         if self._creds is None:                       # anonymous access (public buckets)
             return headers
-        req = self._request(method="GET", url=url, headers=dict(headers))
+        headers = {k: v for k, v in headers.items() if k.lower() not in self.SIGNATURE}
+        req = self._request(method="GET", url=url, headers=headers)
         self._auth(self._creds.get_frozen_credentials(), "s3", self.region).add_auth(req)
         return dict(req.headers.items())
 
@@ -195,6 +211,7 @@ class FetchConfig:
 _MAX_REDIRECTS = 10
 _REDIRECTS = frozenset((301, 302, 303, 307, 308))
 _CREDENTIALS = frozenset(("authorization", "proxy-authorization", "cookie"))
+_REGION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")       # (an x-amz-bucket-region)
 
 
 def _request_target(url) -> str:
@@ -208,11 +225,13 @@ def _origin(url) -> tuple:
 
 
 def _redirected(url: str, status: int, location: str, headers: Dict[str, str],
-                chain: list):
+                chain: list, sign: Optional[Callable] = None):
     """``(url, headers)`` of the request a redirect from ``url`` to ``location`` asks
     for (see the module docstring for the rules); ``FetchError`` (``redirect``) for
     a Location that is not HTTP(S), a loop, or more than ``_MAX_REDIRECTS``.
-    ``chain``: the URLs requested so far for this location, the new one appended."""
+    ``chain``: the URLs requested so far for this location, the new one appended.
+    ``sign``: what signed the request (``_S3.sign``), or None: a request kept on its
+    origin is signed again for the new URL, one that leaves it is not."""
     import httpx
     shown = redact(chain[0])
     try:
@@ -235,9 +254,12 @@ def _redirected(url: str, status: int, location: str, headers: Dict[str, str],
     keep = _origin(old) == _origin(new) or (
         old.scheme == "http" and new.scheme == "https" and old.host == new.host
         and old.port in (None, 80) and new.port in (None, 443))
-    return target, {k: v for k, v in headers.items()
-                    if k.lower() != "host" and (keep or not (
-                        k.lower() in _CREDENTIALS or k.lower().startswith("x-amz-")))}
+    headers = {k: v for k, v in headers.items()
+               if k.lower() != "host" and (keep or not (
+                   k.lower() in _CREDENTIALS or k.lower().startswith("x-amz-")))}
+    if keep and sign is not None:
+        headers = sign(target, headers)
+    return target, headers
 
 
 class _Head(NamedTuple):
@@ -409,9 +431,11 @@ class Fetcher:
         return self._client
 
     @contextlib.contextmanager
-    def _get(self, url: str, headers: Dict[str, str], partial: bool = False):
+    def _get(self, url: str, headers: Dict[str, str], partial: bool = False,
+             sign: Optional[Callable] = None):
         """A streamed GET with the configured headers, redirects followed
-        (``_redirected``): a context manager giving the last ``httpx.Response``.
+        (``_redirected``; ``sign``: what signed the request, see ``_prepare``): a
+        context manager giving the last ``httpx.Response``.
         With the standard-library transport the request goes to it directly,
         skipping the client's cookie and auth machinery (~0.3 ms per request).
         ``partial``: the body is consumed as it arrives (a stream).  (Whole bodies
@@ -433,7 +457,8 @@ class Fetcher:
             if resp.status_code not in _REDIRECTS or not location:
                 break
             resp.close()
-            url, headers = _redirected(str(req.url), resp.status_code, location, headers, chain)
+            url, headers = _redirected(str(req.url), resp.status_code, location, headers, chain,
+                                       sign)
         try:
             yield resp
         finally:
@@ -473,15 +498,20 @@ class Fetcher:
     def prepare(self, url: str, headers: Dict[str, str]):
         """(URL to request, headers) for a location: ``s3://`` becomes a signed HTTPS
         request (signed per attempt: the signature carries the time)."""
+        return self._prepare(url, headers)[:2]
+
+    def _prepare(self, url: str, headers: Dict[str, str]) -> Tuple[str, Dict[str, str],
+                                                                   Optional[Callable]]:
+        """``prepare``'s (URL, headers) and what signed them (``_S3.sign``, which
+        signs a redirect's follow-up again: ``_redirected``), or None."""
         if not url.startswith("s3://"):
-            return url, headers
+            return url, headers, None
         if self._s3 is None:
             self._s3 = _S3()
         target = self._s3.url(url)
-        return target, self._s3.sign(target, headers)
+        return target, self._s3.sign(target, headers), self._s3.sign
 
-    @staticmethod
-    def _check(resp, url: str) -> None:
+    def _check(self, resp, url: str) -> None:
         """Raise ``_Retry`` / ``FetchError`` for a response that carries no data."""
         status = resp.status_code
         if status >= 500:
@@ -490,14 +520,29 @@ class Fetcher:
             raise _Retry("http_429", "HTTP 429 Too Many Requests", status,
                          _retry_after(resp.headers.get("retry-after")))
         if status >= 400:
-            raise FetchError(f"{redact(url)}: HTTP {status}", "http_4xx", redact(url), status)
+            raise FetchError((status == 400 and self._wrong_region(resp, url))
+                             or f"{redact(url)}: HTTP {status}", "http_4xx", redact(url), status)
         if status >= 300:                     # (the ones with a Location are followed)
-            raise FetchError(f"{redact(url)}: HTTP {status} without a Location to follow",
+            raise FetchError(self._wrong_region(resp, url)
+                             or f"{redact(url)}: HTTP {status} without a Location to follow",
                              "redirect", redact(url), status)
         ctype = resp.headers.get("content-type", "").lower()
         if ctype.startswith("text/html"):
             raise FetchError(f"{redact(url)}: got an HTML page ({ctype}), not data",
                              "wrong_content_type", redact(url), status)
+
+    def _wrong_region(self, resp, url: str) -> Optional[str]:
+        """What to say of S3's refusal of an ``s3://`` request signed for another
+        region than the bucket's (a 301 PermanentRedirect without a Location, a 400
+        AuthorizationHeaderMalformed or IllegalLocationConstraint), which names the
+        bucket's region in ``x-amz-bucket-region``; None for any other response."""
+        if self._s3 is None or not url.startswith("s3://"):
+            return None
+        region = (resp.headers.get("x-amz-bucket-region") or "").strip()
+        if not _REGION.fullmatch(region) or region == self._s3.region:
+            return None
+        return (f"{redact(url)}: the bucket is in region {region}, not {self._s3.region} "
+                f"(set AWS_REGION={region})")
 
     @staticmethod
     def _transport_failure(e: Exception) -> "_Retry":
@@ -524,7 +569,7 @@ class Fetcher:
         headers = dict(headers) if headers else {}
         if offset is not None:
             headers["Range"] = f"bytes={offset}-{offset + size - 1}"
-        target, headers = self.prepare(url, headers)
+        target, headers, sign = self._prepare(url, headers)
         try:
             self._http_client()
             if self._transport is not None and _plain_url(target):
@@ -535,12 +580,12 @@ class Fetcher:
                     if status not in _REDIRECTS or not head.get("location"):
                         break
                     target, headers = _redirected(target, status, head["location"], headers,
-                                                  chain)
+                                                  chain, sign)
                 if status == 416 and short_ok:
                     return b""
                 self._check(_Head(status, head), url)
                 return self._sized(data, status, offset, size, short_ok)
-            with self._get(target, headers) as resp:
+            with self._get(target, headers, sign=sign) as resp:
                 status = resp.status_code
                 if status == 416 and short_ok:
                     return b""                        # an empty object
@@ -573,9 +618,9 @@ class Fetcher:
 
         def attempt() -> int:
             import httpx
-            target, headers = self.prepare(loc, {"Range": "bytes=0-0"})
+            target, headers, sign = self._prepare(loc, {"Range": "bytes=0-0"})
             try:
-                with self._get(target, headers) as resp:
+                with self._get(target, headers, sign=sign) as resp:
                     if resp.status_code == 416:
                         return 0
                     self._check(resp, loc)
@@ -635,8 +680,8 @@ class Fetcher:
                 headers = {"Accept-Encoding": "identity"}
                 if pos:
                     headers["Range"] = f"bytes={pos}-"
-                target, headers = self.prepare(loc, headers)
-                with self._get(target, headers, partial=True) as resp:
+                target, headers, sign = self._prepare(loc, headers)
+                with self._get(target, headers, partial=True, sign=sign) as resp:
                     if resp.status_code == 416 and pos:
                         return                        # it ended exactly where it broke
                     self._check(resp, loc)
