@@ -510,6 +510,29 @@ def test_env_max_retries_counts_at_construction(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------- logging
 
+def test_retries_key_through_the_client(tmp_path, monkeypatch):
+    """A ``retries`` key of the config holds in the client (compat mode keeps it:
+    a key the source knows); DATAGO_MAX_RETRIES, when set, overrides it (it is
+    DatagoDataset's ``fetch_retries``)."""
+    ids = small_tree(tmp_path, 3)
+    (tmp_path / "list.txt").write_text("\n".join(ids))
+    monkeypatch.delenv("DATAGO_MAX_RETRIES", raising=False)
+    with FaultServer(tmp_path) as srv:
+        raw = {"source_config": {"index": f"{srv.url}/list.txt", "retries": 2},
+               "image_config": REF_IMAGE_CONFIG, "samples_buffer_size": 4}
+        for compat in (False, True):
+            srv.add_fault("/list.txt", "503", times=2)
+            c = DatagoClient(json.dumps(raw), compat=compat)
+            assert c._dataset.fetcher.config.retries == 2
+            assert sorted(s.id for s in drain(c)) == ids
+        assert len(srv.requests("/list.txt")) == 2 * 3
+        monkeypatch.setenv("DATAGO_MAX_RETRIES", "0")
+        srv.add_fault("/list.txt", "503", times=1)
+        with pytest.raises(FetchError, match="HTTP 503") as e:
+            DatagoClient(json.dumps(raw))
+        assert e.value.attempts == 1 and len(srv.requests("/list.txt")) == 2 * 3 + 1
+
+
 @pytest.fixture
 def fresh_logging(monkeypatch):
     log = logging.getLogger("datago")
