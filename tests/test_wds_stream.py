@@ -426,6 +426,16 @@ def test_a_finished_prefetch_keeps_saying_so():
     assert bounded_next(p) == "end"
 
 
+@pytest.mark.xfail(strict=True, reason="limit is not applied to streamed WebDataset shards "
+                   "(the folder's streaming mode and the db's pages apply it): a known gap")
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_limit_holds_for_streamed_shards(data, batch_size):
+    base, samples, pattern = data
+    ds = DatagoDataset(stream_cfg(pattern, batch_size=batch_size, limit=5))
+    got = [s["id"] for s in ds] if batch_size is None else [i for b in ds for i in b["id"]]
+    assert len(got) == 5
+
+
 def test_per_sample_streaming_ends(data):
     """``batch_size: None`` over streamed shards yields every sample and ends."""
     base, samples, pattern = data
