@@ -548,3 +548,57 @@ def test_default_buckets(root):
 def test_no_buckets_without_crop_and_resize(root):
     assert DatagoConfig(FileSourceConfig(root), ImageConfig(crop_and_resize=False)).buckets is None
     assert DatagoConfig(FileSourceConfig(root), None).buckets is None
+
+
+# --------------------------------------------------------------------- remote keys
+REMOTE_SOURCES = {"index": {"index": "x.csv"}, "webdataset": {"url": "x.tar"},
+                  "db": {"sources": "S", "api_url": "http://h/api/", "api_key": "k"},
+                  "zip": {"path": "x.zip"}, "tfrecord": {"path": "x.tfrecord"},
+                  "bins": {"path": "http://h/bins"}}
+
+
+@pytest.mark.parametrize("source_type", sorted(REMOTE_SOURCES))
+def test_retries_is_a_key_of_every_remote_source(source_type):
+    """``retries`` sits with ``timeout_s``: default the fetch layer's, an integer
+    >= 0, round-tripped, and the source's fetcher takes it (an explicit
+    ``retries`` of ``make_source``, i.e. ``fetch_retries=``, wins)."""
+    from datago.fetch import FetchConfig
+    from datago.sources import _fetcher
+
+    def cfg(**src):
+        return DatagoConfig.from_dict({"source_type": source_type,
+                                       "source_config": {**REMOTE_SOURCES[source_type], **src}})
+
+    default = cfg()
+    assert default.source.retries == FetchConfig().retries == 5
+    assert _fetcher(default.source).config.retries == 5
+    for n in (0, 2, 50):
+        c = cfg(retries=n, timeout_s=3.0)
+        assert c.source.retries == n and DatagoConfig.from_dict(c.to_dict()) == c
+        assert (_fetcher(c.source).config.retries, _fetcher(c.source).config.timeout_s) == (n, 3.0)
+        assert _fetcher(c.source, retries=7).config.retries == 7
+    for bad, shown in [(-1, "must be >= 0, got -1"), (2.0, "must be an integer, got 2.0"),
+                       ("3", "must be an integer, got '3'"), (True, "must be an integer, got True"),
+                       (None, "must be an integer, got None")]:
+        with pytest.raises(ConfigError) as exc:
+            cfg(retries=bad)
+        assert str(exc.value) == f"source_config.retries: {shown}"
+
+
+def test_retries_is_not_a_folder_key(root):
+    """A local folder has no remote keys: ``retries`` is an unknown key there, as
+    ``timeout_s`` is."""
+    for key in ("retries", "timeout_s"):
+        with raises_at(f"source_config.{key}", "unknown key"):
+            DatagoConfig.from_dict({"source_config": {"root_path": root, key: 1}})
+
+
+def test_retries_of_a_mixed_source_names_its_entry(root):
+    d = {"sources": [{"weight": 1, "source_config": {"root_path": root}},
+                     {"weight": 1, "source_type": "index",
+                      "source_config": {"index": "x.csv", "retries": -2}}]}
+    with raises_at("sources[1].source_config.retries", "must be >= 0, got -2"):
+        DatagoConfig.from_dict(d)
+    d["sources"][1]["source_config"]["retries"] = 1
+    cfg = DatagoConfig.from_dict(d)
+    assert cfg.source.sources[1][2].retries == 1 and DatagoConfig.from_dict(cfg.to_dict()) == cfg

@@ -169,6 +169,132 @@ def test_fetch_retries_count_for_the_reads_at_construction(tree):
         DatagoDataset(cfg, fetch_retries=-1)
 
 
+def test_retries_key_counts_and_fetch_retries_overrides_it(tree):
+    """``source_config.retries`` is the retries of a failed request, from the index
+    file read at construction on (too few: construction fails after exactly
+    retries + 1 requests); ``fetch_retries=`` wins over it, both ways; absent, the
+    fetch layer's default."""
+    from datago.fetch import FetchConfig, FetchError
+    root, ids = tree
+    (root / "list.txt").write_text("\n".join(ids))
+    try:
+        with FaultServer(root) as srv:
+            def cfg(**src):
+                return index_cfg(f"{srv.url}/list.txt", source={"sizes_cache": False, **src})
+
+            def requests():
+                return len(srv.requests("/list.txt"))
+
+            srv.add_fault("/list.txt", "503", times=3)
+            with pytest.raises(FetchError, match="list.txt: HTTP 503") as e:
+                DatagoDataset(cfg(retries=2))
+            assert (e.value.reason, e.value.attempts, requests()) == ("http_5xx", 3, 3)
+            srv.clear_faults()
+            srv.add_fault("/list.txt", "503", times=3)
+            ds = DatagoDataset(cfg(retries=3))              # 3 failures, then it reads
+            assert requests() == 3 + 4 and ds.fetcher.config.retries == 3
+            assert len(ds.listing) == len(ids)
+            srv.add_fault("/list.txt", "503", times=1)
+            with pytest.raises(FetchError, match="HTTP 503"):
+                DatagoDataset(cfg(retries=0))               # 0: no retry at all
+            assert requests() == 7 + 1
+            srv.add_fault("/list.txt", "503", times=2)
+            ds = DatagoDataset(cfg(retries=0), fetch_retries=2)     # the argument wins
+            assert requests() == 8 + 3 and ds.fetcher.config.retries == 2
+            srv.add_fault("/list.txt", "503", times=2)
+            with pytest.raises(FetchError, match="HTTP 503"):
+                DatagoDataset(cfg(retries=5), fetch_retries=1)      # ... both ways
+            assert requests() == 11 + 2
+            srv.clear_faults()
+            assert DatagoDataset(cfg()).fetcher.config.retries == FetchConfig().retries == 5
+    finally:
+        (root / "list.txt").unlink()
+
+
+def test_map_dataset_takes_fetch_retries(tree):
+    """``DatagoMapDataset(config, fetch_retries=N)``: the retries of the index read
+    at construction and of every ``ds[i]``, over the config's ``retries``."""
+    from datago._engine import SampleError
+    from datago.dataset import DatagoMapDataset
+    from datago.fetch import FetchError
+    root, ids = tree
+    (root / "list.txt").write_text("\n".join(ids))
+    try:
+        with FaultServer(root) as srv:
+            cfg = index_cfg(f"{srv.url}/list.txt", batch_size=None, source={"retries": 0})
+            srv.add_fault("/list.txt", "503", times=3)
+            with pytest.raises(FetchError, match="list.txt: HTTP 503") as e:
+                DatagoMapDataset(cfg, fetch_retries=2)
+            assert e.value.attempts == 3 and len(srv.requests("/list.txt")) == 3
+            srv.add_fault("/list.txt", "503", times=1)
+            m = DatagoMapDataset(cfg, fetch_retries=1)     # one failure, then it reads
+            assert len(m) == len(ids) and m.fetcher.config.retries == 1
+            assert len(srv.requests("/list.txt")) == 3 + 2
+            i = 5
+            path = "/" + m.sample_id(i)
+            srv.add_fault(path, "503", times=1)
+            assert m[i]["id"] == m.sample_id(i)                # one retry: read
+            assert len(srv.requests(path)) == 2
+            plain = DatagoMapDataset(cfg)                      # the config's retries: 0
+            assert plain.fetcher.config.retries == 0
+            srv.add_fault(path, "503", times=1)
+            with pytest.raises(SampleError, match="http_5xx"):
+                plain[i]
+            assert len(srv.requests(path)) == 3
+    finally:
+        (root / "list.txt").unlink()
+
+
+@pytest.mark.parametrize("bad", [-1, True, 1.5, "2"])
+def test_fetch_retries_is_checked_alike_by_both_datasets(tree, bad):
+    from datago.dataset import DatagoMapDataset
+    root, ids = tree
+    for klass, kw in ((DatagoDataset, {}), (DatagoMapDataset, {"batch_size": None})):
+        with pytest.raises(ConfigError) as e:
+            klass(folder_cfg(root, **kw), fetch_retries=bad)
+        assert str(e.value) == f"fetch_retries: must be an integer >= 0, got {bad!r}"
+
+
+def test_each_mixed_source_takes_its_own_retries(tree, tmp_path):
+    """In a mix each source's fetcher has its own ``retries`` (as its own
+    ``timeout_s``): the source allowed one retry reads through one failure of its
+    index, the one allowed none fails the mix on it; ``fetch_retries=`` sets every
+    source's."""
+    from datago.fetch import FetchError
+    root, ids = tree
+    (root / "a.txt").write_text("\n".join(ids[:12]))
+    (root / "b.txt").write_text("\n".join(ids[12:]))
+    try:
+        with FaultServer(root) as srv:
+            def mix(ra, rb):
+                return {"sources": [
+                    {"weight": 1, "source_type": "index",
+                     "source_config": {"index": f"{srv.url}/a.txt", "retries": ra,
+                                       "timeout_s": 7.0, "cache_dir": str(tmp_path)}},
+                    {"weight": 1, "source_type": "index",
+                     "source_config": {"index": f"{srv.url}/b.txt", "retries": rb,
+                                       "cache_dir": str(tmp_path)}}],
+                    "image_config": IMAGE, "batch_size": 4, "seed": 1}
+
+            srv.add_fault("/a.txt", "503", times=1)
+            srv.add_fault("/b.txt", "503", times=1)
+            ds = DatagoDataset(mix(1, 3))
+            assert [(f.config.retries, f.config.timeout_s) for f in ds.fetcher.fetchers] == \
+                [(1, 7.0), (3, 30.0)]
+            assert len(ds.listing) == len(ids)
+            srv.add_fault("/a.txt", "503", times=1)
+            srv.add_fault("/b.txt", "503", times=1)
+            with pytest.raises(FetchError, match="b.txt: HTTP 503"):
+                DatagoDataset(mix(1, 0))
+            assert (len(srv.requests("/a.txt")), len(srv.requests("/b.txt"))) == (4, 3)
+            srv.clear_faults()
+            ds = DatagoDataset(mix(1, 0), fetch_retries=4)
+            assert [f.config.retries for f in ds.fetcher.fetchers] == [4, 4]
+    finally:
+        (root / "a.txt").unlink()
+        (root / "b.txt").unlink()
+
+
 def test_max_failures_turns_a_dying_source_into_an_error(tree, tmp_path):
     root, ids = tree
     (root / "list.txt").write_text("\n".join(ids))
@@ -224,6 +350,11 @@ def test_duplicates_and_empty_rows_are_counted(tree, tmp_path):
     ("mask_columns", "mask", "must be a list of column names"),
     ("io_concurrency", 0, "must be >= 1"),
     ("timeout_s", -1, "must be > 0"),
+    ("retries", -1, "must be >= 0, got -1"),
+    ("retries", 1.5, "must be an integer, got 1.5"),
+    ("retries", "3", "must be an integer, got '3'"),
+    ("retries", True, "must be an integer, got True"),
+    ("retries", None, "must be an integer, got None"),
     ("max_failures", "3", "must be a number"),
     ("random_sampling", 1, "must be true or false"),
     ("indx", "x.csv", "did you mean 'index'"),
@@ -240,11 +371,13 @@ def test_index_config_round_trips():
     d = {"source_type": "index",
          "source_config": {"index": ["a.csv", "http://h/b.jsonl"], "url_column": "path",
                            "mask_columns": ["seg"], "image_columns": ["depth"],
-                           "io_concurrency": 8, "timeout_s": 5.0, "max_failures": 0.1},
+                           "io_concurrency": 8, "timeout_s": 5.0, "retries": 2,
+                           "max_failures": 0.1},
          "image_config": IMAGE, "batch_size": 4}
     cfg = DatagoConfig.from_dict(d)
     assert DatagoConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.source.io_concurrency == 8 and cfg.source.mask_columns == ["seg"]
+    assert cfg.source.retries == 2 and cfg.to_dict()["source_config"]["retries"] == 2
 
 
 def test_disk_cache_serves_the_second_epoch_and_counts_hits(tree, tmp_path):

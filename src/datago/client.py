@@ -73,7 +73,8 @@ Environment variables (read when the client is built)
     5xx, 429, timeouts, resets; default 5): the reads that build the client
     (the index files, the pages of a db listing, the WebDataset shard indexes,
     the image headers of a size scan) and the samples read after
-    (``DatagoDataset``'s ``fetch_retries``).
+    (``DatagoDataset``'s ``fetch_retries``: it overrides a ``retries`` key of
+    the config, every source's in a mix).
     Local files are not retried (an unreadable file is skipped, counted).
 ``RUST_LOG``
     Read by ``initialize_logging`` as the reference does (it wins over the

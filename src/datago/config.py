@@ -32,6 +32,7 @@ from typing import Any, Mapping, Optional
 
 from datago.buckets import make_buckets
 from datago.errors import ConfigError
+from datago.fetch import FetchConfig
 from datago.image import DEFAULT_FILTER, DEFAULT_MAX_PIXELS
 
 __all__ = ["BinsSourceConfig", "DatagoConfig", "DBSourceConfig", "FileSourceConfig",
@@ -46,6 +47,8 @@ LATER_SOURCES: tuple = ()
 FILTERS = ("triangle", "bicubic", "lanczos", "box")
 ON_ERROR = ("skip", "raise")
 REMAINDER = ("pad", "drop")
+# the ``retries`` key's default: the fetch layer's
+DEFAULT_RETRIES = FetchConfig.retries
 ENCODE_FORMATS = ("png", "jpeg")
 # keys the reference datago's READMEs still show (Go-era and current) that it
 # ignores: accepted at any level with a DeprecationWarning (never a ConfigError);
@@ -106,10 +109,11 @@ def _check_layout(p: str, cfg) -> None:
 
 
 def _check_remote(p: str, cfg) -> None:
-    """The keys every remote source shares (io_concurrency, timeout_s, max_failures,
-    cache_limit_bytes)."""
+    """The keys every remote source shares (io_concurrency, timeout_s, retries,
+    max_failures, cache_limit_bytes)."""
     _check_int(f"{p}.io_concurrency", cfg.io_concurrency, minimum=1, maximum=1024)
     _check_number(f"{p}.timeout_s", cfg.timeout_s)
+    _check_int(f"{p}.retries", cfg.retries, minimum=0)
     if cfg.max_failures is not None:
         _check_number(f"{p}.max_failures", cfg.max_failures)
     _check_int(f"{p}.cache_limit_bytes", cfg.cache_limit_bytes, minimum=1, optional=True)
@@ -189,7 +193,13 @@ class IndexSourceConfig:
     io_concurrency: int = 64
     """Requests in flight per DataLoader worker for remote locations."""
     timeout_s: float = 30.0
-    """Connect/read timeout of one request; retries follow ``datago.fetch``."""
+    """Connect/read timeout of one request."""
+    retries: int = DEFAULT_RETRIES
+    """Retries of a failed request (connect errors, resets, timeouts, truncated
+    bodies, 5xx, 429; jittered exponential backoff within a per-location deadline,
+    see ``datago.fetch``), for the reads at construction (index files, size scans)
+    and the samples after; 0: none.  ``DatagoDataset(config, fetch_retries=N)``
+    overrides it."""
     max_failures: Optional[float] = None
     """Failed samples allowed per epoch and worker before the epoch fails: a count
     (>= 1) or a fraction (< 1) of the worker's samples; None: no limit."""
@@ -253,9 +263,11 @@ class WebDatasetSourceConfig:
     io_concurrency: Optional[int] = None
     """Requests in flight per DataLoader worker (default 64)."""
     timeout_s: float = 30.0
+    retries: int = DEFAULT_RETRIES
     max_failures: Optional[float] = None
     cache_limit_bytes: Optional[int] = None
-    """``timeout_s``, ``max_failures``, ``cache_limit_bytes``: as in ``IndexSourceConfig``."""
+    """``timeout_s``, ``retries``, ``max_failures``, ``cache_limit_bytes``: as in
+    ``IndexSourceConfig``."""
 
     _section = "source_config"
 
@@ -363,10 +375,12 @@ class DBSourceConfig:
     sizes_cache: bool = True
     io_concurrency: int = 64
     timeout_s: float = 30.0
+    retries: int = DEFAULT_RETRIES
     max_failures: Optional[float] = None
     cache_limit_bytes: Optional[int] = None
-    """``io_concurrency``, ``timeout_s``, ``max_failures``, ``cache_limit_bytes``: as
-    in ``IndexSourceConfig``."""
+    """``io_concurrency``, ``timeout_s``, ``retries``, ``max_failures``,
+    ``cache_limit_bytes``: as in ``IndexSourceConfig`` (``retries`` covers the
+    listing pages too)."""
 
     _section = "source_config"
 
@@ -447,6 +461,7 @@ class _ArchiveKeys:
     sizes_cache: bool = True
     io_concurrency: int = 64
     timeout_s: float = 30.0
+    retries: int = DEFAULT_RETRIES
     max_failures: Optional[float] = None
     cache_limit_bytes: Optional[int] = None
 

@@ -113,6 +113,15 @@ def _bucket_indices(height: np.ndarray, width: np.ndarray, buckets: list,
     return out
 
 
+def _fetch_retries(value: Optional[int]) -> Optional[int]:
+    """The ``fetch_retries`` argument of DatagoDataset and DatagoMapDataset, checked:
+    None (each source's ``retries`` key) or an integer >= 0 (overriding it)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 0):
+        raise ConfigError(f"fetch_retries: must be an integer >= 0, got {value!r}")
+    return value
+
+
 class DatagoDataset(IterableDataset):
     """Iterable dataset over a source of images (a folder, an index); see the
     module docstring.
@@ -122,8 +131,9 @@ class DatagoDataset(IterableDataset):
     config and the environment.  Tests inject fixed values through it.
     ``fetch_retries``: retries of a failed request of a remote source
     (``datago.fetch``'s policy), from the reads at construction (index files,
-    shard indexes, listing pages, size scans) on; None: its default (5).
-    ``DatagoClient`` sets it from ``DATAGO_MAX_RETRIES``.
+    shard indexes, listing pages, size scans) on; it overrides the config's
+    ``source_config.retries`` (every source's, in a mix).  None: the config's
+    (default 5).  ``DatagoClient`` sets it from ``DATAGO_MAX_RETRIES``.
     """
 
     def __init__(self, config: Union[DatagoConfig, dict, str], *,
@@ -133,11 +143,8 @@ class DatagoDataset(IterableDataset):
         self.config = DatagoConfig.coerce(config)
         src = self.config.source
         loader = self.config.loader
-        if fetch_retries is not None and (isinstance(fetch_retries, bool) or
-                                          not isinstance(fetch_retries, int) or
-                                          fetch_retries < 0):
-            raise ConfigError(f"fetch_retries: must be an integer >= 0, got {fetch_retries!r}")
-        self.fetcher, self.listing = make_source(self.config, retries=fetch_retries)
+        self.fetcher, self.listing = make_source(self.config,
+                                                 retries=_fetch_retries(fetch_retries))
         n = len(self.listing)
         # stable id hashes: shard membership, shuffle keys, the sizes cache key
         self._hashes = np.fromiter((shard_hash(i) for i in self.listing.hash_keys()),
@@ -801,18 +808,21 @@ class DatagoMapDataset(torch.utils.data.Dataset):
     that cannot be read or decoded raises ``SampleError`` naming it and the
     reason (a map-style dataset has no way to skip an index).  ``i`` is the
     source's listing index (``ds.sample_id(i)``); negative indices count from the
-    end.
+    end.  ``fetch_retries``: as ``DatagoDataset``'s (it overrides the config's
+    ``retries``, for the reads at construction, the size scan and the samples).
     """
 
-    def __init__(self, config: Union[DatagoConfig, dict, str]):
+    def __init__(self, config: Union[DatagoConfig, dict, str], *,
+                 fetch_retries: Optional[int] = None):
         self.config = DatagoConfig.coerce(config)
+        fetch_retries = _fetch_retries(fetch_retries)
         if self.config.loader.batch_size is not None:
             raise ConfigError("batch_size: DatagoMapDataset returns single samples; batch "
                               "them with a DataLoader and a bucket-aware batch sampler")
         if getattr(self.config.source, "streaming", False):
             raise ConfigError("source_config.streaming: a streamed source has no random "
                               "access; DatagoMapDataset needs a source that lists its samples")
-        self.fetcher, self.listing = make_source(self.config)
+        self.fetcher, self.listing = make_source(self.config, retries=fetch_retries)
         self.buckets = self.config.buckets
         self._engine: Optional[Engine] = None
         self._pid = None

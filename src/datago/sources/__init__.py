@@ -11,15 +11,16 @@ __all__ = ["FileListing", "SampleRef", "make_source"]
 
 
 def _fetcher(src, headers=None, retries=None):
-    """The fetch layer of a remote-capable source config (its IO, timeout and
-    disk-cache keys; ``retries``: None for the fetch layer's default)."""
+    """The fetch layer of a remote-capable source config (its IO, timeout, retries
+    and disk-cache keys; ``retries``: when not None, instead of the config's)."""
     from datago.fetch import FetchConfig, Fetcher
-    kw = {} if retries is None else {"retries": retries}
+    kw = {}
     if src.cache_limit_bytes:
         from datago.sources.sizes import default_cache_dir
         kw.update(cache_dir=src.cache_dir or os.path.dirname(default_cache_dir()),
                   cache_limit_bytes=src.cache_limit_bytes)
     return Fetcher(FetchConfig(io_concurrency=src.io_concurrency, timeout_s=src.timeout_s,
+                               retries=src.retries if retries is None else retries,
                                headers=headers or {}, **kw))
 
 
@@ -27,8 +28,9 @@ def make_source(config, *, retries=None):
     """``(fetcher, source)`` for a ``DatagoConfig``'s source_type (no torch needed:
     ``datago serve`` and ``datago convert`` use it too).  ``retries``: of a failed
     remote request (``FetchConfig.retries``), for the reads building the source
-    (index files, shard indexes, listing pages) and those after; None: the
-    default."""
+    (index files, shard indexes, listing pages) and those after; None: each
+    source config's ``retries`` key (a mix: each source's own; a folder: the
+    fetch layer's default), else it overrides them."""
     from datago.fetch import FetchConfig, Fetcher
     src = config.source
     kind = config.source_type
