@@ -426,14 +426,31 @@ def test_a_finished_prefetch_keeps_saying_so():
     assert bounded_next(p) == "end"
 
 
-@pytest.mark.xfail(strict=True, reason="limit is not applied to streamed WebDataset shards "
-                   "(the folder's streaming mode and the db's pages apply it): a known gap")
 @pytest.mark.parametrize("batch_size", [None, 2])
 def test_limit_holds_for_streamed_shards(data, batch_size):
+    """``limit`` (samples per rank per pass) holds for streamed shards: the first
+    ``limit`` samples of the stream (batches group them by bucket)."""
     base, samples, pattern = data
     ds = DatagoDataset(stream_cfg(pattern, batch_size=batch_size, limit=5))
     got = [s["id"] for s in ds] if batch_size is None else [i for b in ds for i in b["id"]]
-    assert len(got) == 5
+    full = DatagoDataset(stream_cfg(pattern, batch_size=None))
+    assert sorted(got) == sorted([s["id"] for s in full][:5])
+
+
+def test_limit_is_shared_by_the_workers_and_sets_the_ranks_steps(data):
+    """Each DataLoader worker reads its share of ``limit`` (7 = 4 + 3 over two
+    workers); on several ranks ``limit`` also sets the steps each rank yields
+    (limit // batch_size), so that no rank waits for another."""
+    base, samples, pattern = data
+    ds = DatagoDataset(stream_cfg(pattern, batch_size=None, limit=7))
+    got = [s["id"] for s in DataLoader(ds, batch_size=None, num_workers=2)]
+    assert len(got) == 7 and len(set(got)) == 7
+    per_rank = []
+    for rank in range(2):
+        ds = DatagoDataset(stream_cfg(pattern, batch_size=2, limit=6), detector=fixed(rank, 2))
+        per_rank.append([list(b["id"]) for b in ds])
+    assert [len(b) for b in per_rank] == [3, 3]
+    assert not set(sum(per_rank[0], [])) & set(sum(per_rank[1], []))
 
 
 def test_per_sample_streaming_ends(data):

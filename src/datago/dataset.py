@@ -632,9 +632,9 @@ class DatagoDataset(IterableDataset):
             return loader.steps_per_epoch
         if info.world_size == 1:
             return None
+        if loader.limit is not None and self.mode in ("pages", "shards"):
+            return max(1, loader.limit // (loader.batch_size or 1))
         if self.mode == "pages":
-            if loader.limit is not None:
-                return max(1, loader.limit // (loader.batch_size or 1))
             raise ConfigError("steps_per_epoch: the streaming db source on "
                               f"{info.world_size} ranks cannot count its rows in advance; set "
                               "steps_per_epoch (batches per rank per epoch) or limit")
@@ -682,12 +682,17 @@ class DatagoDataset(IterableDataset):
                           f"the samples whose id hashes to it (1/{info.num_shards}); use at "
                           f"least {info.num_shards} shards to download each once",
                           RuntimeWarning, stacklevel=2)
+        quota = self._limit_quota(info)
         counts: dict = {}
+        n = 0
         for s in shards:
             try:
                 for ref in self.listing.stream_refs(s, counts):
                     if filtered and shard_hash(ref.id) % info.num_shards != info.shard:
                         continue
+                    if quota is not None and n >= quota:
+                        return
+                    n += 1
                     yield ref
             except DatagoError as e:                 # FetchError included
                 stats.add("shards_failed")
@@ -701,13 +706,19 @@ class DatagoDataset(IterableDataset):
                     stats.add(f"stream_{key}", v)
                 counts.clear()
 
+    def _limit_quota(self, info: ShardInfo) -> Optional[int]:
+        """Streamed shards and db pages: this worker's share of ``limit`` (samples per
+        rank per pass, its workers together), or None.  A worker whose shards hold
+        fewer samples than its share does not make up for another's."""
+        limit = self.config.loader.limit
+        if limit is None:
+            return None
+        return limit // info.num_workers + (info.worker_id < limit % info.num_workers)
+
     def _page_refs(self, info: ShardInfo, stats: Stats) -> Iterator:
         """db streaming: this reader's partition of the selection (its share of
         ``limit``, when set); API failures are raised, never a silent end."""
-        limit = self.config.loader.limit
-        quota = None
-        if limit is not None:
-            quota = limit // info.num_workers + (info.worker_id < limit % info.num_workers)
+        quota = self._limit_quota(info)
         counts: dict = {}
         n = 0
         try:
