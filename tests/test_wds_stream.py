@@ -186,6 +186,36 @@ def test_broken_streams_resume_by_range(data):
         assert not [f for f in srv.pending_faults() if f.remaining]
 
 
+def test_a_stopped_stream_opens_no_further_shard(data):
+    """A pass stopped by its consumer while its reader waits inside a shard: the
+    reader ends once that read fails; it opens no further shard, and that
+    shard's failure is not counted or reported for the stopped pass."""
+    import threading
+    base, _, _ = data
+    with FaultServer(base / "shards") as srv:
+        url = f"{srv.url}/shard-{{000..007}}.tar"
+        ds = DatagoDataset(stream_cfg(url, batch_size=None, samples_buffer_size=2,
+                                      source={"timeout_s": 1.0, "retries": 0}))
+        for s in range(8):                            # each sends 60%, then stalls
+            srv.add_fault(f"/shard-{s:03d}.tar", "stall_body", times=None, fraction=0.6,
+                          stall_s=3)
+        before = {t.ident for t in threading.enumerate()}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            it = iter(ds)
+            next(it)                                  # the reader now waits in a stall
+            readers = [t for t in threading.enumerate()
+                       if t.ident not in before and t.name == "datago-stream"]
+            it.close()
+            for t in readers:
+                t.join(15)
+            assert readers and not any(t.is_alive() for t in readers)
+        gets = [r.path for r in srv.log if r.range != "bytes=0-0"]
+        assert len(gets) == 1, gets                   # no further shard was opened
+        assert ds.stats()["streaming"]["shards_failed"] == 0
+        assert not [w for w in caught if "failed" in str(w.message)]
+
+
 def test_stream_equals_the_file_after_resumes(data):
     base, _, _ = data
     path = base / "shards" / "shard-005.tar"

@@ -665,8 +665,10 @@ class DatagoDataset(IterableDataset):
         return order, filtered
 
     def _stream_refs(self, info: ShardInfo, cycle: int, stats: Stats,
-                     on_error: str) -> Iterator:
-        """One pass over this reader's samples (SampleRefs)."""
+                     on_error: str, halt=None) -> Iterator:
+        """One pass over this reader's samples (SampleRefs).  ``halt`` (an Event):
+        set when the pass was stopped by its consumer; no further shard is opened,
+        and the failure of the one being read is not this pass's."""
         if self.mode == "pages":
             yield from self._page_refs(info, stats)
             return
@@ -686,6 +688,8 @@ class DatagoDataset(IterableDataset):
         counts: dict = {}
         n = 0
         for s in shards:
+            if halt is not None and halt.is_set():
+                return
             try:
                 for ref in self.listing.stream_refs(s, counts):
                     if filtered and shard_hash(ref.id) % info.num_shards != info.shard:
@@ -695,6 +699,8 @@ class DatagoDataset(IterableDataset):
                     n += 1
                     yield ref
             except DatagoError as e:                 # FetchError included
+                if halt is not None and halt.is_set():
+                    return
                 stats.add("shards_failed")
                 if on_error == "raise":
                     raise
@@ -736,12 +742,13 @@ class DatagoDataset(IterableDataset):
         steps = self._stream_steps(info)           # None only on a single rank
         quota = None if steps is None else len(range(info.worker_id, steps, info.num_workers))
         engine: Optional[Engine] = None
+        halt = threading.Event()                   # the consumer stopped this pass
 
         def refs():
             cycle = 0
             while True:
                 n, failed = 0, engine.failures
-                for ref in self._stream_refs(info, cycle, stats, loader.on_error):
+                for ref in self._stream_refs(info, cycle, stats, loader.on_error, halt):
                     n += 1
                     yield ref
                 if quota is None:
@@ -777,6 +784,7 @@ class DatagoDataset(IterableDataset):
                     self._note_worker(None, info.num_workers)
                     yield out
             finally:
+                halt.set()
                 it.close()
                 getattr(source, "close", lambda: None)()
             return
@@ -789,6 +797,7 @@ class DatagoDataset(IterableDataset):
                 self._note_worker(out["step"], info.num_workers)
                 yield out
         finally:
+            halt.set()
             it.close()
             getattr(source, "close", lambda: None)()
 
