@@ -8,6 +8,7 @@ content with both flat areas and detail.
 from __future__ import annotations
 
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -69,3 +70,24 @@ def _private_cache(tmp_path_factory):
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
         os.environ["XDG_CACHE_HOME"] = old
+
+
+def bounded(fn, timeout_s: float = 60.0, what: str = "it"):
+    """``fn()`` in a thread of its own, its result returned or its exception
+    raised here; fails if it is still running after ``timeout_s`` (a hang)
+    instead of hanging the test run."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:              # noqa: BLE001 - re-raised below
+            out["error"] = e
+
+    t = threading.Thread(target=run, name="bounded-test", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    assert not t.is_alive(), f"{what} still running after {timeout_s} s: a hang"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]

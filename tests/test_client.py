@@ -18,7 +18,7 @@ import datago
 import datago.client as client_mod
 from datago import DatagoClient, ImagePayload, LatentPayload, Sample
 from datago.fetch import FetchError
-from conftest import encode, photo
+from conftest import bounded, encode, photo
 from servers import FaultServer
 from test_dataset import make_tree
 
@@ -616,26 +616,6 @@ def _wds_shards(folder, n_shards=4, per_shard=3):
     return str(folder / f"shard-{{000..{n_shards - 1:03d}}}.tar"), keys
 
 
-def _bounded(fn, timeout_s=60.0):
-    """``fn()`` in a thread of its own; fails if it is still running after
-    ``timeout_s`` (a hang) instead of hanging the test run."""
-    out = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as e:              # noqa: BLE001 - re-raised below
-            out["error"] = e
-
-    t = threading.Thread(target=run, name="bounded-test", daemon=True)
-    t.start()
-    t.join(timeout_s)
-    assert not t.is_alive(), f"still running after {timeout_s} s: a hang"
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
-
-
 def test_streamed_webdataset_passes_end_and_never_hang(tmp_path):
     """DatagoClient over streamed WebDataset shards (``streaming: true``, one
     sample at a time: the path whose prefetch thread once left a ``next`` waiting
@@ -668,11 +648,11 @@ def test_streamed_webdataset_passes_end_and_never_hang(tmp_path):
         c.stop()
         return got, ends, first
 
-    got, ends, first = _bounded(passes)
+    got, ends, first = bounded(passes)
     assert got == [every] * 3 and ends == [None] * 5 and all(s is not None for s in first)
 
     limited = client(limit=5)           # (not applied to streamed shards yet: see
-    got = _bounded(lambda: [len(drain(limited)), limited.get_sample(),   # test_wds_stream)
+    got = bounded(lambda: [len(drain(limited)), limited.get_sample(),   # test_wds_stream)
                             (limited.start(), len(drain(limited)))[1], limited.get_sample()])
     assert got[0] >= 5 and got[1:] == [None, got[0], None]
 
@@ -693,7 +673,7 @@ def test_streamed_webdataset_passes_end_and_never_hang(tmp_path):
             again = sorted(s.id for s in drain(skip))
         return ids, ends, again, skip.get_sample()
 
-    ids, ends, again, last = _bounded(skipped)
+    ids, ends, again, last = bounded(skipped)
     assert set(ids) >= {k for s in (0, 1, 3) for k in keys[s]} and set(ids) < set(every)
     assert again == ids and ends == [None, None] and last is None
 
@@ -717,7 +697,7 @@ def test_streamed_webdataset_passes_end_and_never_hang(tmp_path):
         raising.stop()
         return errors, raising.get_sample()
 
-    errors, last = _bounded(raised)
+    errors, last = bounded(raised)
     assert len(errors) == 6 and all("not a readable tar shard" in e for e in errors), errors
     assert last is None
 
@@ -750,7 +730,7 @@ def test_streamed_webdataset_over_http_stops_in_a_stalled_read(tmp_path):
             c.start()
             return first, took, after, sorted(s.id for s in drain(c)), c.get_sample()
 
-        first, took, after, again, end = _bounded(stalled)
+        first, took, after, again, end = bounded(stalled)
         assert set(first) <= set(keys[0]) and took < 10 and after is None
         assert again == every and end is None
         # the stopped pass's shard reader (a thread of its own, stuck in the stall)
@@ -765,7 +745,7 @@ def test_streamed_webdataset_over_http_stops_in_a_stalled_read(tmp_path):
             return ids, c.get_sample()
 
         c.start()
-        ids, end = _bounded(dead)
+        ids, end = bounded(dead)
         assert ids == sorted(k for s in (0, 1, 3) for k in keys[s]) and end is None
         assert _readers_end(30)
 

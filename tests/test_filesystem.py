@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 import random
 import sys
-import threading
 import tracemalloc
 
 import pytest
 
+from conftest import bounded
 from datago.sources.filesystem import IMAGE_EXTENSIONS, FileListing, SampleRef
 
 
@@ -36,21 +36,7 @@ def refs(listing: FileListing) -> dict:
 
 def listed_within(root, seconds: float = 10.0) -> FileListing:
     """FileListing(root), failing (instead of hanging) if the walk does not end."""
-    out = {}
-
-    def target():
-        try:
-            out["listing"] = FileListing(root)
-        except BaseException as e:          # re-raised below, in the test's thread
-            out["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(seconds)
-    assert not t.is_alive(), f"FileListing({root!r}) did not finish in {seconds} s"
-    if "error" in out:
-        raise out["error"]
-    return out["listing"]
+    return bounded(lambda: FileListing(root), seconds, f"FileListing({root!r})")
 
 
 def contract_order(root: str) -> list:

@@ -22,12 +22,17 @@ def s3():
         yield m
 
 
-@pytest.fixture
-def aws_env(s3, monkeypatch):
+def _use_env(monkeypatch, env: dict) -> None:
+    """The AWS environment of a test server, and nothing of the machine's."""
     for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(k, raising=False)
-    for k, v in s3.env.items():
+    for k, v in env.items():
         monkeypatch.setenv(k, v)
+
+
+@pytest.fixture
+def aws_env(s3, monkeypatch):
+    _use_env(monkeypatch, s3.env)
     return s3
 
 
@@ -168,10 +173,7 @@ def fronted():
 @pytest.fixture
 def fronted_env(fronted, monkeypatch):
     from moto.core.authorization import enable_iam_authentication
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"):
-        monkeypatch.delenv(k, raising=False)
-    for k, v in fronted.env.items():
-        monkeypatch.setenv(k, v)
+    _use_env(monkeypatch, fronted.env)
     with enable_iam_authentication():
         yield fronted
 
