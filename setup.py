@@ -83,6 +83,7 @@ def _extensions():
         "datago._core._png": _merge(base, png),
         "datago._core._pipeline": _merge(base, jpeg, png),
         "datago._core._crc32c": _merge(base),
+        "datago._core._protobuf": _merge(base),
         "datago._core._deflate": _merge(base, _pkg_config("libdeflate")),
     }
     if platform.machine().lower() in ("x86_64", "amd64") and os.environ.get("DATAGO_NO_AVX2") != "1":

@@ -11,6 +11,7 @@ import json
 import os
 import struct
 import warnings
+from typing import Any, Dict, Iterator, List, Tuple
 
 import numpy as np
 import pytest
@@ -220,21 +221,30 @@ def test_writer_output_is_framed_by_the_reference(tmp_path):
     assert w.offsets == [(0, 21), (21, len(HAND_EXAMPLE) + 16)]
 
 
-def test_example_parsing_of_all_feature_kinds():
+def kinds_example() -> bytes:
+    """An Example with every feature kind, packed and unpacked values, unknown fields
+    at each level, an empty and a kindless feature and a duplicate key."""
     floats_packed = ld(1, struct.pack("<3f", 1.5, -2.0, 0.25))
     floats_unpacked = b"".join(varint(1 << 3 | 5) + struct.pack("<f", v) for v in (3.0, 4.5))
     ints_unpacked = b"".join(varint(1 << 3 | 0) + varint(v) for v in (5, -1, 2 ** 40))
     ints_packed = ld(1, b"".join(varint(v) for v in (-(2 ** 63), 0, 2 ** 63 - 1)))
     unknown = varint(9 << 3 | 0) + varint(99) + varint(10 << 3 | 1) + bytes(8) + \
         varint(11 << 3 | 5) + bytes(4) + ld(12, b"junk")
-    ex = ld(1, entry("fp", ld(2, floats_packed)) + entry("fu", ld(2, floats_unpacked))
-            + entry("mixed", ld(2, floats_packed + floats_unpacked))
-            + entry("iu", ld(3, ints_unpacked)) + entry("ip", ld(3, ints_packed))
-            + entry("b", ld(1, ld(1, b"x") + ld(1, b"") + ld(1, b"\xff")))
-            + entry("empty", ld(3, b"")) + entry("none", b"")
-            + entry("dup", ld(1, ld(1, b"old"))) + unknown
-            + entry("dup", ld(3, ld(1, varint(3))))) + unknown
-    f = parse_example(ex)
+    return ld(1, entry("fp", ld(2, floats_packed)) + entry("fu", ld(2, floats_unpacked))
+              + entry("mixed", ld(2, floats_packed + floats_unpacked))
+              + entry("iu", ld(3, ints_unpacked)) + entry("ip", ld(3, ints_packed))
+              + entry("b", ld(1, ld(1, b"x") + ld(1, b"") + ld(1, b"\xff")))
+              + entry("empty", ld(3, b"")) + entry("none", b"")
+              + entry("dup", ld(1, ld(1, b"old"))) + unknown
+              + entry("dup", ld(3, ld(1, varint(3))))) + unknown
+
+
+BAD_EXAMPLES = (b"\x0a\x05\x01", b"\x0b", b"\x0a\x80",
+                ld(1, ld(1, ld(1, b"k") + ld(2, ld(2, b"abc")))))
+
+
+def test_example_parsing_of_all_feature_kinds():
+    f = parse_example(kinds_example())
     assert f["fp"].dtype == np.float32 and f["fp"].tolist() == [1.5, -2.0, 0.25]
     assert f["fu"].tolist() == [3.0, 4.5]
     assert f["mixed"].tolist() == [1.5, -2.0, 0.25, 3.0, 4.5]
@@ -243,16 +253,26 @@ def test_example_parsing_of_all_feature_kinds():
     assert f["b"] == [b"x", b"", b"\xff"]
     assert f["empty"].tolist() == [] and "none" not in f
     assert f["dup"].tolist() == [3]                           # the last map entry wins
-    for bad in (b"\x0a\x05\x01", b"\x0b", b"\x0a\x80", ld(1, ld(1, ld(1, b"k") + ld(2, ld(2, b"abc"))))):
+    for bad in BAD_EXAMPLES:
         with pytest.raises(ValueError):
             parse_example(bad)
 
 
+def round_trip_features() -> dict:
+    return {"s": "héllo", "b": b"\x00\xff", "i": -3, "f": 0.5, "il": [1, 2, 3],
+            "fl": [1, 2.5], "sl": ["a", b"b"], "arr": np.arange(12, dtype=np.float32).reshape(3, 4),
+            "u8": np.arange(4, dtype=np.uint8), "one": np.array([7]), "skip": None, "flag": True}
+
+
+def raw_array_features() -> dict:
+    raw = np.arange(6, dtype=np.float16).reshape(2, 3)
+    return {"lat": raw.tobytes(), "lat/shape": [2, 3], "lat/dtype": "float16"}
+
+
 def test_writer_round_trip_of_values_and_arrays():
-    arr = np.arange(12, dtype=np.float32).reshape(3, 4)
-    ex = encode_example({"s": "héllo", "b": b"\x00\xff", "i": -3, "f": 0.5, "il": [1, 2, 3],
-                         "fl": [1, 2.5], "sl": ["a", b"b"], "arr": arr, "u8": np.arange(4, dtype=np.uint8),
-                         "one": np.array([7]), "skip": None, "flag": True})
+    feats = round_trip_features()
+    arr = feats["arr"]
+    ex = encode_example(feats)
     f = parse_example(ex)
     assert f["s"] == ["héllo".encode()] and f["b"] == [b"\x00\xff"] and f["i"].tolist() == [-3]
     assert f["f"].tolist() == [0.5] and f["il"].tolist() == [1, 2, 3]
@@ -266,24 +286,29 @@ def test_writer_round_trip_of_values_and_arrays():
     assert np.load(io.BytesIO(record_feature(framed, "one"))).tolist() == [7]
     # a raw-bytes array with shape and dtype companions
     raw = np.arange(6, dtype=np.float16).reshape(2, 3)
-    framed = T.frame(encode_example({"lat": raw.tobytes(), "lat/shape": [2, 3],
-                                     "lat/dtype": "float16"}))
+    framed = T.frame(encode_example(raw_array_features()))
     got = np.load(io.BytesIO(record_feature(framed, "lat")))
     assert got.dtype == np.float16 and np.array_equal(got, raw)
     with pytest.raises(TypeError):
         encode_example({"x": object()})
 
 
-def test_feature_conventions():
+def convention_features() -> dict:
     png = encode(photo(20, 10, seed=1), "PNG")
     jpg = encode(photo(30, 16, seed=2), "JPEG")
-    ex = encode_example({
+    return {
         "image/encoded": jpg, "id": 42, "mask/encoded": png, "seg/encoded": png,
         "image/mask": png, "alpha/mask/encoded": png, "depth/encoded": png, "thumb": jpg,
         "bmp/encoded": b"BM not checked", "caps": ["a", "b"],
         "small_bin": b"\xff\x01", "big_bin": b"\xff" * 5000, "empty": [],
         "raw": np.arange(4, dtype=np.uint8).tobytes(), "raw/shape": [2, 2],
-        "emb": np.ones(3, np.float32), "one": [2.5], "x/dtype": "float16", "x": 1})
+        "emb": np.ones(3, np.float32), "one": [2.5], "x/dtype": "float16", "x": 1}
+
+
+def test_feature_conventions():
+    feats = convention_features()
+    png, jpg = feats["mask/encoded"], feats["image/encoded"]
+    ex = encode_example(feats)
     d = T._describe(ex, "image/encoded", "id")
     assert d["id"] == "42" and (d["w"], d["h"]) == (30, 16)
     masks, images, arrays = d["p"]
@@ -299,8 +324,11 @@ def test_feature_conventions():
     assert T._describe(encode_example({"other": jpg}), "image/encoded", None) == {"bad": "no_image"}
 
 
+ERRORS_FEATURES = {"image/encoded": b"abcdef", "label": 1}
+
+
 def test_record_feature_errors_have_reasons(monkeypatch):
-    framed = bytearray(T.frame(encode_example({"image/encoded": b"abcdef", "label": 1})))
+    framed = bytearray(T.frame(encode_example(ERRORS_FEATURES)))
     m = Member("f.tfrecord", 0, len(framed), "x.jpg", "tfrecord:image/encoded")
     with pytest.raises(FetchError) as e:
         record_feature(bytes(framed), "nope", m)
@@ -596,3 +624,620 @@ def test_files_sharing_a_base_name_get_distinct_ids(data, tmp_path):
     n = len(samples[0::2])
     assert len(ds.listing) == 2 * n and ds.listing.built == 2 and not ds.listing.skipped
     assert ds.listing.sample_id(n) == f"{tmp_path / 'b' / 'x.tfrecord'}:0"
+
+
+# ---------------------------------------------------------------------- the walk vs its oracle
+# The Example walk is Cython (datago._core._protobuf).  Its oracle: the pure-Python
+# walk it replaced, copied verbatim from datago/sources/tfrecord.py at 6323cd9
+# (parse_example renamed py_parse_example, _find py_find; _Bad is the exception the
+# source raises).  The Cython walk must give the same values, or the same exception
+# type and message, on every input.
+_Bad = T._Bad
+
+
+def _varint(b, pos: int, end: int) -> Tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end:
+            raise _Bad("truncated varint")
+        c = b[pos]
+        pos += 1
+        result |= (c & 0x7F) << shift
+        if c < 0x80:
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            raise _Bad("varint longer than 10 bytes")
+
+
+def _fields(b, pos: int, end: int) -> Iterator[Tuple[int, int, int, int]]:
+    """(field number, wire type, a, b) of a message: a varint's value (b = -1), else
+    the span [a, b) of the field's bytes."""
+    while pos < end:
+        tag, pos = _varint(b, pos, end)
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, pos = _varint(b, pos, end)
+            yield field, 0, value, -1
+            continue
+        if wire == 2:
+            n, pos = _varint(b, pos, end)
+            stop = pos + n
+        elif wire == 1:
+            stop = pos + 8
+        elif wire == 5:
+            stop = pos + 4
+        else:
+            raise _Bad(f"unsupported protobuf wire type {wire}")
+        if stop > end:
+            raise _Bad("a field runs past the end of its message")
+        yield field, wire, pos, stop
+        pos = stop
+
+
+def _skip(b, pos: int, end: int, wire: int) -> int:
+    """The position after a value of wire type ``wire`` that starts at ``pos``."""
+    if wire == 0:
+        return _varint(b, pos, end)[1]
+    if wire == 2:
+        n, pos = _varint(b, pos, end)
+        stop = pos + n
+    elif wire == 1:
+        stop = pos + 8
+    elif wire == 5:
+        stop = pos + 4
+    else:
+        raise _Bad(f"unsupported protobuf wire type {wire}")
+    if stop > end:
+        raise _Bad("a field runs past the end of its message")
+    return stop
+
+
+def _tag(b, pos: int, end: int) -> Tuple[int, int]:
+    """A varint (a tag or a length), the one-byte case inline."""
+    if pos >= end:
+        raise _Bad("truncated varint")
+    c = b[pos]
+    return (c, pos + 1) if c < 0x80 else _varint(b, pos, end)
+
+
+def _span(b, pos: int, end: int) -> Tuple[int, int]:
+    """(start, end) of the length-delimited value whose length is at ``pos``."""
+    n, start = _tag(b, pos, end)
+    stop = start + n
+    if stop > end:
+        raise _Bad("a field runs past the end of its message")
+    return start, stop
+
+
+def _entries(b, pos: int, end: int) -> List[Tuple[bytes, int, int]]:
+    """(key, start, end) of each ``Features.feature`` map entry's ``Feature`` in the
+    Example at ``b[pos:end]`` (start -1: no value).  The hot path of every read:
+    flat loops, no generators (``_fields`` is the general walker)."""
+    out = []
+    while pos < end:
+        tag, pos = _tag(b, pos, end)
+        if tag != 0x0A:                               # not Example.features
+            pos = _skip(b, pos, end, tag & 7)
+            continue
+        s, pos = _span(b, pos, end)
+        while s < pos:
+            tag, s = _tag(b, s, pos)
+            if tag != 0x0A:                           # not Features.feature
+                s = _skip(b, s, pos, tag & 7)
+                continue
+            s2, s = _span(b, s, pos)
+            key, vs, ve = b"", -1, -1
+            while s2 < s:
+                tag, s2 = _tag(b, s2, s)
+                if tag == 0x0A:                       # the map entry's key
+                    ks, s2 = _span(b, s2, s)
+                    key = b[ks:s2]
+                elif tag == 0x12:                     # its value, a Feature
+                    vs, s2 = _span(b, s2, s)
+                    ve = s2
+                else:
+                    s2 = _skip(b, s2, s, tag & 7)
+            out.append((key, vs, ve))
+    return out
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _feature(b, start: int, end: int):
+    """A ``Feature``'s values: ``list`` of bytes, float32 or int64 ndarray; None
+    when no kind is set."""
+    kind, ks, ke = 0, 0, 0
+    for f, w, s, e in _fields(b, start, end):
+        if w == 2 and f in (1, 2, 3):             # oneof: the last one wins
+            kind, ks, ke = f, s, e
+    if kind == 0:
+        return None
+    if kind == 1:
+        return [bytes(b[s:e]) for f, w, s, e in _fields(b, ks, ke) if f == 1 and w == 2]
+    if kind == 2:
+        parts = []
+        for f, w, s, e in _fields(b, ks, ke):
+            if f != 1:
+                continue
+            if w == 2:
+                if (e - s) % 4:
+                    raise _Bad("a packed float list is not a multiple of 4 bytes")
+                parts.append(np.frombuffer(b, "<f4", (e - s) // 4, s))
+            elif w == 5:
+                parts.append(np.frombuffer(b, "<f4", 1, s))
+            else:
+                raise _Bad(f"a float list value with wire type {w}")
+        return (np.concatenate(parts) if parts else np.zeros(0)).astype(np.float32)
+    values: List[int] = []
+    for f, w, s, e in _fields(b, ks, ke):
+        if f != 1:
+            continue
+        if w == 2:
+            pos = s
+            while pos < e:
+                v, pos = _varint(b, pos, e)
+                values.append(_signed(v))
+        elif w == 0:
+            values.append(_signed(s))
+        else:
+            raise _Bad(f"an int64 list value with wire type {w}")
+    return np.array(values, dtype=np.int64)
+
+
+def py_parse_example(data) -> Dict[str, Any]:
+    """A serialized ``tf.train.Example`` as ``{key: values}``: a ``list`` of bytes
+    (bytes_list), a float32 ndarray (float_list) or an int64 ndarray (int64_list);
+    features with no kind set are left out.  ``ValueError`` when it does not parse."""
+    b = data if isinstance(data, bytes) else bytes(data)
+    out: Dict[str, Any] = {}
+    for key, s, e in _entries(b, 0, len(b)):
+        value = _feature(b, s, e) if s >= 0 else None
+        name = key.decode("utf-8", "replace")
+        if value is None:
+            out.pop(name, None)
+        else:
+            out[name] = value
+    return out
+
+
+def py_find(b: bytes, start: int, end: int, keys: Tuple[bytes, ...]) -> Dict[bytes, Any]:
+    """The features named ``keys`` of the Example at ``b[start:end]`` (others are
+    not decoded)."""
+    spans: Dict[bytes, Tuple[int, int]] = {}
+    for key, s, e in _entries(b, start, end):
+        if key in keys:
+            spans[key] = (s, e)
+    out = {}
+    for key, (s, e) in spans.items():
+        value = _feature(b, s, e) if s >= 0 else None
+        if value is not None:
+            out[key] = value
+    return out
+
+
+
+
+def norm_value(v):
+    if v is None:
+        return None
+    if type(v) is list:
+        return ("list", [(type(x), x) for x in v])
+    assert type(v) is np.ndarray
+    return ("ndarray", v.dtype.str, v.shape, v.tobytes(), v.flags.writeable,
+            v.flags.c_contiguous, v.flags.owndata)
+
+
+def outcome(fn, *args):
+    """A call's values (exact types, array dtype/shape/bits/flags, dict order) or
+    its exception's type and message."""
+    try:
+        got = fn(*args)
+    except Exception as e:                                     # noqa: BLE001
+        return ("raises", type(e), str(e))
+    assert type(got) is dict
+    return ("returns", [(type(k), k, norm_value(v)) for k, v in got.items()])
+
+
+def keys_of(data: bytes) -> list:
+    """The raw keys of an Example's map entries (best effort, for find's key sets)."""
+    try:
+        return [k for k, _, _ in _entries(data, 0, len(data))]
+    except ValueError:
+        return []
+
+
+class Differ:
+    """Runs each input through both walks; counts how each ended."""
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.ended = {}
+
+    def check(self, data, keys=None):
+        want = outcome(py_parse_example, data)
+        got = outcome(parse_example, data)
+        assert got == want, f"parse_example({bytes(data)[:80]!r}...): {got} != {want}"
+        how = "returns" if want[0] == "returns" else want[1:]       # (type, message)
+        self.ended[how] = self.ended.get(how, 0) + 1
+        b = bytes(data)
+        # find() sees the Example inside a bigger buffer (a whole record), with
+        # bytes around it that would change the answer if read
+        pre = self.rng.integers(0, 256, int(self.rng.integers(0, 13)), dtype=np.uint8).tobytes()
+        post = bytes([0x80]) * int(self.rng.integers(0, 3)) + \
+            self.rng.integers(0, 256, int(self.rng.integers(0, 13)), dtype=np.uint8).tobytes()
+        whole = pre + b + post
+        if keys is None:
+            present = keys_of(b)
+            pick = [k for k in present if self.rng.random() < 0.5]
+            keys = tuple(pick) + (b"absent", b"")[:int(self.rng.integers(0, 3))]
+        span = (len(pre), len(pre) + len(b))
+        want = outcome(py_find, whole, *span, keys)
+        got = outcome(T._find, whole, *span, keys)
+        assert got == want, f"_find({b[:80]!r}..., {keys}): {got} != {want}"
+
+
+def existing_examples(data) -> list:
+    """Every Example the other tests of this module build."""
+    _, _, samples, _ = data
+    out = [HAND_EXAMPLE, kinds_example(), *BAD_EXAMPLES,
+           encode_example(round_trip_features()), encode_example(raw_array_features()),
+           encode_example(convention_features()), encode_example(ERRORS_FEATURES),
+           encode_example({"other": encode(photo(30, 16, seed=2), "JPEG")}),
+           encode_example({"image/encoded": encode(photo(32, 32), "PNG")}),
+           encode_example({"image/encoded": encode(photo(40, 48, seed=1), "JPEG"), "label": 1})]
+    out += [encode_example(feats) for _, feats in samples]
+    return out
+
+
+def test_walk_equals_the_python_walk_on_the_tests_examples(data):
+    d = Differ(1)
+    examples = existing_examples(data)
+    for ex in examples:
+        d.check(ex)
+    assert d.ended["returns"] == len(examples) - len(BAD_EXAMPLES)
+    for ex in examples:
+        for key in keys_of(ex):                 # record_feature's call, each feature
+            d.check(ex, (key, key + b"/shape", key + b"/dtype"))
+    # the records of the module's files, through record_feature's own call
+    for path in data[3]:
+        raw = path.read_bytes()
+        pos = 0
+        while pos < len(raw):
+            (n,) = struct.unpack_from("<Q", raw, pos)
+            whole = raw[pos:pos + n + 16]
+            for key in (b"image/encoded", b"emb", b"nope"):
+                keys = (key, key + b"/shape", key + b"/dtype")
+                assert outcome(T._find, whole, 12, 12 + n, keys) == \
+                    outcome(py_find, whole, 12, 12 + n, keys)
+            pos += n + 16
+    # other bytes-likes are copied to bytes first; non-bytes raise as bytes() does
+    class Sub(bytes):
+        pass
+    for ex in (HAND_EXAMPLE, kinds_example()):
+        for conv in (bytearray, memoryview, Sub, lambda x: np.frombuffer(x, np.uint8)):
+            d.check(conv(ex))
+    for odd in ("a str", None, 3, 1.5, [1, 2], object()):
+        assert outcome(parse_example, odd) == outcome(py_parse_example, odd)
+
+
+def random_value(rng):
+    """A random feature value for encode_example."""
+    kind = int(rng.integers(0, 12))
+    n = int(rng.choice([0, 1, 1, 2, 3, 7, 40]))
+    if kind == 0:
+        return rng.integers(0, 256, int(rng.integers(0, 60)), dtype=np.uint8).tobytes()
+    if kind == 1:
+        return "".join(chr(int(c)) for c in rng.integers(32, 0x3000, int(rng.integers(0, 12))))
+    if kind == 2:                                   # int64 edges, negatives, huge
+        pool = [0, 1, -1, 127, 128, -128, 2 ** 31, -(2 ** 31), 2 ** 62, 2 ** 63 - 1,
+                -(2 ** 63), -(2 ** 63) + 1, 2 ** 63, 2 ** 64 - 1]
+        return [int(rng.choice(pool)) if rng.random() < 0.5 else
+                int(rng.integers(-(2 ** 63), 2 ** 63 - 1)) for _ in range(n)]
+    if kind == 3:
+        return int(rng.integers(-(2 ** 63), 2 ** 63 - 1))
+    if kind == 4:                                   # floats: NaN (payloads too), inf, -0
+        bits = rng.integers(0, 2 ** 32, n, dtype=np.uint64).astype(np.uint32)
+        special = np.array([0x7FC00000, 0x7F800001, 0xFFFFFFFF, 0x7F800000, 0xFF800000,
+                            0x80000000, 0x00000001, 0x7F7FFFFF], np.uint32)
+        pick = rng.random(n) < 0.3
+        bits[pick] = rng.choice(special, int(pick.sum()))
+        return bits.view(np.float32)
+    if kind == 5:
+        return [float(x) for x in rng.choice([0.5, -1e30, float("inf"), float("-inf"),
+                                              float("nan"), 3.25], max(n, 1))]
+    if kind == 6:
+        return float(rng.standard_normal())
+    if kind == 7:
+        return []
+    if kind == 8:
+        shape = tuple(int(x) for x in rng.integers(1, 4, int(rng.integers(0, 3))))
+        return rng.integers(-1000, 1000, shape).astype(rng.choice(["int8", "int64", "uint16"]))
+    if kind == 9:
+        return [rng.integers(0, 256, int(rng.integers(0, 9)), dtype=np.uint8).tobytes()
+                for _ in range(n)] or [b""]
+    if kind == 10:
+        return bool(rng.random() < 0.5)
+    return np.zeros(0, np.float32)
+
+
+def random_key(rng) -> str:
+    pool = ["image/encoded", "image/filename", "label", "emb", "emb/shape", "mask/encoded",
+            "", "é/ü", "x" * 200, "a\x00b"]
+    if rng.random() < 0.5:
+        return str(rng.choice(pool))
+    return "k" + "".join(chr(int(c)) for c in rng.integers(33, 0x800, int(rng.integers(0, 8))))
+
+
+def random_features(rng) -> dict:
+    n = int(rng.choice([0, 1, 2, 5, 10, 60]))
+    return {random_key(rng): random_value(rng) for _ in range(n)}
+
+
+def test_walk_equals_the_python_walk_on_random_examples():
+    rng = np.random.default_rng(11)
+    d = Differ(2)
+    for i in range(3000):
+        ex = encode_example(random_features(rng))
+        if i % 10 == 0:                      # two Examples concatenated: a merged map
+            ex += encode_example(random_features(rng))     # (duplicate keys: the last wins)
+        d.check(ex)
+    assert d.ended["returns"] == 3000
+
+
+# a protobuf writer with every freedom encode_example does not take
+def raw_varint(rng, v: int) -> bytes:
+    """``v`` (< 2**70) as a varint, now and then in a longer-than-needed encoding."""
+    out = bytearray()
+    while True:
+        out.append(v & 0x7F)
+        v >>= 7
+        if not v:
+            break
+        out[-1] |= 0x80
+    if len(out) < 10 and rng.random() < 0.1:
+        pad = int(rng.integers(1, 11 - len(out)))
+        out[-1] |= 0x80
+        out += b"\x80" * (pad - 1) + b"\x00"
+    return bytes(out)
+
+
+def raw_field(rng, field: int, wire: int, payload=b"") -> bytes:
+    tag = raw_varint(rng, field << 3 | wire)
+    if wire == 0:
+        return tag + raw_varint(rng, payload)
+    if wire == 2:
+        return tag + raw_varint(rng, len(payload)) + payload
+    return tag + payload
+
+
+def raw_unknown(rng, avoid=()) -> bytes:
+    while True:
+        field = int(rng.choice([0, 1, 2, 3, 4, 15, 16, 2 ** 28, 2 ** 61 - 1]))
+        wire = int(rng.choice([0, 1, 2, 5]))
+        if (field, wire) not in avoid:
+            break
+    payload = {0: int(rng.integers(0, 2 ** 63)), 1: bytes(rng.integers(0, 256, 8, dtype=np.uint8)),
+               2: bytes(rng.integers(0, 256, int(rng.integers(0, 6)), dtype=np.uint8)),
+               5: bytes(rng.integers(0, 256, 4, dtype=np.uint8))}[wire]
+    return raw_field(rng, field, wire, payload)
+
+
+def raw_int(rng) -> int:
+    r = rng.random()
+    if r < 0.05:                                         # past 64 bits: OverflowError
+        return int(rng.integers(1, 64)) << 64 | int(rng.integers(0, 2 ** 63))
+    if r < 0.1:                                          # 2**64 + small: fits, as Python did it
+        return 1 << 64 | int(rng.integers(0, 2 ** 62))
+    return int(rng.integers(0, 2 ** 63)) * int(rng.choice([1, 2])) + int(rng.integers(0, 2))
+
+
+def raw_list(rng, kind: int) -> bytes:
+    parts = []
+    for _ in range(int(rng.integers(0, 5))):
+        r = rng.random()
+        if r < 0.15:
+            parts.append(raw_unknown(rng, avoid={(1, 2), (1, 0), (1, 5), (1, 1)}))
+        elif kind == 1:
+            parts.append(raw_field(rng, 1, 2, bytes(rng.integers(0, 256, int(rng.integers(0, 9)),
+                                                                 dtype=np.uint8)))
+                         if r < 0.9 else raw_field(rng, 1, 0, 5))      # (a varint: ignored)
+        elif kind == 2:
+            if r < 0.55:
+                parts.append(raw_field(rng, 1, 2, rng.integers(0, 256, 4 * int(rng.integers(0, 5)),
+                                                               dtype=np.uint8).tobytes()))
+            else:
+                parts.append(raw_field(rng, 1, 5,
+                                       rng.integers(0, 256, 4, dtype=np.uint8).tobytes()))
+        else:
+            if r < 0.55:
+                parts.append(raw_field(rng, 1, 2, b"".join(raw_varint(rng, raw_int(rng))
+                                                          for _ in range(int(rng.integers(0, 5))))))
+            else:
+                parts.append(raw_field(rng, 1, 0, raw_int(rng)))
+    return b"".join(parts)
+
+
+def raw_feature(rng) -> bytes:
+    parts = []
+    for _ in range(int(rng.choice([0, 1, 1, 1, 2, 3]))):     # several kinds: the last wins
+        if rng.random() < 0.15:
+            parts.append(raw_unknown(rng, avoid={(1, 2), (2, 2), (3, 2)}))
+        else:
+            kind = int(rng.integers(1, 4))
+            parts.append(raw_field(rng, kind, 2, raw_list(rng, kind)))
+    return b"".join(parts)
+
+
+def raw_example(rng) -> bytes:
+    out = []
+    for _ in range(int(rng.choice([0, 1, 1, 1, 2]))):        # Example.features, repeated
+        entries = []
+        for _ in range(int(rng.choice([0, 1, 2, 4, 8]))):
+            fields = []
+            r = rng.random()
+            keys = 0 if r < 0.05 else 2 if r < 0.1 else 1     # no key, two keys
+            for _ in range(keys):
+                fields.append(raw_field(rng, 1, 2, str(rng.choice(["a", "b", "c", "é", "\udcff"]),
+                                                       ).encode("utf-8", "surrogatepass")))
+            values = 0 if rng.random() < 0.05 else 2 if rng.random() < 0.05 else 1
+            for _ in range(values):
+                fields.append(raw_field(rng, 2, 2, raw_feature(rng)))
+            if rng.random() < 0.1:
+                fields.insert(int(rng.integers(0, len(fields) + 1)),
+                              raw_unknown(rng, avoid={(1, 2), (2, 2)}))
+            if rng.random() < 0.2:
+                rng.shuffle(fields)              # the value before the key
+            entries.append(raw_field(rng, 1, 2, b"".join(fields)))
+            if rng.random() < 0.05:
+                entries.append(raw_unknown(rng, avoid={(1, 2)}))
+        out.append(raw_field(rng, 1, 2, b"".join(entries)))
+        if rng.random() < 0.1:
+            out.append(raw_unknown(rng, avoid={(1, 2)}))
+    return b"".join(out)
+
+
+def test_walk_equals_the_python_walk_on_every_protobuf_freedom():
+    """Overlong varints, unknown fields everywhere, oneof and key/value repeats,
+    packed and unpacked values, keys that are no UTF-8, int64 varints past 64 bits."""
+    rng = np.random.default_rng(12)
+    d = Differ(3)
+    for _ in range(3000):
+        d.check(raw_example(rng))
+    assert d.ended["returns"] > 2000
+    assert d.ended[(OverflowError, "Python int too large to convert to C long")] > 50
+
+
+# crafted: each rule's error at each level
+def crafted() -> list:
+    v10 = bytes([0xFF] * 9 + [0x01])                     # 2**64 - 1
+    big = bytes([0xFF] * 9 + [0x7F])                     # 2**70 - 1
+    over = bytes([0x80] * 9 + [0x02])                    # 2**64: low 64 bits 0
+    tag_big = bytes([0x8A] + [0x80] * 8 + [0x02])        # 2**64 + 0x0A (low bits: field 1, wire 2)
+    eleven = bytes([0x80] * 10 + [0x00])
+    feature = ld(2, ld(2, struct.pack("<f", 1.0)))
+    cases = []
+
+    def at_levels(inner: bytes):
+        """``inner`` as a whole Example, Features, map entry, Feature and list."""
+        return [inner, ld(1, inner), ld(1, ld(1, inner)), ld(1, entry_raw(ld(2, inner))),
+                ld(1, entry_raw(ld(2, ld(1, inner)))), ld(1, entry_raw(ld(2, ld(2, inner)))),
+                ld(1, entry_raw(ld(2, ld(3, inner))))]
+
+    def entry_raw(rest: bytes) -> bytes:
+        return ld(1, ld(1, b"k") + rest)
+
+    for bad in (b"\x80", b"\xff" * 9, eleven, b"\x80" * 10, bytes([0x08]) + b"\x80",
+                bytes([0x08]) + eleven, bytes([0x0A]) + b"\x80", bytes([0x0A]) + v10,
+                bytes([0x0A]) + big, bytes([0x0A]) + over, bytes([0x0A, 0x05]) + b"abc",
+                bytes([0x09]) + bytes(7), bytes([0x0D]) + bytes(3), bytes([0x09]) + bytes(8),
+                bytes([0x0D]) + bytes(4), tag_big + bytes([0x00]), tag_big + b"\x03abc",
+                bytes([0x0B]), bytes([0x0C]), bytes([0x0E]), bytes([0x0F]), bytes([0x1B]),
+                bytes([0x8B, 0x80, 0x00]), bytes([0x08, 0x00]), bytes([0x10]) + big,
+                bytes([0x0A, 0x00]), bytes([0x12, 0x00]), bytes([0x1A, 0x00]), b""):
+        cases += at_levels(bad)
+        cases += at_levels(bad + feature)
+        cases += at_levels(feature + bad)
+    for w in range(8):                                   # every wire type of list field 1
+        tag = bytes([1 << 3 | w])
+        for body in (b"", bytes(1), bytes(4), bytes(8), b"\x04" + bytes(4), b"\x03" + bytes(3),
+                     b"\x02\x80\x01", b"\x01\x80"):
+            for kind in (1, 2, 3):
+                cases.append(ld(1, entry("k", ld(kind, tag + body))))
+    for v in (big, over, v10, bytes([0x80] * 9 + [0x03]), bytes([0xFF] * 8 + [0x7F, 0x01]),
+              bytes([0xFF] * 9 + [0x03])):                    # int64 varints past 64 bits
+        cases.append(ld(1, entry("i", ld(3, b"\x08" + v))))
+        cases.append(ld(1, entry("i", ld(3, ld(1, v + b"\x01")))))
+        cases.append(ld(1, entry("i", ld(3, ld(1, v) + b"\x0B")) + entry("j", ld(3, b"\x0B"))))
+        cases.append(ld(1, entry("i", ld(3, ld(1, v)))) + b"\x0B")
+    # the first error in walk order wins: map structure before any Feature
+    cases.append(ld(1, entry("a", ld(2, ld(1, b"abc"))) + ld(1, b"\x0a\x80")))
+    cases.append(ld(1, entry("a", ld(3, b"\x0B")) + entry("b", ld(2, b"\x08\x01"))))
+    cases.append(ld(1, entry("a", ld(1, b"\x0B")) + entry("a", ld(1, ld(1, b"ok")))))
+    return cases
+
+
+def test_walk_equals_the_python_walk_on_crafted_bad_input():
+    d = Differ(4)
+    cases = crafted()
+    for bad in cases:
+        d.check(bad)
+    ended = set(d.ended)
+    for message in ("truncated varint", "varint longer than 10 bytes",
+                    "a field runs past the end of its message",
+                    "a packed float list is not a multiple of 4 bytes",
+                    *(f"unsupported protobuf wire type {w}" for w in (3, 4, 6, 7)),
+                    *(f"a float list value with wire type {w}" for w in (0, 1)),
+                    *(f"an int64 list value with wire type {w}" for w in (1, 5))):
+        assert (_Bad, message) in ended, message
+    assert (OverflowError, "Python int too large to convert to C long") in ended
+    assert "returns" in ended
+
+
+def test_walk_equals_the_python_walk_on_truncated_and_flipped_input(data):
+    rng = np.random.default_rng(13)
+    d = Differ(5)
+    small = [HAND_EXAMPLE, kinds_example(), encode_example(round_trip_features()),
+             encode_example(random_features(rng)), raw_example(rng), raw_example(rng)]
+    for ex in small:                                     # every truncation
+        for n in range(len(ex) + 1):
+            d.check(ex[:n])
+    pool = small + [encode_example(random_features(rng)) for _ in range(30)] + \
+        [raw_example(rng) for _ in range(30)] + [encode_example(data[2][0][1])[:3000]]
+    for _ in range(4000):                                # random byte flips, cuts, splices
+        ex = bytearray(pool[int(rng.integers(0, len(pool)))])
+        if not ex:
+            continue
+        r = rng.random()
+        if r < 0.6:
+            for _ in range(int(rng.integers(1, 4))):
+                i = int(rng.integers(0, len(ex)))
+                if rng.random() < 0.5:
+                    ex[i] = int(rng.integers(0, 256))
+                else:
+                    ex[i] ^= 1 << int(rng.integers(0, 8))
+        elif r < 0.8:
+            i = int(rng.integers(0, len(ex)))
+            del ex[i:i + int(rng.integers(1, 4))]
+        else:
+            i = int(rng.integers(0, len(ex) + 1))
+            ex[i:i] = rng.integers(0, 256, int(rng.integers(1, 4)), dtype=np.uint8).tobytes()
+        d.check(bytes(ex))
+    for _ in range(1000):                                # plain random bytes
+        d.check(rng.integers(0, 256, int(rng.integers(0, 64)), dtype=np.uint8).tobytes())
+    assert d.ended["returns"] > 500 and len(d.ended) > 8
+
+
+def test_find_needs_a_span_of_the_bytes_given():
+    b = kinds_example()
+    for start, end in ((-1, 3), (0, len(b) + 1), (5, 4)):
+        with pytest.raises(IndexError):
+            T._find(b, start, end, (b"fp",))
+    with pytest.raises(TypeError):
+        T._find(bytearray(b), 0, len(b), (b"fp",))
+    assert T._find(b, 0, 0, (b"fp",)) == {}
+
+
+def test_walk_values_are_new_objects():
+    ex = encode_example({"b": [b"abc"], "f": np.arange(3, dtype=np.float32), "i": [1, 2]})
+    f = parse_example(bytearray(ex))
+    del ex
+    import gc
+    gc.collect()
+    assert f["b"] == [b"abc"] and f["f"].tolist() == [0, 1, 2] and f["i"].tolist() == [1, 2]
+    assert all(v.flags.owndata and v.flags.writeable for k, v in f.items() if k != "b")
+
+
+def test_walk_threads_agree():
+    """Numeric lists of 64 KiB and more are read without the GIL: 8 threads over
+    the same Examples give what one thread gives."""
+    from concurrent.futures import ThreadPoolExecutor
+    rng = np.random.default_rng(14)
+    exs = [encode_example({"f": rng.standard_normal(20000 + i).astype(np.float32),
+                           "i": rng.integers(-2 ** 63, 2 ** 63 - 1, 9000 + i)}) for i in range(8)]
+    want = [outcome(py_parse_example, ex) for ex in exs]
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(3):
+            assert list(pool.map(lambda ex: outcome(parse_example, ex), exs)) == want

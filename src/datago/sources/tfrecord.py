@@ -15,9 +15,10 @@ A record is ``length`` (u64 LE), the masked CRC-32C of those 8 bytes (u32 LE), t
 ``datago._core._crc32c`` (the SSE4.2 instruction, else slicing-by-8 tables), masked
 as TFRecord does: ``((crc >> 15) | (crc << 17)) + 0xa282ead8`` mod 2**32.  Both CRCs
 are checked on every read; a record that fails is counted (``crc_mismatch``) and
-never parsed.  The data is a ``tf.train.Example``, parsed here by a small protobuf
-reader (varints and length-delimited fields; packed and unpacked repeated values;
-unknown fields skipped; the last of repeated map keys wins, as in protobuf).
+never parsed.  The data is a ``tf.train.Example``, parsed by a small protobuf
+reader in Cython, ``datago._core._protobuf`` (varints and length-delimited
+fields; packed and unpacked repeated values; unknown fields skipped; the last of
+repeated map keys wins, as in protobuf).
 
 Features of an Example
 ----------------------
@@ -115,6 +116,8 @@ import numpy as np
 import xxhash
 
 from datago._core._crc32c import crc32c, masked_crc32c
+# the Example walk (Cython); _Bad: a record or Example that cannot be parsed (bad_member)
+from datago._core._protobuf import ExampleError as _Bad, find as _find, parse_example
 from datago.errors import ConfigError, DatagoError, DecodeError
 from datago.fetch import FetchError, Fetcher, Member, is_remote, redact
 from datago.sources.base import SampleRef, Source
@@ -137,10 +140,6 @@ _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")
 
 
 # ---------------------------------------------------------------------- records
-class _Bad(ValueError):
-    """A record or Example that cannot be parsed (``bad_member``)."""
-
-
 class _CRC(ValueError):
     """A CRC that does not match (``crc_mismatch``)."""
 
@@ -170,190 +169,6 @@ def frame(record: bytes) -> bytes:
     head = struct.pack("<Q", len(record))
     return b"".join((head, struct.pack("<I", masked_crc32c(head)), record,
                      struct.pack("<I", masked_crc32c(record))))
-
-
-# ---------------------------------------------------------------------- protobuf
-def _varint(b, pos: int, end: int) -> Tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= end:
-            raise _Bad("truncated varint")
-        c = b[pos]
-        pos += 1
-        result |= (c & 0x7F) << shift
-        if c < 0x80:
-            return result, pos
-        shift += 7
-        if shift >= 70:
-            raise _Bad("varint longer than 10 bytes")
-
-
-def _fields(b, pos: int, end: int) -> Iterator[Tuple[int, int, int, int]]:
-    """(field number, wire type, a, b) of a message: a varint's value (b = -1), else
-    the span [a, b) of the field's bytes."""
-    while pos < end:
-        tag, pos = _varint(b, pos, end)
-        field, wire = tag >> 3, tag & 7
-        if wire == 0:
-            value, pos = _varint(b, pos, end)
-            yield field, 0, value, -1
-            continue
-        if wire == 2:
-            n, pos = _varint(b, pos, end)
-            stop = pos + n
-        elif wire == 1:
-            stop = pos + 8
-        elif wire == 5:
-            stop = pos + 4
-        else:
-            raise _Bad(f"unsupported protobuf wire type {wire}")
-        if stop > end:
-            raise _Bad("a field runs past the end of its message")
-        yield field, wire, pos, stop
-        pos = stop
-
-
-def _skip(b, pos: int, end: int, wire: int) -> int:
-    """The position after a value of wire type ``wire`` that starts at ``pos``."""
-    if wire == 0:
-        return _varint(b, pos, end)[1]
-    if wire == 2:
-        n, pos = _varint(b, pos, end)
-        stop = pos + n
-    elif wire == 1:
-        stop = pos + 8
-    elif wire == 5:
-        stop = pos + 4
-    else:
-        raise _Bad(f"unsupported protobuf wire type {wire}")
-    if stop > end:
-        raise _Bad("a field runs past the end of its message")
-    return stop
-
-
-def _tag(b, pos: int, end: int) -> Tuple[int, int]:
-    """A varint (a tag or a length), the one-byte case inline."""
-    if pos >= end:
-        raise _Bad("truncated varint")
-    c = b[pos]
-    return (c, pos + 1) if c < 0x80 else _varint(b, pos, end)
-
-
-def _span(b, pos: int, end: int) -> Tuple[int, int]:
-    """(start, end) of the length-delimited value whose length is at ``pos``."""
-    n, start = _tag(b, pos, end)
-    stop = start + n
-    if stop > end:
-        raise _Bad("a field runs past the end of its message")
-    return start, stop
-
-
-def _entries(b, pos: int, end: int) -> List[Tuple[bytes, int, int]]:
-    """(key, start, end) of each ``Features.feature`` map entry's ``Feature`` in the
-    Example at ``b[pos:end]`` (start -1: no value).  The hot path of every read:
-    flat loops, no generators (``_fields`` is the general walker)."""
-    out = []
-    while pos < end:
-        tag, pos = _tag(b, pos, end)
-        if tag != 0x0A:                               # not Example.features
-            pos = _skip(b, pos, end, tag & 7)
-            continue
-        s, pos = _span(b, pos, end)
-        while s < pos:
-            tag, s = _tag(b, s, pos)
-            if tag != 0x0A:                           # not Features.feature
-                s = _skip(b, s, pos, tag & 7)
-                continue
-            s2, s = _span(b, s, pos)
-            key, vs, ve = b"", -1, -1
-            while s2 < s:
-                tag, s2 = _tag(b, s2, s)
-                if tag == 0x0A:                       # the map entry's key
-                    ks, s2 = _span(b, s2, s)
-                    key = b[ks:s2]
-                elif tag == 0x12:                     # its value, a Feature
-                    vs, s2 = _span(b, s2, s)
-                    ve = s2
-                else:
-                    s2 = _skip(b, s2, s, tag & 7)
-            out.append((key, vs, ve))
-    return out
-
-
-def _signed(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-def _feature(b, start: int, end: int):
-    """A ``Feature``'s values: ``list`` of bytes, float32 or int64 ndarray; None
-    when no kind is set."""
-    kind, ks, ke = 0, 0, 0
-    for f, w, s, e in _fields(b, start, end):
-        if w == 2 and f in (1, 2, 3):             # oneof: the last one wins
-            kind, ks, ke = f, s, e
-    if kind == 0:
-        return None
-    if kind == 1:
-        return [bytes(b[s:e]) for f, w, s, e in _fields(b, ks, ke) if f == 1 and w == 2]
-    if kind == 2:
-        parts = []
-        for f, w, s, e in _fields(b, ks, ke):
-            if f != 1:
-                continue
-            if w == 2:
-                if (e - s) % 4:
-                    raise _Bad("a packed float list is not a multiple of 4 bytes")
-                parts.append(np.frombuffer(b, "<f4", (e - s) // 4, s))
-            elif w == 5:
-                parts.append(np.frombuffer(b, "<f4", 1, s))
-            else:
-                raise _Bad(f"a float list value with wire type {w}")
-        return (np.concatenate(parts) if parts else np.zeros(0)).astype(np.float32)
-    values: List[int] = []
-    for f, w, s, e in _fields(b, ks, ke):
-        if f != 1:
-            continue
-        if w == 2:
-            pos = s
-            while pos < e:
-                v, pos = _varint(b, pos, e)
-                values.append(_signed(v))
-        elif w == 0:
-            values.append(_signed(s))
-        else:
-            raise _Bad(f"an int64 list value with wire type {w}")
-    return np.array(values, dtype=np.int64)
-
-
-def parse_example(data) -> Dict[str, Any]:
-    """A serialized ``tf.train.Example`` as ``{key: values}``: a ``list`` of bytes
-    (bytes_list), a float32 ndarray (float_list) or an int64 ndarray (int64_list);
-    features with no kind set are left out.  ``ValueError`` when it does not parse."""
-    b = data if isinstance(data, bytes) else bytes(data)
-    out: Dict[str, Any] = {}
-    for key, s, e in _entries(b, 0, len(b)):
-        value = _feature(b, s, e) if s >= 0 else None
-        name = key.decode("utf-8", "replace")
-        if value is None:
-            out.pop(name, None)
-        else:
-            out[name] = value
-    return out
-
-
-def _find(b: bytes, start: int, end: int, keys: Tuple[bytes, ...]) -> Dict[bytes, Any]:
-    """The features named ``keys`` of the Example at ``b[start:end]`` (others are
-    not decoded)."""
-    spans: Dict[bytes, Tuple[int, int]] = {}
-    for key, s, e in _entries(b, start, end):
-        if key in keys:
-            spans[key] = (s, e)
-    out = {}
-    for key, (s, e) in spans.items():
-        value = _feature(b, s, e) if s >= 0 else None
-        if value is not None:
-            out[key] = value
-    return out
 
 
 def _array(values, shape, dtype_name: Optional[str]) -> np.ndarray:
