@@ -8,9 +8,8 @@ The protobuf rules, all kept from the pure-Python walk this replaces:
 
 * varints: at most 10 bytes (the 10th with a continuation bit: "varint longer than
   10 bytes"), the bits of the 10th byte past bit 63 kept (a tag or length that
-  big matches nothing and fits nowhere; an int64 value that big is passed to
-  NumPy as the Python int it is, which raises ``OverflowError`` -- no
-  ``ValueError``, as the Python walk had it);
+  big matches nothing and fits nowhere; an int64 value that big is no int64:
+  "an int64 list value past 64 bits");
 * wire types 0, 1, 2 and 5 are read or skipped; 3, 4, 6, 7 raise;
 * unknown fields are skipped at every level; of repeated ``Example.features``
   messages every one is walked; a map entry's last key and last value win; an
@@ -293,7 +292,7 @@ cdef inline void _put(uint64_t lo, uint32_t hi, int64_t n, int64_t* dst,
         if dst != NULL:
             dst[n] = <int64_t>lo                # two's complement when hi == 0
     else:
-        overflow[0] = True                      # no int64: NumPy raises
+        overflow[0] = True                      # no int64: the Feature is bad
 
 
 cdef int _ints(const uint8_t* b, int64_t pos, int64_t end, int64_t* count, int64_t* dst,
@@ -329,39 +328,6 @@ cdef int _ints(const uint8_t* b, int64_t pos, int64_t end, int64_t* count, int64
 
 
 # ---------------------------------------------------------------------- values
-cdef object _ints_overflowing(const uint8_t* b, int64_t pos, int64_t end):
-    """An int64_list with a value past int64, as the Python walk made it: its
-    values as Python ints, then ``np.array(values, dtype=np.int64)`` (which
-    raises NumPy's ``OverflowError``).  The list was walked without error."""
-    cdef uint64_t number, lo
-    cdef uint32_t hi
-    cdef int wire, rc
-    cdef Value v
-    cdef int64_t p
-    values = []
-    while pos < end:
-        rc = _field(b, &pos, end, &number, &wire, &v)
-        if rc:
-            _raise(rc)
-        if number != 1:
-            continue
-        if wire == 2:
-            p = v.s
-            while p < v.e:
-                rc = _varint(b, &p, v.e, &lo, &hi)
-                if rc:
-                    _raise(rc)
-                values.append(_signed(lo, hi))
-        elif wire == 0:
-            values.append(_signed(v.lo, v.hi))
-    return np.array(values, dtype=np.int64)
-
-
-cdef object _signed(uint64_t lo, uint32_t hi):
-    value = (<object>hi << 64) | lo
-    return value - (1 << 64) if value >= (1 << 63) else value
-
-
 cdef object _feature(const uint8_t* b, int64_t start, int64_t end):
     """A ``Feature``'s values: a ``list`` of bytes, a float32 or int64 ndarray; None
     when no kind is set."""
@@ -418,7 +384,7 @@ cdef object _feature(const uint8_t* b, int64_t start, int64_t end):
     if rc:
         _raise(rc)
     if overflow:
-        return _ints_overflowing(b, ks, ke)
+        raise ExampleError("an int64 list value past 64 bits")
     arr = np.empty(n, dtype=np.int64)
     if n:
         idst = arr
