@@ -216,6 +216,25 @@ def test_a_stopped_stream_opens_no_further_shard(data):
         assert not [w for w in caught if "failed" in str(w.message)]
 
 
+def test_per_sample_streaming_yields_before_the_next_network_read(data):
+    """Read sample by sample, a ready sample is yielded without first filling the
+    buffer of refs (``samples_buffer_size``, 64): a stream that stalls after its
+    first samples still gives them at once (the bound, 8 s, is a hang guard: the
+    stall lasts 10 s, and the samples decode in milliseconds)."""
+    from conftest import bounded
+    base, samples, _ = data
+    with FaultServer(base / "shards") as srv:
+        url = f"{srv.url}/shard-{{000..007}}.tar"
+        ds = DatagoDataset(stream_cfg(url, batch_size=None, source={"timeout_s": 30.0}))
+        for s in range(8):                            # each sends 60%, then stalls
+            srv.add_fault(f"/shard-{s:03d}.tar", "stall_body", times=None, fraction=0.6,
+                          stall_s=10)
+        it = iter(ds)
+        first = bounded(lambda: next(it), 8.0, "the first sample of a stalled stream")
+        assert first["id"] in {k for k, _ in samples}
+        it.close()
+
+
 def test_stream_equals_the_file_after_resumes(data):
     base, _, _ = data
     path = base / "shards" / "shard-005.tar"
@@ -454,6 +473,30 @@ def test_a_finished_prefetch_keeps_saying_so():
     with pytest.raises(ValueError, match="boom"):
         next(p)
     assert bounded_next(p) == "end"
+
+
+def test_prefetch_poll_gives_up_in_time_and_keeps_the_order():
+    """``poll(timeout)``: EMPTY while the producer is still working, then the items
+    in order, the producer's exception, and StopIteration after it, as ``next``."""
+    import threading
+    from datago._prefetch import prefetched
+    go = threading.Event()
+
+    def slow():
+        yield 1
+        go.wait(10)
+        yield 2
+        raise ValueError("boom")
+
+    p = prefetched(slow(), 4)
+    assert p.poll(5.0) == 1
+    assert p.poll(0.01) is prefetched.EMPTY          # 2 waits for the event
+    go.set()
+    assert p.poll(5.0) == 2
+    with pytest.raises(ValueError, match="boom"):
+        p.poll(5.0)
+    with pytest.raises(StopIteration):
+        p.poll(0.01)
 
 
 @pytest.mark.parametrize("batch_size", [None, 2])

@@ -628,6 +628,20 @@ class _ErrorPolicy:
         return good
 
 
+_NOT_YET = object()
+
+
+def _polled(poll, wait: float = 0.005):
+    """The next ref of a stream (``prefetched.poll``) if one arrives within ``wait``
+    seconds: the ref, None at the stream's end, else ``_NOT_YET``."""
+    from datago._prefetch import prefetched
+    try:
+        ref = poll(wait)
+    except StopIteration:
+        return None
+    return _NOT_YET if ref is prefetched.EMPTY else ref
+
+
 class Engine(_ErrorPolicy):
     """Streaming mode: iterates batches (or samples) of sample references whose sizes
     are not known in advance, filling one open batch per bucket.
@@ -775,10 +789,18 @@ class Engine(_ErrorPolicy):
         """batch_size=None: the same dict per sample, without the batch dimension."""
         pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="datago")
         work: deque = deque()
+        poll = getattr(self.refs, "poll", None)     # refs arriving from a stream
         try:
             while True:
-                while len(work) < self.buffer:
-                    ref = next(self.refs, None)
+                # top the buffer up, but never past a sample that is ready: a ref
+                # still on its way (a streamed shard stalls) must not hold it back
+                while len(work) < self.buffer and not (work and work[0].done()):
+                    if work and poll is not None:
+                        ref = _polled(poll)
+                        if ref is _NOT_YET:
+                            continue
+                    else:
+                        ref = next(self.refs, None)
                     if ref is None:
                         break
                     if self.with_steps:

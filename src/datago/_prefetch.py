@@ -3,6 +3,8 @@ a stream, an API's pages), bounded, its exceptions raised at the consumer."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 __all__ = ["prefetched"]
 
 
@@ -10,9 +12,11 @@ class prefetched:
     """Iterate ``items`` in a thread of its own (started by the first ``next``), at
     most ``maxsize`` ahead; its exceptions are raised here, in order; ``close()``
     stops it.  Once the end or an exception has been handed over, ``next`` raises
-    StopIteration (as a generator does after it ended)."""
+    StopIteration (as a generator does after it ended).  ``poll(timeout)`` is a
+    ``next`` that gives up after ``timeout`` seconds."""
 
     _END = object()
+    EMPTY = object()                               # poll(): nothing arrived in time
 
     def __init__(self, items, maxsize: int, name: str = "datago-stream"):
         import queue
@@ -51,12 +55,28 @@ class prefetched:
         return self
 
     def __next__(self):
+        return self._take(self._get(None))
+
+    def poll(self, timeout: float):
+        """The next item, or ``EMPTY`` when none arrives within ``timeout`` seconds
+        (the end and exceptions as ``next``)."""
+        got = self._get(timeout)
+        return self.EMPTY if got is None else self._take(got)
+
+    def _get(self, timeout: Optional[float]):
+        import queue
         if self._finished:                         # (its thread is gone: get() would hang)
             raise StopIteration
         if not self._started:
             self._started = True
             self._thread.start()
-        ok, item = self._q.get()
+        try:
+            return self._q.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _take(self, got):
+        ok, item = got
         if not ok:
             self._stop.set()
             self._finished = True
