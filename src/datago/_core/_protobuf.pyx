@@ -178,6 +178,25 @@ cdef inline void _entries_init(Entries* w, const uint8_t* b, int64_t start,
     w.send = 0
 
 
+cdef int _next_message(const uint8_t* b, int64_t* pos, int64_t end, Value* v) noexcept nogil:
+    """Skip to the next field 1 of wire type 2 (the sub-message both levels of the
+    walk look for) in ``b[pos:end]``, other fields skipped: ``_OK`` with ``v`` its
+    span, ``_DONE`` at ``end``, or the first error."""
+    cdef uint64_t tag
+    cdef uint32_t hi
+    cdef int rc
+    while pos[0] < end:
+        rc = _varint(b, pos, end, &tag, &hi)
+        if rc:
+            return rc
+        if hi == 0 and tag == 0x0A:
+            return _value(b, pos, end, 2, v)
+        rc = _value(b, pos, end, <int>(tag & 7), v)
+        if rc:
+            return rc
+    return _DONE
+
+
 cdef int _next_entry(Entries* w, int64_t* ks, int64_t* ke, int64_t* vs,
                      int64_t* ve) noexcept nogil:
     """The next ``Features.feature`` map entry: its key's span (-1, -1: none) and
@@ -189,16 +208,10 @@ cdef int _next_entry(Entries* w, int64_t* ks, int64_t* ke, int64_t* vs,
     cdef int64_t s2, e2
     cdef int rc
     while True:
-        if w.s < w.send:                        # in Example.features
-            rc = _varint(b, &w.s, w.send, &tag, &hi)
-            if rc:
-                return rc
-            if hi or tag != 0x0A:               # not Features.feature
-                rc = _value(b, &w.s, w.send, <int>(tag & 7), &v)
-                if rc:
-                    return rc
+        if w.s < w.send:                        # in Example.features: Features.feature
+            rc = _next_message(b, &w.s, w.send, &v)
+            if rc == _DONE:
                 continue
-            rc = _value(b, &w.s, w.send, 2, &v)
             if rc:
                 return rc
             s2, e2 = v.s, v.e
@@ -218,17 +231,7 @@ cdef int _next_entry(Entries* w, int64_t* ks, int64_t* ke, int64_t* vs,
                 if rc:
                     return rc
             return _OK
-        if w.pos >= w.end:
-            return _DONE
-        rc = _varint(b, &w.pos, w.end, &tag, &hi)
-        if rc:
-            return rc
-        if hi or tag != 0x0A:                   # not Example.features
-            rc = _value(b, &w.pos, w.end, <int>(tag & 7), &v)
-            if rc:
-                return rc
-            continue
-        rc = _value(b, &w.pos, w.end, 2, &v)
+        rc = _next_message(b, &w.pos, w.end, &v)   # Example.features (_DONE: no more)
         if rc:
             return rc
         w.s, w.send = v.s, v.e
