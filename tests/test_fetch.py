@@ -612,7 +612,8 @@ def test_the_short_way_reads_every_framing_http_allows():
     """The transport's short way (plain GETs) parses responses itself: a chunked
     body with extensions and trailers, a body ended by the peer closing, an
     HTTP/1.0 reply, interim 100 and 103 replies before the real one, folded and
-    repeated headers, and an equal repeated Content-Length; a kept-alive
+    repeated headers, an equal repeated Content-Length, and a head with bare LF
+    line ends (its body holding a CRLF blank line); a kept-alive
     connection serves the next request, the others do not."""
     chunked = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
     replies = [
@@ -626,15 +627,16 @@ def test_the_short_way_reads_every_framing_http_allows():
         _reply(b"old", "Content-Length: 3", version="HTTP/1.0"),
         _reply(b"kept", "Content-Length: 4", "Connection: keep-alive", version="HTTP/1.0"),
         _reply(b"again", "Content-Length: 5"),
+        b"HTTP/1.1 200 OK\nContent-Length: 6\n\nx\n\r\nyz",     # bare LF ends
     ]
     with ScriptedServer(replies) as srv:
         f = fast(retries=0)
-        got = [f.read(f"{srv.url}/{i}") for i in range(7)]
+        got = [f.read(f"{srv.url}/{i}") for i in range(8)]
         assert got == [b"hello world", b"abc", b"four", b"until the end", b"old", b"kept",
-                       b"again"]
+                       b"again", b"x\n\r\nyz"]
         conns = [n for n, _ in srv.log]
         # 0-3 share a connection, which 3 closes; 4 (HTTP/1.0) ends its own; 5-6 share one
-        assert conns == [1, 1, 1, 1, 2, 3, 3], conns
+        assert conns == [1, 1, 1, 1, 2, 3, 3, 3], conns
         assert f.retried == {}
         head = srv.log[0][1].split("\r\n")
         assert head[0] == "GET /0 HTTP/1.1"

@@ -512,10 +512,11 @@ def _read_head(sock, data: bytes = b"") -> Tuple[bytes, bytes]:
     response); ``_Silent`` when the peer closes or resets before the first byte."""
     start = 0
     while True:
-        for sep in (b"\n\r\n", b"\n\n"):
-            end = data.find(sep, start)
-            if end >= 0:
-                return data[:end], data[end + len(sep):]
+        crlf, lf = data.find(b"\n\r\n", start), data.find(b"\n\n", start)
+        if crlf >= 0 and (lf < 0 or crlf < lf):
+            return data[:crlf], data[crlf + 3:]
+        if lf >= 0:                             # (a head with bare LF line ends)
+            return data[:lf], data[lf + 2:]
         if len(data) > HEAD_LIMIT:
             raise httpx.RemoteProtocolError(f"response head over {HEAD_LIMIT} bytes")
         start = max(0, len(data) - 2)
