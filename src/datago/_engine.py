@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from datago import _shm
+from datago._prefetch import prefetched
 from datago.buckets import Bucket, nearest_bucket
 from datago.errors import DatagoError, DecodeError, ImageTooLargeError
 from datago.image import (DEFAULT_MAX_PIXELS, MaskMismatchError, decode_to_bucket,
@@ -634,7 +635,6 @@ _NOT_YET = object()
 def _polled(poll, wait: float = 0.005):
     """The next ref of a stream (``prefetched.poll``) if one arrives within ``wait``
     seconds: the ref, None at the stream's end, else ``_NOT_YET``."""
-    from datago._prefetch import prefetched
     try:
         ref = poll(wait)
     except StopIteration:

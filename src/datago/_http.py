@@ -249,55 +249,41 @@ class StdlibTransport(httpx.BaseTransport):
         key = (p.scheme, p.hostname, p.port or default)
         target = (p.path or "/") + ("?" + p.query if p.query else "")
         head = _request_head(target, key[1], key[2], default, headers)
-        for attempt in range(2):
-            conn, reused = self._get(key, fresh=attempt > 0)
-            connected = conn.sock is not None
-            try:
-                if not connected:
-                    conn.timeout = self.timeout
-                    conn.connect()
-                sock = conn.sock
-                sock.settimeout(self.timeout)
-                sock.sendall(head)
-                status, msg, body, keep = _receive(sock)
-            except _Silent as e:
-                conn.close()
-                if reused and attempt == 0:
-                    continue                      # a stale kept-alive connection: once more
-                if e.reset:
-                    raise httpx.ReadError(e.reset, request=None) from None
-                raise httpx.RemoteProtocolError("Server disconnected without sending a "
-                                                "response.") from None
-            except httpx.TransportError:
-                conn.close()
-                raise
-            except socket.timeout:
-                conn.close()
-                if not connected:
-                    raise httpx.ConnectTimeout("timed out connecting") from None
-                raise httpx.ReadTimeout("timed out waiting for the response") from None
-            except ssl.SSLError as e:
-                conn.close()
-                raise httpx.ConnectError(f"TLS: {e}") from None
-            except OSError as e:
-                conn.close()
-                if not connected:
-                    raise httpx.ConnectError(f"{type(e).__name__}: {e}") from None
-                if reused and attempt == 0 and isinstance(e, (BrokenPipeError,
-                                                             ConnectionResetError)):
-                    continue                      # the send found the connection closed
-                raise httpx.ReadError(f"{type(e).__name__}: {e}") from None
-            if keep:
-                self._put(key, conn)
-            else:
-                conn.close()
-            return status, msg, body
-        raise AssertionError("unreachable")               # pragma: no cover
+
+        def exchange(conn):
+            conn.sock.sendall(head)
+            return _receive(conn.sock)
+
+        conn, (status, msg, body, keep) = self._exchange(key, self.timeout, self.timeout,
+                                                         exchange)
+        if keep:
+            self._put(key, conn)
+        else:
+            conn.close()
+        return status, msg, body
 
     def _send(self, key, method: str, target: str, header_items, body, connect_timeout,
               read_timeout, skip_host: bool, request=None):
-        """``(connection, response)`` once the response's head has arrived, on an idle
-        connection of the pool or a new one; failures as httpx exceptions."""
+        """``(connection, response)`` through ``http.client`` once the response's head
+        has arrived (``_exchange``)."""
+        def exchange(conn):
+            conn.putrequest(method, target, skip_host=skip_host, skip_accept_encoding=True)
+            for k, v in header_items:
+                conn.putheader(k, v)
+            conn.endheaders(body)
+            try:
+                return conn.getresponse()
+            except http.client.RemoteDisconnected:
+                raise _Silent() from None
+
+        return self._exchange(key, connect_timeout, read_timeout, exchange, request)
+
+    def _exchange(self, key, connect_timeout, read_timeout, exchange, request=None):
+        """``(connection, exchange(connection))`` on an idle connection of the pool or a
+        new one, its failures as httpx exceptions.  A kept-alive connection the
+        server closed before answering (``_Silent``, a reset or broken pipe) is
+        dropped, with the host's other idle ones, and the request sent once more
+        on a new connection."""
         for attempt in range(2):
             conn, reused = self._get(key, fresh=attempt > 0)
             connected = conn.sock is not None
@@ -306,25 +292,27 @@ class StdlibTransport(httpx.BaseTransport):
                     conn.timeout = connect_timeout
                     conn.connect()
                 conn.sock.settimeout(read_timeout)
-                conn.putrequest(method, target, skip_host=skip_host, skip_accept_encoding=True)
-                for k, v in header_items:
-                    conn.putheader(k, v)
-                conn.endheaders(body)
-                return conn, conn.getresponse()
+                return conn, exchange(conn)
+            except httpx.TransportError:
+                conn.close()
+                raise
             except socket.timeout:
                 conn.close()
                 if not connected:
                     raise httpx.ConnectTimeout("timed out connecting", request=request) from None
                 raise httpx.ReadTimeout("timed out waiting for the response",
                                         request=request) from None
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+            except (_Silent, BrokenPipeError, ConnectionResetError) as e:
                 conn.close()
                 if reused and attempt == 0:
                     continue                      # a stale kept-alive connection: once more
-                if isinstance(e, http.client.RemoteDisconnected):
+                if isinstance(e, _Silent) and not e.reset:
                     raise httpx.RemoteProtocolError("Server disconnected without sending a "
                                                     "response.", request=request) from None
-                raise httpx.ReadError(f"{type(e).__name__}: {e}", request=request) from None
+                text = e.reset if isinstance(e, _Silent) else f"{type(e).__name__}: {e}"
+                if not connected:
+                    raise httpx.ConnectError(text, request=request) from None
+                raise httpx.ReadError(text, request=request) from None
             except ssl.SSLError as e:
                 conn.close()
                 raise httpx.ConnectError(f"TLS: {e}", request=request) from None
