@@ -235,6 +235,24 @@ def test_per_sample_streaming_yields_before_the_next_network_read(data):
         it.close()
 
 
+def test_batched_streaming_yields_a_closed_batch_before_the_next_network_read(data):
+    """The same in batches: a batch that is complete is yielded while the stream
+    stalls, not held until the next ref arrives (batch_size 1: every sample closes
+    its batch; before, the engine first topped up its buffer of refs)."""
+    from conftest import bounded
+    base, samples, _ = data
+    with FaultServer(base / "shards") as srv:
+        url = f"{srv.url}/shard-{{000..007}}.tar"
+        ds = DatagoDataset(stream_cfg(url, batch_size=1, source={"timeout_s": 30.0}))
+        for s in range(8):                            # each sends 60%, then stalls
+            srv.add_fault(f"/shard-{s:03d}.tar", "stall_body", times=None, fraction=0.6,
+                          stall_s=10)
+        it = iter(ds)
+        first = bounded(lambda: next(it), 8.0, "the first batch of a stalled stream")
+        assert first["id"][0] in {k for k, _ in samples}
+        it.close()
+
+
 def test_stream_equals_the_file_after_resumes(data):
     base, _, _ = data
     path = base / "shards" / "shard-005.tar"

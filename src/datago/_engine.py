@@ -705,11 +705,18 @@ class Engine(_ErrorPolicy):
         open_batches: Dict[Tuple[int, int], Batch] = {}
         order: List[Tuple[int, int]] = []           # buckets in order of their open batch
         exhausted = False
+        poll = getattr(self.refs, "poll", None)     # refs arriving from a stream
         try:
             while True:
                 while (not exhausted and len(loads) + self._pending < self.buffer
                        and len(closed) < self.prefetch):
-                    ref = next(self.refs, None)
+                    if poll is not None and (loads or closed):
+                        # work is at hand: a stalled stream must not hold it back
+                        ref = _polled(poll)
+                        if ref is _NOT_YET:
+                            break
+                    else:
+                        ref = next(self.refs, None)
                     if ref is None:
                         exhausted = True
                         break
