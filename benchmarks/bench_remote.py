@@ -7,7 +7,7 @@ loop, and the index source behind 50 ms of injected latency.
     python benchmarks/bench_remote.py CORPUS_DIR [--limit N] [--rounds R]
                                       [--io-concurrency K] [--latency-ms 50]
                                       [--ref-venv /tmp/datago_ref] [--no-ref]
-                                      [--out FILE.md]
+                                      [--variants L,W,R,C] [--out FILE.md]
 
 The images are the .jpg/.jpeg/.png files under CORPUS_DIR (recursive, sorted,
 hidden files skipped; ``--limit`` keeps the first N, for every variant; read once
@@ -62,7 +62,17 @@ Variants (one pass = the whole list once):
     per DataLoader worker, made on first use), bench_loader's bucket batch sampler
     (buckets from the headers, untimed), DataLoader(num_workers=2), default collate;
 (F0), (F50) index over the fault server with 0 / 50 ms latency per request: (N)'s
-    config on the fault servers' CSVs.
+    config on the fault servers' CSVs;
+(C) the core's ceiling, no loader: the images of one (L) epoch as its plan has
+    them (every slot of every step, padded repeats included, in plan order), each
+    file read from the page cache and ``datago.decode_to_bucket``-ed into a
+    preallocated array of its planned bucket (the loader's filter and
+    max_pixels), on ``default_num_threads(1)`` threads taking 16 images at a
+    time; no batches, plan, IO pool, fetch or tensors.  What any loader built on
+    this core could reach on this machine: C/R bounds W/R, and W/C says how much
+    of it the remote loader gets.
+
+``--variants`` runs a subset (comma-separated names; default all).
 
 Before each pass of (N), (W), (F0), (F50) the dataset's ``Fetcher`` is closed
 (untimed), so that the pass starts with an empty connection pool: the servers
@@ -149,7 +159,7 @@ SHARDS = 20
 WARMUP_BATCHES = 2
 WARMUP_REF = 32
 
-VARIANT_NAMES = ("L", "N", "W", "WS", "R", "H", "F0", "F50")
+VARIANT_NAMES = ("L", "N", "W", "WS", "R", "H", "F0", "F50", "C")
 
 # (label, numerator, denominator, target or None)
 RATIOS = [
@@ -165,6 +175,9 @@ RATIOS = [
     ("F0/N", "F0", "N", None),
     ("R/L", "R", "L", None),
     ("H/L", "H", "L", None),
+    ("C/R", "C", "R", None),
+    ("W/C", "W", "C", None),
+    ("L/C", "L", "C", None),
 ]
 
 
@@ -179,6 +192,8 @@ def variants(latency_ms: float) -> Dict[str, str]:
         "H": f"httpx + Pillow, DataLoader(num_workers={PIL_WORKERS})",
         "F0": "fault server 0 ms, index source, num_workers=0",
         "F50": f"fault server {latency_ms:g} ms per request, index source, num_workers=0",
+        "C": "core ceiling: (L)'s planned slots, file read + decode_to_bucket on "
+             "default_num_threads(1) threads, no loader",
     }
 
 
@@ -542,7 +557,58 @@ class RemoteBench(SourcesBench):
         return self.ref_result(out, total, sum(self.mp_of[r] for r in rels))
 
     # ---------------------------------------------------------------- timing
+    def ceiling_jobs(self) -> list:
+        """(C)'s work: (file, bucket) for every slot of (L)'s epoch plan, in order."""
+        ds = self.ds
+        plan = ds.plan()
+        buckets, samples, _ = plan.rank(0)
+        valid = plan.valid()[:, 0]
+        jobs = []
+        for t in range(plan.num_steps):
+            bucket = tuple(ds.buckets[int(buckets[t])])
+            for k in np.flatnonzero(valid[t]):
+                jobs.append((str(ds.listing.main_location(int(samples[t, k]))), bucket))
+        return jobs
+
+    def pass_c(self) -> dict:
+        import threading
+        from datago import decode_to_bucket
+        from datago.dataset import default_num_threads
+        jobs = self._ceiling = getattr(self, "_ceiling", None) or self.ceiling_jobs()
+        cfg = self.ds.config.image
+        local = threading.local()
+        t0 = time.perf_counter()
+        first: List[float] = []
+
+        def work(chunk) -> float:
+            outs = getattr(local, "outs", None)
+            if outs is None:
+                outs = local.outs = {}
+            mp = 0.0
+            for path, bucket in chunk:
+                out = outs.get(bucket)
+                if out is None:
+                    out = outs[bucket] = np.empty((bucket[0], bucket[1], 3), np.uint8)
+                with open(path, "rb") as f:
+                    data = f.read()
+                res = decode_to_bucket(data, bucket=bucket, out=out, filter=cfg.filter,
+                                       max_pixels=cfg.max_pixels)
+                h, w = res.original_size
+                mp += h * w / 1e6
+            if not first:
+                first.append(time.perf_counter() - t0)
+            return mp
+
+        chunks = [jobs[i:i + 16] for i in range(0, len(jobs), 16)]
+        with ThreadPoolExecutor(default_num_threads(1), thread_name_prefix="ceiling") as ex:
+            mp = sum(ex.map(work, chunks))
+        wall = time.perf_counter() - t0
+        return dict(wall=wall, n=len(jobs), mp=mp, first=first[0] if first else wall,
+                    padded=self.ds.plan().num_padded(0))
+
     def run_variant(self, name: str) -> dict:
+        if name == "C":
+            return self.pass_c()
         if name == "H":
             return self.pass_h()
         if name == "R":
@@ -603,7 +669,7 @@ class RemoteBench(SourcesBench):
             return None
         r, cost = got
         return self.to_pass(name, r, cost,
-                            None if name in ("F0", "F50") else nginx_requests(ng) - req0)
+                            None if name in ("F0", "F50", "C") else nginx_requests(ng) - req0)
 
     def to_pass(self, name: str, r: dict, cost: PassCost, requests: Optional[int]) -> Pass:
         """The timed pass of variant ``name`` that returned ``r`` and cost ``cost``."""
@@ -628,6 +694,9 @@ class RemoteBench(SourcesBench):
             try:
                 if name == "R":
                     self.pass_r(WARMUP_REF)
+                    continue
+                if name == "C":
+                    self._ceiling = self.ceiling_jobs()
                     continue
                 if name == "H":
                     loader = DataLoader(self.h_ds, batch_sampler=self.pil_sampler,
@@ -687,7 +756,7 @@ def cpu_per_image(times: Dict[str, list]) -> Dict[str, float]:
 
 def cpu_per_image_note(med_cpu: Dict[str, float]) -> str:
     return "CPU per delivered image (loader processes, median): " + ", ".join(
-        f"({k}) {v:.1f} ms" + (f" (+{v - med_cpu['L']:.1f} vs (L))" if k != "L" else "")
+        f"({k}) {v:.1f} ms" + (f" ({v - med_cpu['L']:+.1f} vs (L))" if k != "L" else "")
         for k, v in med_cpu.items())
 
 
@@ -780,10 +849,19 @@ def main(argv=None) -> int:
                     help="io_concurrency of (N), (W), (F0), (F50) (default: the config's)")
     ap.add_argument("--latency-ms", type=float, default=50.0,
                     help="latency per request of the (F50) fault server (default 50)")
+    ap.add_argument("--variants", default=None,
+                    help=f"comma-separated subset of {','.join(VARIANT_NAMES)} (default all)")
     add_ref_args(ap, "R")
     add_out_arg(ap)
     args = ap.parse_args(argv)
     check_corpus_args(ap, args)
+    pick = list(VARIANT_NAMES)
+    if args.variants:
+        pick = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in pick if v not in VARIANT_NAMES]
+        if unknown:
+            ap.error(f"--variants: unknown {', '.join(unknown)} (known: "
+                     f"{', '.join(VARIANT_NAMES)})")
     if args.io_concurrency is not None and not 1 <= args.io_concurrency <= 1024:
         ap.error("--io-concurrency must be in 1..1024")
 
@@ -792,7 +870,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     corpus, n, workdir, data_root = open_corpus(args.corpus, args.limit, "bench_remote_")
     ref, ref_why = open_reference(args.no_ref, args.ref_venv, workdir)
-    names = [v for v in VARIANT_NAMES if v != "R" or ref is not None]
+    names = [v for v in VARIANT_NAMES if v in pick and (v != "R" or ref is not None)]
     bench = RemoteBench(corpus, n, data_root, ref, workdir, args.io_concurrency,
                         args.latency_ms / 1e3)
     report = Report()
