@@ -585,6 +585,28 @@ def test_retries_is_a_key_of_every_remote_source(source_type):
         assert str(exc.value) == f"source_config.retries: {shown}"
 
 
+@pytest.mark.parametrize("source_type", sorted(REMOTE_SOURCES))
+def test_max_object_bytes_is_a_key_of_every_remote_source(source_type):
+    """``max_object_bytes``: default the fetch layer's (1 GiB), an integer >= 1,
+    round-tripped, and the source's fetcher takes it."""
+    from datago.fetch import FetchConfig
+    from datago.sources import _fetcher
+
+    def cfg(**src):
+        return DatagoConfig.from_dict({"source_type": source_type,
+                                       "source_config": {**REMOTE_SOURCES[source_type], **src}})
+
+    assert cfg().source.max_object_bytes == FetchConfig().max_object_bytes == 1 << 30
+    c = cfg(max_object_bytes=12345)
+    assert DatagoConfig.from_dict(c.to_dict()) == c
+    assert _fetcher(c.source).config.max_object_bytes == 12345
+    for bad, shown in [(0, "must be >= 1, got 0"), (1.5, "must be an integer, got 1.5"),
+                       (None, "must be an integer, got None")]:
+        with pytest.raises(ConfigError) as exc:
+            cfg(max_object_bytes=bad)
+        assert str(exc.value) == f"source_config.max_object_bytes: {shown}"
+
+
 def test_retries_is_not_a_folder_key(root):
     """A local folder has no remote keys: ``retries`` is an unknown key there, as
     ``timeout_s`` is."""

@@ -684,3 +684,74 @@ def test_the_short_way_refuses_headers_that_would_smuggle_another():
             t.get("http://127.0.0.1:9/x", bad)
     with pytest.raises(ValueError, match="invalid request target"):
         t.get("http://127.0.0.1:9/a\x01b", {})
+
+
+# ----------------------------------------------------------------------------- bounded bodies
+
+def test_a_body_over_max_object_bytes_is_refused_before_it_is_read(files, nginx):
+    """Whole reads are bounded by ``max_object_bytes``: a file by its size, a
+    response by its Content-Length (nginx), by what has arrived when it has none
+    (a chunked body, a body read until the peer closes); each fails at once
+    (no retry) as ``too_large``, naming the size and the bound."""
+    f = fast(max_object_bytes=len(BODY) - 1)
+    for loc, size in [(str(files / "a.bin"), f"{len(BODY):,} bytes"),
+                      (f"{nginx.url}/a.bin", f"{len(BODY):,} bytes")]:
+        with pytest.raises(FetchError) as e:
+            f.read(loc)
+        assert e.value.reason == "too_large" and e.value.attempts == 1
+        assert f"{size}, over max_object_bytes ({len(BODY) - 1:,} bytes)" in str(e.value)
+    assert f.read(f"{nginx.url}/sub/b.bin") == BODY[:1000]            # under it: read
+    assert fast(max_object_bytes=len(BODY)).read(str(files / "a.bin")) == BODY
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(BODY[i:i + 4096]), BODY[i:i + 4096])
+                       for i in range(0, len(BODY), 4096)) + b"0\r\n\r\n"
+    replies = [_reply(chunked, "Transfer-Encoding: chunked"),
+               _reply(BODY, "Connection: close"),
+               _reply(chunked, "Transfer-Encoding: chunked")]
+    with ScriptedServer(replies) as srv:
+        small = fast(max_object_bytes=5000, retries=0)
+        for i in range(2):
+            with pytest.raises(FetchError) as e:
+                small.read(f"{srv.url}/{i}")
+            assert e.value.reason == "too_large"
+            assert "more than 5,000 bytes, over max_object_bytes" in str(e.value)
+        assert fast(max_object_bytes=len(BODY)).read(f"{srv.url}/2") == BODY
+        assert [n for n, _ in srv.log] == [1, 2, 3]     # no connection kept after a refusal
+
+
+def test_a_member_from_a_server_that_ignores_range(files):
+    """nginx with ``max_ranges 0`` answers a Range request with the whole file (HTTP
+    200).  A small object is cut here; one over the bound fails as
+    ``range_ignored`` (not retried, its body not read) instead of arriving whole
+    for every member."""
+    with Nginx(files, extra_server="max_ranges 0;") as n:
+        url = f"{n.url}/a.bin"
+        assert fast().read(Member(url, 4000, 123)) == BODY[4000:4123]       # cut here
+        f = fast(max_object_bytes=len(BODY) // 2)
+        with pytest.raises(FetchError) as e:
+            f.read(Member(url, 4000, 123))
+        assert e.value.reason == "range_ignored" and e.value.status == 200
+        assert e.value.attempts == 1
+        assert (f"ignored the Range request for bytes 4000-4122 and sent the whole object "
+                f"({len(BODY):,} bytes)") in str(e.value)
+        # a header probe reads what the sample will: the whole object, within the bound
+        assert fast().head(url, nbytes=10) == BODY[:10]
+        with pytest.raises(FetchError) as e:
+            f.head(url, nbytes=10)
+        assert e.value.reason == "too_large" and "over max_object_bytes" in str(e.value)
+        log = n.access_log()
+    assert sum(" 200 " in line for line in log) == 4 and not any(" 206 " in line for line in log)
+
+
+def test_the_httpx_way_is_bounded_too(nginx):
+    """Responses read through httpx (environment proxies, URLs the short way does
+    not take) go through the same bound."""
+    import httpx
+    from datago.fetch import _read_at_most
+    with httpx.Client() as c:
+        with c.stream("GET", f"{nginx.url}/a.bin") as r:
+            assert _read_at_most(r, len(BODY) - 1) is None            # by Content-Length
+        with c.stream("GET", f"{nginx.url}/a.bin") as r:
+            assert _read_at_most(r, len(BODY)) == BODY
+        with c.stream("GET", f"{nginx.url}/a.bin") as r:
+            del r.headers["content-length"]                           # as it arrives
+            assert _read_at_most(r, 100) is None

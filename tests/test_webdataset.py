@@ -162,6 +162,38 @@ def test_over_nginx_by_range_requests(data, tmp_path):
     assert sum(" 206 " in line for line in log) >= len(samples)     # members by Range
 
 
+def test_a_server_that_ignores_range_fails_members_by_a_counted_reason(data, tmp_path):
+    """Shards with indexes on a server that ignores Range (nginx ``max_ranges 0``:
+    every member read would bring the whole shard): each sample fails as
+    ``range_ignored``, counted, or raised with on_error "raise" -- no shard is
+    read whole once per member.  Under the bound (small shards), members are cut
+    from the whole shard and the samples equal the local ones."""
+    from datago import DatagoError
+    base, samples, pattern = data
+    shards = base / "shards"
+    for i in range(4):
+        write_index(str(shards / f"shard-{i:03d}.tar"))
+    try:
+        with Nginx(shards, extra_server="max_ranges 0;") as n:
+            url = f"{n.url}/shard-{{000..003}}.tar"
+            small = min((shards / f"shard-{i:03d}.tar").stat().st_size for i in range(4))
+            cfg = wds_cfg(url, source={"max_object_bytes": small - 1, "retries": 0},
+                          remainder="drop")
+            ds = DatagoDataset(cfg)
+            batches = list(ds)             # (the plan's steps stay, each batch empty)
+            assert batches and not [i for b in batches for i in b["id"]]
+            st = ds.stats()
+            assert st["skipped"] == {"range_ignored": len(samples) - st["dropped_remainder"]}
+            assert st["dropped_remainder"] < len(samples) // 2
+            with pytest.raises(DatagoError, match="range_ignored: .* ignored the Range request"):
+                next(iter(DatagoDataset(dict(cfg, on_error="raise"))))
+            got = by_key(DatagoDataset(wds_cfg(url)))          # under the bound: cut here
+    finally:
+        for p in shards.glob("*.idx.json"):
+            p.unlink()
+    assert got == by_key(DatagoDataset(wds_cfg(pattern, source={"cache_dir": str(tmp_path)})))
+
+
 def test_remote_shard_without_index_is_streamed_once(data, tmp_path):
     base, samples, _ = data
     with FaultServer(base / "shards") as srv:

@@ -36,6 +36,7 @@ from datago import _shm
 from datago._prefetch import prefetched
 from datago.buckets import Bucket, nearest_bucket
 from datago.errors import DatagoError, DecodeError, ImageTooLargeError
+from datago.fetch import read_file
 from datago.image import (DEFAULT_MAX_PIXELS, MaskMismatchError, decode_to_bucket,
                           decode_with_warning, read_header)
 from datago.sources.filesystem import SampleRef
@@ -44,7 +45,7 @@ from datago.sources.filesystem import SampleRef
 REASONS = ("read_error", "decode_error", "too_large", "bad_attributes", "bad_latent",
            # remote locations (datago.fetch)
            "http_4xx", "http_5xx", "http_429", "timeout", "truncated", "reset", "connect",
-           "wrong_content_type", "redirect",
+           "wrong_content_type", "redirect", "range_ignored",
            # archive members (datago._codecs)
            "bad_member", "crc_mismatch",
            # a mask that cannot be aligned with its image or read as asked
@@ -127,8 +128,7 @@ class _Loaded:
 
 
 def _read(path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    return read_file(path)
 
 
 def _location_name(loc) -> str:

@@ -231,7 +231,7 @@ class StdlibTransport(httpx.BaseTransport):
                               stream=_Body(self, key, conn, resp, request),
                               extensions={"http_version": b"HTTP/1.1"}, request=request)
 
-    def get(self, url: str, headers: Dict[str, str]):
+    def get(self, url: str, headers: Dict[str, str], max_body: Optional[int] = None):
         """A GET of a whole body without httpx's request and response objects (their
         URL parsing and header models cost ~0.25 ms of CPU per request) nor
         ``http.client``'s response parsing (its e-mail header parser and buffered
@@ -240,8 +240,10 @@ class StdlibTransport(httpx.BaseTransport):
         ``(status, headers, body)``, headers a ``Headers`` (case-insensitive
         ``get``).  ``url``: an ASCII, already percent-encoded http(s) URL.  The
         body of a status >= 300 is not returned (b""): a small one is read and
-        discarded to keep the connection, else the connection is closed.
-        Failures raise the httpx exceptions of the table."""
+        discarded to keep the connection, else the connection is closed.  A body
+        over ``max_body`` bytes is None (not read, or read no further than the
+        limit; the connection is closed).  Failures raise the httpx exceptions of
+        the table."""
         p = urlsplit(url)
         if p.scheme not in ("http", "https") or not p.hostname:
             raise httpx.UnsupportedProtocol(f"unsupported URL {p.scheme}://")
@@ -252,7 +254,7 @@ class StdlibTransport(httpx.BaseTransport):
 
         def exchange(conn):
             conn.sock.sendall(head)
-            return _receive(conn.sock)
+            return _receive(conn.sock, max_body)
 
         conn, (status, msg, body, keep) = self._exchange(key, self.timeout, self.timeout,
                                                          exchange)
@@ -484,15 +486,19 @@ class _Reader:
             if self.exactly(2) != b"\r\n":
                 raise httpx.RemoteProtocolError("a chunk does not end with CRLF")
 
-    def rest(self) -> bytes:
-        """Everything until the peer closes."""
+    def rest(self, limit: Optional[int] = None) -> Optional[bytes]:
+        """Everything until the peer closes; None once it passes ``limit``."""
         parts = [self.data]
+        total = len(self.data)
         self.data = b""
         while True:
+            if limit is not None and total > limit:
+                return None
             chunk = self.sock.recv(CHUNK)
             if not chunk:
                 return b"".join(parts)
             parts.append(chunk)
+            total += len(chunk)
 
 
 def _read_head(sock, data: bytes = b"") -> Tuple[bytes, bytes]:
@@ -532,11 +538,13 @@ def _content_length(msg: Headers) -> Optional[int]:
     return int(values.pop())
 
 
-def _receive(sock) -> Tuple[int, Headers, bytes, bool]:
+def _receive(sock, max_body: Optional[int] = None) -> Tuple[int, Headers, Optional[bytes], bool]:
     """Read one response to a GET: ``(status, headers, body, keep)``, ``keep`` when
     the connection may serve another request.  A status >= 300 gets b"" (a body of
     at most ``DRAIN_LIMIT`` bytes read and dropped, a larger one left unread and
-    the connection not kept).  Interim (1xx) responses are skipped."""
+    the connection not kept).  A body over ``max_body`` bytes is None: left unread
+    when its Content-Length says so, else read no further than the limit; the
+    connection is not kept.  Interim (1xx) responses are skipped."""
     first = b""
     while True:                         # interim responses (1xx but 101) are skipped
         head, first = _read_head(sock, first)
@@ -553,17 +561,19 @@ def _receive(sock) -> Tuple[int, Headers, bytes, bool]:
         if status in (204, 304):
             body = b""
         elif chunked:
-            body = reader.chunked(DRAIN_LIMIT if error else None)
+            body = reader.chunked(DRAIN_LIMIT if error else max_body)
             if body is None:
-                return status, msg, b"", False
+                return status, msg, b"" if error else None, False
         elif length is not None:
             if error and length > DRAIN_LIMIT:
                 return status, msg, b"", False
+            if not error and max_body is not None and length > max_body:
+                return status, msg, None, False
             body = reader.exactly(length)
         else:
             if error:
                 return status, msg, b"", False
-            body, keep = reader.rest(), False
+            body, keep = reader.rest(max_body), False
     except socket.timeout:
         raise httpx.ReadTimeout("timed out reading the body") from None
     except OSError as e:

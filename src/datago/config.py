@@ -47,8 +47,9 @@ LATER_SOURCES: tuple = ()
 FILTERS = ("triangle", "bicubic", "lanczos", "box")
 ON_ERROR = ("skip", "raise")
 REMAINDER = ("pad", "drop")
-# the ``retries`` key's default: the fetch layer's
+# the ``retries`` and ``max_object_bytes`` keys' defaults: the fetch layer's
 DEFAULT_RETRIES = FetchConfig.retries
+DEFAULT_MAX_OBJECT_BYTES = FetchConfig.max_object_bytes
 ENCODE_FORMATS = ("png", "jpeg")
 # keys the reference datago's READMEs still show (Go-era and current) that it
 # ignores: accepted at any level with a DeprecationWarning (never a ConfigError);
@@ -110,13 +111,14 @@ def _check_layout(p: str, cfg) -> None:
 
 def _check_remote(p: str, cfg) -> None:
     """The keys every remote source shares (io_concurrency, timeout_s, retries,
-    max_failures, cache_limit_bytes)."""
+    max_failures, cache_limit_bytes, max_object_bytes)."""
     _check_int(f"{p}.io_concurrency", cfg.io_concurrency, minimum=1, maximum=1024)
     _check_number(f"{p}.timeout_s", cfg.timeout_s)
     _check_int(f"{p}.retries", cfg.retries, minimum=0)
     if cfg.max_failures is not None:
         _check_number(f"{p}.max_failures", cfg.max_failures)
     _check_int(f"{p}.cache_limit_bytes", cfg.cache_limit_bytes, minimum=1, optional=True)
+    _check_int(f"{p}.max_object_bytes", cfg.max_object_bytes, minimum=1)
 
 
 def _check_folder(p: str, cfg, name: str) -> None:
@@ -207,6 +209,12 @@ class IndexSourceConfig:
     """With it, remote bytes are kept in an LRU disk cache under ``cache_dir``
     (default ``~/.cache/datago``) of at most this size, shared by the node's workers
     and ranks; its hit ratio is in ``stats()["cache"]``."""
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
+    """The largest file or object read whole into memory (1 GiB): a larger one
+    fails before its body is read, counted as ``too_large``.  A member read by
+    offset from a server that ignores ``Range`` (it sends the whole object) is cut
+    from it when the object is at most 16 MiB (or this, if smaller), else it fails
+    as ``range_ignored``."""
 
     _section = "source_config"
 
@@ -266,8 +274,9 @@ class WebDatasetSourceConfig:
     retries: int = DEFAULT_RETRIES
     max_failures: Optional[float] = None
     cache_limit_bytes: Optional[int] = None
-    """``timeout_s``, ``retries``, ``max_failures``, ``cache_limit_bytes``: as in
-    ``IndexSourceConfig``."""
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
+    """``timeout_s``, ``retries``, ``max_failures``, ``cache_limit_bytes``,
+    ``max_object_bytes``: as in ``IndexSourceConfig``."""
 
     _section = "source_config"
 
@@ -378,9 +387,10 @@ class DBSourceConfig:
     retries: int = DEFAULT_RETRIES
     max_failures: Optional[float] = None
     cache_limit_bytes: Optional[int] = None
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
     """``io_concurrency``, ``timeout_s``, ``retries``, ``max_failures``,
-    ``cache_limit_bytes``: as in ``IndexSourceConfig`` (``retries`` covers the
-    listing pages too)."""
+    ``cache_limit_bytes``, ``max_object_bytes``: as in ``IndexSourceConfig``
+    (``retries`` covers the listing pages too)."""
 
     _section = "source_config"
 
@@ -464,6 +474,7 @@ class _ArchiveKeys:
     retries: int = DEFAULT_RETRIES
     max_failures: Optional[float] = None
     cache_limit_bytes: Optional[int] = None
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,22 @@ a redirect loop,     no                            ``redirect``
 more than 10, to a
 non-HTTP(S) place,
 a 3xx not followed
+a body over          no (its body is not read)     ``too_large``
+``max_object_bytes``
+a member's Range     no                            ``range_ignored``
+ignored (HTTP 200)
+on an object over
+16 MiB
 local OSError        no                            ``read_error``
 ===================  ============================  =====================
+
+Every body read whole is bounded: by ``max_object_bytes`` (1 GiB), a file's by its
+size before it is read, a response's by its ``Content-Length`` before its body
+is read (or as it arrives, when it has none).  A member read by offset whose
+server ignores ``Range`` and answers with the whole object is cut from it when
+that object is small (at most 16 MiB, or ``max_object_bytes`` if smaller); a
+larger one fails as ``range_ignored`` rather than arriving whole once per member.
+Streams (``stream``: shards read whole) are not bounded by it.
 
 Redirects (301, 302, 303, 307, 308) are followed here, each URL requested once,
 by the rules of httpx's client: a relative ``Location`` resolved against the
@@ -206,6 +220,15 @@ class FetchConfig:
     headers: Dict[str, str] = field(default_factory=dict, repr=False)
     """Extra request headers (e.g. ``Authorization``): never logged, never in a repr."""
     verify_tls: bool = True
+    max_object_bytes: int = 1 << 30
+    """The largest file or object read whole into memory; a larger one fails with
+    reason ``too_large`` before its body is read (streams are not bounded by it)."""
+
+
+# A ranged read (an archive member) that the server answers with the whole object
+# (HTTP 200: it ignores Range) is cut here when the object is at most this large;
+# a larger one fails as ``range_ignored`` instead of arriving whole for every member.
+RANGE_WHOLE_LIMIT = 16 << 20
 
 
 _MAX_REDIRECTS = 10
@@ -281,6 +304,55 @@ class _Retry(Exception):
                  wait: Optional[float] = None):
         super().__init__(message)
         self.reason, self.status, self.wait = reason, status, wait
+
+
+def read_file(path, limit: int = FetchConfig.max_object_bytes) -> bytes:
+    """A local file's bytes; ``FetchError`` when it cannot be read (``read_error``) or
+    is over ``limit`` bytes (``too_large``, before it is read)."""
+    try:
+        with open(path, "rb") as f:
+            total = os.fstat(f.fileno()).st_size
+            if total <= limit:
+                data = f.read()
+    except OSError as e:
+        raise FetchError(f"cannot read {path}: {e.strerror or e}", "read_error",
+                         str(path)) from None
+    if total > limit:
+        raise _over_limit(str(path), None, str(total), limit, None, None)
+    if len(data) > limit:                          # (it grew while being read)
+        raise _over_limit(str(path), None, None, limit, None, None)
+    return data
+
+
+def _read_at_most(resp, limit: int) -> Optional[bytes]:
+    """The body of an httpx response, or None when it is over ``limit`` bytes (its
+    Content-Length says so, or it passes the limit as it arrives)."""
+    length = resp.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        return None
+    parts, total = [], 0
+    for data in resp.iter_raw():
+        total += len(data)
+        if total > limit:
+            return None
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _over_limit(loc: str, status: Optional[int], length: Optional[str], limit: int,
+                offset: Optional[int], size: Optional[int]) -> FetchError:
+    """The error of a body over the fetch layer's bound (``_attempt``, ``_local``)."""
+    shown = redact(loc)
+    total = (f"{int(length):,} bytes" if length and length.strip().isdigit()
+             else f"more than {limit:,} bytes")
+    if offset is not None and status == 200:
+        return FetchError(
+            f"{shown}: the server ignored the Range request for bytes {offset}-"
+            f"{offset + size - 1} and sent the whole object ({total}); archive members "
+            f"are read by offset, so serve the shards from a server that answers Range "
+            f"requests (or read them whole: streaming: true)", "range_ignored", shown, status)
+    return FetchError(f"{shown}: {total}, over max_object_bytes ({limit:,} bytes), the "
+                      f"largest object read whole", "too_large", shown, status)
 
 
 class Fetcher:
@@ -392,12 +464,11 @@ class Fetcher:
             self._transport = None
 
     # ------------------------------------------------------------------ local
-    @staticmethod
-    def _local(path: str, offset: Optional[int], size: Optional[int]) -> bytes:
+    def _local(self, path: str, offset: Optional[int], size: Optional[int]) -> bytes:
+        if offset is None:
+            return read_file(path, self.config.max_object_bytes)
         try:
             with open(path, "rb") as f:
-                if offset is None:
-                    return f.read()
                 f.seek(offset)
                 data = f.read(size)
         except OSError as e:
@@ -567,8 +638,11 @@ class Fetcher:
                  short_ok: bool = False, headers: Optional[Dict[str, str]] = None) -> bytes:
         import httpx
         headers = dict(headers) if headers else {}
+        limit = self.config.max_object_bytes
         if offset is not None:
             headers["Range"] = f"bytes={offset}-{offset + size - 1}"
+            if not short_ok:                  # (a header probe reads what the sample will)
+                limit = max(size, min(limit, RANGE_WHOLE_LIMIT))
         target, headers, sign = self._prepare(url, headers)
         try:
             self._http_client()
@@ -576,7 +650,7 @@ class Fetcher:
                 headers = {**self.config.headers, **headers}
                 chain = [target]
                 while True:
-                    status, head, data = self._transport.get(target, headers)
+                    status, head, data = self._transport.get(target, headers, limit)
                     if status not in _REDIRECTS or not head.get("location"):
                         break
                     target, headers = _redirected(target, status, head["location"], headers,
@@ -584,15 +658,18 @@ class Fetcher:
                 if status == 416 and short_ok:
                     return b""
                 self._check(_Head(status, head), url)
-                return self._sized(data, status, offset, size, short_ok)
-            with self._get(target, headers, sign=sign) as resp:
-                status = resp.status_code
-                if status == 416 and short_ok:
-                    return b""                        # an empty object
-                self._check(resp, url)
-                data = resp.read()
+            else:
+                with self._get(target, headers, sign=sign) as resp:
+                    status, head = resp.status_code, resp.headers
+                    if status == 416 and short_ok:
+                        return b""                    # an empty object
+                    self._check(resp, url)
+                    data = _read_at_most(resp, limit)
         except httpx.TransportError as e:
             raise self._transport_failure(e) from None
+        if data is None:
+            raise _over_limit(url, status, head.get("content-length"), limit,
+                              None if short_ok else offset, size)
         return self._sized(data, status, offset, size, short_ok)
 
     @staticmethod

@@ -11,8 +11,9 @@ __all__ = ["FileListing", "SampleRef", "make_source"]
 
 
 def _fetcher(src, headers=None, retries=None):
-    """The fetch layer of a remote-capable source config (its IO, timeout, retries
-    and disk-cache keys; ``retries``: when not None, instead of the config's)."""
+    """The fetch layer of a remote-capable source config (its IO, timeout, retries,
+    disk-cache and object-size keys; ``retries``: when not None, instead of the
+    config's)."""
     from datago.fetch import FetchConfig, Fetcher
     kw = {}
     if src.cache_limit_bytes:
@@ -21,6 +22,7 @@ def _fetcher(src, headers=None, retries=None):
                   cache_limit_bytes=src.cache_limit_bytes)
     return Fetcher(FetchConfig(io_concurrency=src.io_concurrency, timeout_s=src.timeout_s,
                                retries=src.retries if retries is None else retries,
+                               max_object_bytes=src.max_object_bytes,
                                headers=headers or {}, **kw))
 
 
