@@ -349,8 +349,9 @@ def _over_limit(loc: str, status: Optional[int], length: Optional[str], limit: i
         return FetchError(
             f"{shown}: the server ignored the Range request for bytes {offset}-"
             f"{offset + size - 1} and sent the whole object ({total}); archive members "
-            f"are read by offset, so serve the shards from a server that answers Range "
-            f"requests (or read them whole: streaming: true)", "range_ignored", shown, status)
+            f"are read by offset, so the server must answer Range requests (WebDataset "
+            f"shards can also be read whole, once: streaming: true)", "range_ignored", shown,
+            status)
     return FetchError(f"{shown}: {total}, over max_object_bytes ({limit:,} bytes), the "
                       f"largest object read whole", "too_large", shown, status)
 
