@@ -126,9 +126,15 @@ def test_local_shards_equal_the_folder_source(data, tmp_path):
 def test_datago_index_cli_writes_next_to_the_shards(data, tmp_path, capsys):
     base, samples, pattern = data
     out = tmp_path / "idx"
-    assert cli.main(["index", pattern, "--out", str(out)]) == 0
+    assert cli.main(["index", pattern, "--out", str(out), "--jobs", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and all("samples" in line for line in lines)
+    assert [line.split(":")[0] for line in lines] == \
+        [str(out / f"shard-{i:03d}.tar.idx.json") for i in range(4)]     # in shard order
+    (tmp_path / "bad.tar").write_bytes(b"not a tar" * 100)
+    assert cli.main(["index", str(tmp_path / "bad.tar"), pattern, "--out", str(out)]) == 1
+    got = capsys.readouterr()
+    assert "bad.tar: not a readable tar shard" in got.err and len(got.out.splitlines()) == 4
     idx = json.loads((out / "shard-000.tar.idx.json").read_text())
     assert {s["key"] for s in idx["samples"]} == {k for k, _ in samples[0::4]}
     ds = DatagoDataset(wds_cfg(pattern, source={"index_dir": str(out),
@@ -192,6 +198,60 @@ def test_a_server_that_ignores_range_fails_members_by_a_counted_reason(data, tmp
         for p in shards.glob("*.idx.json"):
             p.unlink()
     assert got == by_key(DatagoDataset(wds_cfg(pattern, source={"cache_dir": str(tmp_path)})))
+
+
+def test_shard_indexes_are_fetched_concurrently(data, tmp_path):
+    """Construction fetches the shards' indexes from several threads (a thousand
+    remote shards are a thousand requests): with 0.3 s of latency per request
+    they overlap, so they arrive on several connections (one after the other
+    they would share one kept-alive connection), and the samples are those of
+    the local shards, in the same order."""
+    base, samples, pattern = data
+    shards = base / "shards"
+    for i in range(4):
+        write_index(str(shards / f"shard-{i:03d}.tar"))
+    try:
+        with FaultServer(shards, latency_s=0.3) as srv:
+            ds = DatagoDataset(wds_cfg(f"{srv.url}/shard-{{000..003}}.tar",
+                                       source={"cache_dir": str(tmp_path / "c")}))
+            peers = {r.peer for r in srv.log if r.path.endswith(".idx.json")}
+    finally:
+        for p in shards.glob("*.idx.json"):
+            p.unlink()
+    assert len(peers) >= 2, peers
+    local = DatagoDataset(wds_cfg(pattern, source={"cache_dir": str(tmp_path / "c2")}))
+    assert list(ds.listing.ids()) == list(local.listing.ids())
+    assert ds.listing.built == 0
+
+
+def test_building_an_index_keeps_no_shard_in_memory(tmp_path):
+    """``build_index`` reads each image's header as the shard streams by and keeps
+    only its size: on a shard of 120 noisy JPEGs (~10 MB), the peak of Python's
+    allocations stays under 3 MB, what the stream's 1 MiB chunks take (it held
+    every image's first 64 KiB until the end before: 10 MB here), and the sizes
+    are the images'."""
+    import tracemalloc
+    rng = np.random.default_rng(5)
+    path = tmp_path / "big.tar"
+    want = {}
+    with tarfile.open(path, "w") as tar:
+        for i in range(120):
+            w, h = 300 + i, 220
+            data = encode(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "JPEG", quality=95)
+            want[f"k{i:03d}"] = (w, h)
+            info = tarfile.TarInfo(f"k{i:03d}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert path.stat().st_size > 8_000_000
+    build_index(str(path))                              # (imports, caches)
+    tracemalloc.start()
+    try:
+        idx = build_index(str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3_000_000, peak
+    assert {s["key"]: (s["width"], s["height"]) for s in idx["samples"]} == want
 
 
 def test_remote_shard_without_index_is_streamed_once(data, tmp_path):

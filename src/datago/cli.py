@@ -225,8 +225,11 @@ def run_bench(root: Optional[str], size: int, ratio: int, batch: int, threads: O
     return 0
 
 
-def run_index(urls: Sequence[str], out_dir: Optional[str], reference_image_type: str) -> int:
-    """``datago index``: one index file per shard; a summary line per shard."""
+def run_index(urls: Sequence[str], out_dir: Optional[str], reference_image_type: str,
+              jobs: int = 8) -> int:
+    """``datago index``: one index file per shard, ``jobs`` shards at a time; a
+    summary line per shard, in the shards' order."""
+    import json as _json
     from datago.errors import DatagoError
     from datago.sources.webdataset import expand_urls, write_index
     try:
@@ -234,20 +237,24 @@ def run_index(urls: Sequence[str], out_dir: Optional[str], reference_image_type:
     except DatagoError as e:
         print(f"datago: {e}", file=sys.stderr)
         return 2
-    failed = 0
-    for shard in shards:
+
+    def one(shard: str) -> str:
         try:
             path = write_index(shard, out_dir, reference_image_type=reference_image_type)
+            with open(path) as f:
+                idx = _json.load(f)
         except (DatagoError, OSError) as e:
-            print(f"datago: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        import json as _json
-        with open(path) as f:
-            idx = _json.load(f)
+            return f"datago: {e}"
         n = len(idx["samples"])
         sized = sum(1 for s in idx["samples"] if s["width"] > 0)
-        print(f"{path}: {n} samples ({sized} with sizes), {idx['ignored']} members ignored")
+        return f"{path}: {n} samples ({sized} with sizes), {idx['ignored']} members ignored"
+
+    failed = 0
+    with ThreadPoolExecutor(max(1, min(jobs, len(shards)))) as pool:
+        for line in pool.map(one, shards):
+            failed += line.startswith("datago: ")
+            print(line, file=sys.stderr if line.startswith("datago: ") else sys.stdout,
+                  flush=True)
     return 1 if failed else 0
 
 
@@ -279,6 +286,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        help="folder for the indexes (default: next to each local shard)")
     index.add_argument("--reference-image-type", default="jpg",
                        help="extension of the main image (jpg)")
+    index.add_argument("--jobs", type=int, default=8,
+                       help="shards indexed at once (8): each streams its shard")
     conv = sub.add_parser("convert", help="rewrite a dataset (folder, index, webdataset, zip, "
                           "tfrecord, bins, db) as split bins, WebDataset shards or TFRecords")
     conv.add_argument("src", help="a folder of images, a bins folder, or a JSON config file")
@@ -324,7 +333,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      token=args.token, source=args.source, page_size_max=args.page_size_max,
                      cache_dir=args.cache_dir)
     if args.command == "index":
-        return run_index(args.url, args.out, args.reference_image_type)
+        if args.jobs < 1:
+            parser.error("--jobs must be >= 1")
+        return run_index(args.url, args.out, args.reference_image_type, args.jobs)
     if args.command == "convert":
         from datago.convert import run_convert
         return run_convert(args)

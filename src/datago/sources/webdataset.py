@@ -39,6 +39,7 @@ import json
 import os
 import re
 import tarfile
+import threading
 import zlib
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -57,6 +58,8 @@ __all__ = ["WebDatasetSource", "assign_shards", "build_index", "expand_urls", "i
 INDEX_SUFFIX = ".idx.json"
 INDEX_VERSION = 1
 MAX_MEMBER_BYTES = 1 << 30        # a streamed member is held in memory: larger ones are skipped
+INDEX_THREADS = 16                # shard indexes fetched (or built) at once at construction
+_BUILT_LOCK = threading.Lock()
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
@@ -391,9 +394,17 @@ def build_index(url: str, fetcher: Optional[Fetcher] = None,
     from datago.image import read_header
     fetcher = fetcher or Fetcher()
     members: Dict[str, Dict[str, List[int]]] = {}
-    heads: Dict[Tuple[str, str], bytes] = {}
+    sizes: Dict[Tuple[str, str], Tuple[int, int, int]] = {}   # (w, h, format) per image
     order: List[str] = []
     ignored = 0
+
+    def size_of(head: bytes) -> Tuple[int, int, int]:
+        try:
+            info = read_header(head)
+        except (DecodeError, ValueError):
+            return 0, 0, 0
+        h, w = info.display_size
+        return w, h, FORMATS.index(info.format) if info.format in FORMATS else len(FORMATS) - 1
 
     def scan(tar: _TarStream) -> None:
         nonlocal ignored
@@ -408,8 +419,8 @@ def build_index(url: str, fetcher: Optional[Fetcher] = None,
                 members[key] = {}
                 order.append(key)
             members[key][ext] = [info.offset, info.size]
-            if _image_ext(ext):
-                heads[(key, ext)] = info.read(65536)
+            if _image_ext(ext):               # (read now: a shard's heads are not kept)
+                sizes[(key, ext)] = size_of(info.read(65536))
 
     try:
         with _open_stream(url, fetcher) as tar:
@@ -424,15 +435,7 @@ def build_index(url: str, fetcher: Optional[Fetcher] = None,
     for key in order:
         exts = members[key]
         main = _main_of(exts, reference_image_type)
-        w = h = fmt = 0
-        if main is not None:
-            head = heads.get((key, main), b"")
-            try:
-                info = read_header(head)
-                h, w = info.display_size
-                fmt = FORMATS.index(info.format) if info.format in FORMATS else len(FORMATS) - 1
-            except (DecodeError, ValueError):
-                w = h = fmt = 0
+        w, h, fmt = sizes.get((key, main), (0, 0, 0))
         samples.append({"key": key, "members": exts, "main": main,
                         "width": w, "height": h, "format": fmt})
     return {"version": INDEX_VERSION, "shard": os.path.basename(url.split("?")[0]),
@@ -483,8 +486,7 @@ class WebDatasetSource(Source):
         keys, shard_of, parts = [], [], []
         width, height, fmt = [], [], []
         seen = set()
-        for s, shard in enumerate([] if streaming else self.shards):
-            idx = self._index(shard, index_dir, self._cache)
+        for s, idx in enumerate([] if streaming else self._indexes()):
             if idx.get("ignored"):
                 self._count("ignored_members", int(idx["ignored"]))
             for smp in idx["samples"]:
@@ -555,6 +557,18 @@ class WebDatasetSource(Source):
     def _count(self, reason: str, n: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + n
 
+    def _indexes(self) -> List[dict]:
+        """Every shard's index, in shard order, fetched (or built) by up to
+        ``INDEX_THREADS`` threads: a thousand remote shards cost a thousand
+        requests, or a thousand shard streams when they have no index yet."""
+        if len(self.shards) <= 1:
+            return [self._index(s, self._index_dir, self._cache) for s in self.shards]
+        from concurrent.futures import ThreadPoolExecutor
+        threads = min(len(self.shards), INDEX_THREADS, self.fetcher.config.io_concurrency)
+        with ThreadPoolExecutor(threads, thread_name_prefix="datago-index") as pool:
+            return list(pool.map(lambda s: self._index(s, self._index_dir, self._cache),
+                                 self.shards))
+
     def _index(self, shard: str, index_dir: Optional[str], cache: str) -> dict:
         candidates = []
         if index_dir:
@@ -574,7 +588,8 @@ class WebDatasetSource(Source):
             except ValueError:
                 pass                         # a broken index is rebuilt
         idx = build_index(shard, self.fetcher, self.reference_image_type)
-        self.built += 1
+        with _BUILT_LOCK:
+            self.built += 1
         try:
             _atomic_write(cached, json.dumps(idx, separators=(",", ":")).encode())
         except OSError:
