@@ -755,3 +755,62 @@ def test_the_httpx_way_is_bounded_too(nginx):
         with c.stream("GET", f"{nginx.url}/a.bin") as r:
             del r.headers["content-length"]                           # as it arrives
             assert _read_at_most(r, 100) is None
+
+
+def test_a_range_answered_with_other_bytes_is_refused():
+    """A 206 must carry the range asked for: a proxy that answers with other bytes
+    (another offset, none named) fails as ``bad_range`` -- those bytes would be
+    read as the member's -- while a header probe's range may end at the object's
+    end."""
+    part = BODY[100:150]
+    replies = [_reply(part, "Content-Length: 50", "Content-Range: bytes 0-49/16384",
+                      status="206 Partial Content"),
+               _reply(part, "Content-Length: 50", status="206 Partial Content"),
+               _reply(part, "Content-Length: 50", "Content-Range: bytes 100-149/16384",
+                      status="206 Partial Content"),
+               _reply(BODY[:30], "Content-Length: 30", "Content-Range: bytes 0-29/30",
+                      status="206 Partial Content")]
+    with ScriptedServer(replies) as srv:
+        f = fast(retries=0)
+        for shown in ("'bytes 0-49/16384'", "'(none)'"):
+            with pytest.raises(FetchError) as e:
+                f.read(Member(f"{srv.url}/a.bin", 100, 50))
+            assert e.value.reason == "bad_range" and e.value.attempts == 1
+            assert f"asked for bytes 100-149, the server sent Content-Range {shown}" in str(e.value)
+        assert f.read(Member(f"{srv.url}/a.bin", 100, 50)) == part
+        assert f.head(f"{srv.url}/small.bin", nbytes=64) == BODY[:30]
+
+
+def test_a_compressed_body_is_inflated_or_refused():
+    """datago asks for ``identity``; a server that compresses anyway: a whole gzip
+    or deflate body is inflated, a compressed range or another coding fails as
+    ``wrong_content_type`` (never read as the image's bytes)."""
+    import gzip
+    import zlib
+    gz, zl = gzip.compress(BODY), zlib.compress(BODY)
+    raw = zlib.compressobj(wbits=-15)
+    raw = raw.compress(BODY) + raw.flush()
+    replies = [_reply(gz, f"Content-Length: {len(gz)}", "Content-Encoding: gzip"),
+               _reply(zl, f"Content-Length: {len(zl)}", "Content-Encoding: deflate"),
+               _reply(raw, f"Content-Length: {len(raw)}", "Content-Encoding: deflate"),
+               _reply(b"xyz", "Content-Length: 3", "Content-Encoding: br"),
+               _reply(gz[:20], "Content-Length: 20", "Content-Range: bytes 0-19/999",
+                      "Content-Encoding: gzip", status="206 Partial Content"),
+               _reply(gz[:-12], f"Content-Length: {len(gz) - 12}", "Content-Encoding: gzip"),
+               _reply(gz, f"Content-Length: {len(gz)}", "Content-Encoding: gzip")]
+    with ScriptedServer(replies) as srv:
+        f = fast(retries=0)
+        assert [f.read(f"{srv.url}/{i}") for i in range(3)] == [BODY] * 3
+        with pytest.raises(FetchError, match="a body sent with Content-Encoding 'br'") as e:
+            f.read(f"{srv.url}/3")
+        assert e.value.reason == "wrong_content_type"
+        with pytest.raises(FetchError, match="a Range request answered with Content-Enc") as e:
+            f.read(Member(f"{srv.url}/4", 0, 20))
+        assert e.value.reason == "wrong_content_type"
+        with pytest.raises(FetchError, match="a gzip body that ends early") as e:
+            f.read(f"{srv.url}/5")
+        assert e.value.reason == "truncated"
+        f.close()                               # (the server serves one connection at a time)
+        with pytest.raises(FetchError, match="over max_object_bytes") as e:   # inflated size
+            fast(retries=0, max_object_bytes=len(BODY) - 1).read(f"{srv.url}/6")
+        assert e.value.reason == "too_large"

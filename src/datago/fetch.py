@@ -35,6 +35,12 @@ a member's Range     no                            ``range_ignored``
 ignored (HTTP 200)
 on an object over
 16 MiB
+a 206 whose          no                            ``bad_range``
+Content-Range is not
+the range asked for
+a compressed range,  no                            ``wrong_content_type``
+a coding other than
+gzip or deflate
 local OSError        no                            ``read_error``
 ===================  ============================  =====================
 
@@ -44,7 +50,9 @@ is read (or as it arrives, when it has none).  A member read by offset whose
 server ignores ``Range`` and answers with the whole object is cut from it when
 that object is small (at most 16 MiB, or ``max_object_bytes`` if smaller); a
 larger one fails as ``range_ignored`` rather than arriving whole once per member.
-Streams (``stream``: shards read whole) are not bounded by it.
+Streams (``stream``: shards read whole) are not bounded by it.  Requests ask for
+``identity``; a whole body compressed anyway (gzip, deflate) is inflated here,
+within the same bound.
 
 Redirects (301, 302, 303, 307, 308) are followed here, each URL requested once,
 by the rules of httpx's client: a relative ``Location`` resolved against the
@@ -337,6 +345,49 @@ def _read_at_most(resp, limit: int) -> Optional[bytes]:
             return None
         parts.append(data)
     return b"".join(parts)
+
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
+
+
+def _check_range(value: Optional[str], url: str, offset: int, size: int,
+                 short_ok: bool) -> None:
+    """A 206's ``Content-Range`` must be the range asked for (a header probe's may
+    end early, at the object's end): other bytes would be read as the member's."""
+    m = _CONTENT_RANGE.fullmatch((value or "").strip())
+    end = offset + size - 1
+    if m is None or int(m[1]) != offset or not (
+            int(m[2]) == end or (short_ok and offset <= int(m[2]) < end)):
+        shown = redact(url)
+        raise FetchError(f"{shown}: asked for bytes {offset}-{end}, the server sent "
+                         f"Content-Range {(value or '(none)')[:80]!r}", "bad_range", shown, 206)
+
+
+def _decoded(data: bytes, coding: str, url: str, status: int, ranged: bool,
+             limit: int) -> bytes:
+    """A body the server compressed although datago asked for ``identity``: gzip and
+    deflate are inflated (within ``limit``); a range of compressed bytes, or another
+    coding, is a ``wrong_content_type`` failure."""
+    import zlib
+    shown = redact(url)
+    if ranged or coding not in ("gzip", "x-gzip", "deflate"):
+        what = "a Range request answered with" if ranged else "a body sent with"
+        raise FetchError(f"{shown}: {what} Content-Encoding {coding[:40]!r} (datago asks for "
+                         f"identity and does not decode it)", "wrong_content_type", shown,
+                         status)
+    wbits = 16 + zlib.MAX_WBITS if coding != "deflate" else (
+        zlib.MAX_WBITS if data[:1] == b"\x78" else -zlib.MAX_WBITS)
+    d = zlib.decompressobj(wbits)
+    try:
+        out = d.decompress(data, limit + 1)
+    except zlib.error as e:
+        raise FetchError(f"{shown}: a {coding} body that does not inflate ({e})",
+                         "wrong_content_type", shown, status) from None
+    if len(out) > limit:
+        raise _over_limit(url, status, None, limit, None, None)
+    if not d.eof:
+        raise _Retry("truncated", f"a {coding} body that ends early", status)
+    return out
 
 
 def _over_limit(loc: str, status: Optional[int], length: Optional[str], limit: int,
@@ -671,6 +722,11 @@ class Fetcher:
         if data is None:
             raise _over_limit(url, status, head.get("content-length"), limit,
                               None if short_ok else offset, size)
+        coding = (head.get("content-encoding") or "identity").strip().lower()
+        if coding != "identity":
+            data = _decoded(data, coding, url, status, offset is not None, limit)
+        if offset is not None and status == 206:
+            _check_range(head.get("content-range"), url, offset, size, short_ok)
         return self._sized(data, status, offset, size, short_ok)
 
     @staticmethod
