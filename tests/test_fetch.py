@@ -814,3 +814,28 @@ def test_a_compressed_body_is_inflated_or_refused():
         with pytest.raises(FetchError, match="over max_object_bytes") as e:   # inflated size
             fast(retries=0, max_object_bytes=len(BODY) - 1).read(f"{srv.url}/6")
         assert e.value.reason == "too_large"
+
+
+def test_a_stream_resumed_at_other_bytes_is_refused():
+    """A stream that breaks is resumed with ``Range: bytes=N-``; a 206 that starts
+    elsewhere fails as ``bad_range`` (its bytes would be spliced into the
+    shard), while one that starts at N completes it."""
+    for second, ok in [(_reply(BODY, f"Content-Length: {len(BODY)}",
+                               f"Content-Range: bytes 0-{len(BODY) - 1}/{len(BODY)}",
+                               status="206 Partial Content"), False),
+                       (_reply(BODY[5000:], f"Content-Length: {len(BODY) - 5000}",
+                               f"Content-Range: bytes 5000-{len(BODY) - 1}/{len(BODY)}",
+                               status="206 Partial Content"), True)]:
+        first = _reply(BODY[:5000], f"Content-Length: {len(BODY)}", "Connection: close")
+        with ScriptedServer([first, second]) as srv:
+            f = fast(retries=2)
+            if ok:
+                assert b"".join(f.stream(f"{srv.url}/s.tar", chunk_size=4096)) == BODY
+                assert f.retried.get("resumed") == 1
+            else:
+                with pytest.raises(FetchError) as e:
+                    b"".join(f.stream(f"{srv.url}/s.tar", chunk_size=4096))
+                assert e.value.reason == "bad_range"
+                assert "resumed from byte 5000, the server sent Content-Range 'bytes 0-" \
+                    in str(e.value)
+            assert "Range: bytes=5000-" in srv.log[1][1]

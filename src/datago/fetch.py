@@ -38,6 +38,9 @@ on an object over
 a 206 whose          no                            ``bad_range``
 Content-Range is not
 the range asked for
+(or, resuming a
+stream, not its
+next byte)
 a compressed range,  no                            ``wrong_content_type``
 a coding other than
 gzip or deflate
@@ -819,6 +822,14 @@ class Fetcher:
                     if resp.status_code == 416 and pos:
                         return                        # it ended exactly where it broke
                     self._check(resp, loc)
+                    if pos and resp.status_code == 206:
+                        m = _CONTENT_RANGE.fullmatch(
+                            resp.headers.get("content-range", "").strip())
+                        if m is None or int(m[1]) != pos:
+                            raise FetchError(
+                                f"{shown}: resumed from byte {pos}, the server sent "
+                                f"Content-Range {resp.headers.get('content-range', '(none)')[:80]!r}",
+                                "bad_range", shown, 206)
                     skip = pos if resp.status_code == 200 else 0
                     for data in resp.iter_raw():          # as it arrives
                         if skip:
