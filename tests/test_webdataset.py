@@ -254,6 +254,40 @@ def test_building_an_index_keeps_no_shard_in_memory(tmp_path):
     assert {s["key"]: (s["width"], s["height"]) for s in idx["samples"]} == want
 
 
+def test_gzipped_shards_are_read_from_a_decompressed_copy(data, tmp_path):
+    """``.tar.gz`` shards, local and over nginx, read with indexes: each is
+    decompressed once into cache_dir while its index is built, its members read
+    from that copy (offsets in a compressed file mean nothing), and the samples
+    equal the plain shards'.  A second construction reuses index and copy; a copy
+    gone is rebuilt with its index.  ``datago index`` refuses a compressed shard."""
+    import gzip
+    base, samples, pattern = data
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    for i in range(4):
+        raw = (base / "shards" / f"shard-{i:03d}.tar").read_bytes()
+        (gz / f"shard-{i:03d}.tar.gz").write_bytes(gzip.compress(raw))
+    want = by_key(DatagoDataset(wds_cfg(pattern, source={"cache_dir": str(tmp_path / "p")})))
+    cache = tmp_path / "c"
+    local = wds_cfg(str(gz / "shard-{000..003}.tar.gz"), source={"cache_dir": str(cache)})
+    ds = DatagoDataset(local)
+    assert ds.listing.built == 4 and not ds._remote
+    assert by_key(ds) == want and ds.stats()["skipped"] == {}
+    copies = sorted((cache / "wds-index").glob("*.tar"))
+    assert len(copies) == 4 and sum(p.stat().st_size for p in copies) == sum(
+        (base / "shards" / f"shard-{i:03d}.tar").stat().st_size for i in range(4))
+    assert DatagoDataset(local).listing.built == 0                 # both reused
+    copies[0].unlink()
+    again = DatagoDataset(local)
+    assert again.listing.built == 1 and by_key(again) == want
+    with Nginx(gz) as n:
+        remote = DatagoDataset(wds_cfg(f"{n.url}/shard-{{000..003}}.tar.gz",
+                                       source={"cache_dir": str(tmp_path / "r")}))
+        assert remote.listing.built == 4
+        assert by_key(remote) == want
+    assert cli.main(["index", str(gz / "shard-000.tar.gz")]) == 1
+
+
 def test_remote_shard_without_index_is_streamed_once(data, tmp_path):
     base, samples, _ = data
     with FaultServer(base / "shards") as srv:

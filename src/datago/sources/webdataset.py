@@ -28,6 +28,12 @@ as ``<shard>.idx.json``, or into a folder of your choice; the source looks there
 shard without an index is streamed once at construction to build it, and the
 result is cached in ``cache_dir`` (keyed by the shard URL's hash, never by member
 names, so nothing in a tar chooses a path on disk).
+
+A gzip-compressed shard (``.tar.gz``, ``.tgz``) has no offsets to seek to: read
+with an index, it is decompressed once into ``cache_dir`` while its index is
+built (the copy takes its decompressed size on disk; it and the index are kept
+together and rebuilt together), and its members are read from that copy.
+Streamed (``streaming: true``), it is decompressed on the fly.
 """
 
 from __future__ import annotations
@@ -295,15 +301,28 @@ def _gunzip(chunks) -> Iterator[bytes]:
         raise EOFError("compressed shard ends before its end")
 
 
+def is_gzipped(url: str) -> bool:
+    return url.split("?")[0].endswith((".tar.gz", ".tgz"))
+
+
+def _tee(chunks, write):
+    for chunk in chunks:
+        write(chunk)
+        yield chunk
+
+
 @contextlib.contextmanager
-def _open_stream(url: str, fetcher: Fetcher, cache: bool = False):
+def _open_stream(url: str, fetcher: Fetcher, cache: bool = False, copy=None):
     """The shard as a streamed tar (``_TarStream``; the bytes from ``fetcher.stream``:
     local reads, or HTTP/S3 resumed by ``Range`` when the connection breaks);
     ``.tar.gz``/``.tgz`` decompressed.  The stream is read to its end after the
-    tar's end marker (record padding), so a ``cache``d stream counts as complete."""
+    tar's end marker (record padding), so a ``cache``d stream counts as complete.
+    ``copy``: a file the (decompressed) bytes are also written to."""
     chunks = fetcher.stream(url, cache=cache)
-    if url.split("?")[0].endswith((".tar.gz", ".tgz")):
+    if is_gzipped(url):
         chunks = _gunzip(chunks)
+    if copy is not None:
+        chunks = _tee(chunks, copy.write)
     raw = io.BufferedReader(_Stream(chunks), 1 << 16)
     yield _TarStream(raw)
     while raw.read(1 << 20):
@@ -389,8 +408,11 @@ def assign_shards(sizes: List[int], slots: int, order: Iterable[int]) -> List[Li
 
 
 def build_index(url: str, fetcher: Optional[Fetcher] = None,
-                reference_image_type: str = "jpg") -> dict:
-    """Stream one shard and return its index (see the module docstring)."""
+                reference_image_type: str = "jpg", copy_to: Optional[str] = None) -> dict:
+    """Stream one shard and return its index (see the module docstring).
+    ``copy_to``: the shard's decompressed bytes are also written there (atomically;
+    for a gzip-compressed shard, whose members are then read from the copy), and
+    the index records their size as ``raw_size``."""
     from datago.image import read_header
     fetcher = fetcher or Fetcher()
     members: Dict[str, Dict[str, List[int]]] = {}
@@ -422,9 +444,17 @@ def build_index(url: str, fetcher: Optional[Fetcher] = None,
             if _image_ext(ext):               # (read now: a shard's heads are not kept)
                 sizes[(key, ext)] = size_of(info.read(65536))
 
-    try:
-        with _open_stream(url, fetcher) as tar:
+    def run(copy=None) -> None:
+        with _open_stream(url, fetcher, copy=copy) as tar:
             scan(tar)
+
+    raw_size = None
+    try:
+        if copy_to is None:
+            run()
+        else:
+            atomic_write(copy_to, run)
+            raw_size = os.path.getsize(copy_to)
     except (tarfile.TarError, EOFError, zlib.error) as e:
         raise DatagoError(f"{redact(url)}: not a readable tar shard ({e})") from None
     except OSError as e:
@@ -438,9 +468,12 @@ def build_index(url: str, fetcher: Optional[Fetcher] = None,
         w, h, fmt = sizes.get((key, main), (0, 0, 0))
         samples.append({"key": key, "members": exts, "main": main,
                         "width": w, "height": h, "format": fmt})
-    return {"version": INDEX_VERSION, "shard": os.path.basename(url.split("?")[0]),
-            "reference_image_type": reference_image_type, "samples": samples,
-            "ignored": ignored}
+    idx = {"version": INDEX_VERSION, "shard": os.path.basename(url.split("?")[0]),
+           "reference_image_type": reference_image_type, "samples": samples,
+           "ignored": ignored}
+    if raw_size is not None:
+        idx["raw_size"] = raw_size
+    return idx
 
 
 def index_path_for(url: str, index_dir: Optional[str]) -> str:
@@ -453,6 +486,10 @@ def index_path_for(url: str, index_dir: Optional[str]) -> str:
 def write_index(url: str, out_dir: Optional[str] = None, fetcher: Optional[Fetcher] = None,
                 reference_image_type: str = "jpg") -> str:
     """Build a shard's index and write it next to a local shard or into ``out_dir``."""
+    if is_gzipped(url):
+        raise ConfigError(f"{redact(url)} is gzip-compressed: its members cannot be read by "
+                          f"offset, so it takes no index file (the source decompresses it into "
+                          f"cache_dir and indexes that copy itself)")
     if out_dir is None and is_remote(url):
         raise ConfigError(f"{redact(url)} is remote: give a folder for its index (--out)")
     path = index_path_for(url, out_dir)
@@ -486,7 +523,9 @@ class WebDatasetSource(Source):
         keys, shard_of, parts = [], [], []
         width, height, fmt = [], [], []
         seen = set()
-        for s, idx in enumerate([] if streaming else self._indexes()):
+        found = [] if streaming else self._indexes()
+        self._locs = [loc for _, loc in found]   # where each shard's members are read
+        for s, (idx, _) in enumerate(found):
             if idx.get("ignored"):
                 self._count("ignored_members", int(idx["ignored"]))
             for smp in idx["samples"]:
@@ -537,7 +576,7 @@ class WebDatasetSource(Source):
         that has none, and cached): the first pass of a streaming epoch."""
         total = 0
         for shard in self.shards:
-            idx = self._index(shard, self._index_dir, self._cache)
+            idx, _ = self._index(shard, self._index_dir, self._cache, need_copy=False)
             total += sum(1 for smp in idx["samples"] if smp.get("main") is not None)
         return total
 
@@ -557,8 +596,8 @@ class WebDatasetSource(Source):
     def _count(self, reason: str, n: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + n
 
-    def _indexes(self) -> List[dict]:
-        """Every shard's index, in shard order, fetched (or built) by up to
+    def _indexes(self) -> List[Tuple[dict, str]]:
+        """Every shard's (index, location of its members), in shard order, fetched (or built) by up to
         ``INDEX_THREADS`` threads: a thousand remote shards cost a thousand
         requests, or a thousand shard streams when they have no index yet."""
         if len(self.shards) <= 1:
@@ -569,12 +608,20 @@ class WebDatasetSource(Source):
             return list(pool.map(lambda s: self._index(s, self._index_dir, self._cache),
                                  self.shards))
 
-    def _index(self, shard: str, index_dir: Optional[str], cache: str) -> dict:
+    def _index(self, shard: str, index_dir: Optional[str], cache: str,
+               need_copy: bool = True) -> Tuple[dict, str]:
+        """(index, location of the members): the shard itself, or for a gzip-compressed
+        one its decompressed copy in the cache (built with the cached index, and used
+        only with it: an index made elsewhere does not say which copy it matches).
+        ``need_copy=False``: the index alone (the samples are counted, not read)."""
+        key = xxhash.xxh64_hexdigest(shard.encode())
+        cached = os.path.join(cache, key + INDEX_SUFFIX)
+        copy = os.path.join(cache, key + ".tar") if is_gzipped(shard) else None
         candidates = []
-        if index_dir:
-            candidates.append(index_path_for(shard, index_dir))
-        candidates.append(index_path_for(shard, None))
-        cached = os.path.join(cache, xxhash.xxh64_hexdigest(shard.encode()) + INDEX_SUFFIX)
+        if copy is None:
+            if index_dir:
+                candidates.append(index_path_for(shard, index_dir))
+            candidates.append(index_path_for(shard, None))
         candidates.append(cached)
         for c in candidates:
             data = self.fetcher.read_optional(c)
@@ -582,19 +629,24 @@ class WebDatasetSource(Source):
                 continue
             try:
                 idx = json.loads(data)
-                if idx.get("version") == INDEX_VERSION and \
-                        idx.get("reference_image_type", "jpg") == self.reference_image_type:
-                    return idx
             except ValueError:
-                pass                         # a broken index is rebuilt
-        idx = build_index(shard, self.fetcher, self.reference_image_type)
+                continue                     # a broken index is rebuilt
+            if idx.get("version") != INDEX_VERSION or \
+                    idx.get("reference_image_type", "jpg") != self.reference_image_type:
+                continue
+            if copy is not None and need_copy and not (
+                    os.path.isfile(copy) and os.path.getsize(copy) == idx.get("raw_size")):
+                continue
+            return idx, copy or shard
+        idx = build_index(shard, self.fetcher, self.reference_image_type,
+                          copy_to=copy if need_copy else None)
         with _BUILT_LOCK:
             self.built += 1
         try:
             _atomic_write(cached, json.dumps(idx, separators=(",", ":")).encode())
         except OSError:
             pass
-        return idx
+        return idx, copy or shard
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -604,7 +656,7 @@ class WebDatasetSource(Source):
 
     def _member(self, i: int, ext: str) -> Member:
         off, size = self._parts[i][ext]
-        return Member(self.shards[self._shard_of[i]], int(off), int(size),
+        return Member(self._locs[self._shard_of[i]], int(off), int(size),
                       f"{self._keys[i].rsplit('/', 1)[-1]}.{ext}")
 
     def main_location(self, i: int) -> Member:
@@ -616,7 +668,7 @@ class WebDatasetSource(Source):
         return make_ref(self._keys[i], locs, exts["__main__"])
 
     def remote(self) -> bool:
-        return any(is_remote(s) for s in self.shards)
+        return any(is_remote(s) for s in (self.shards if self.streaming else self._locs))
 
     def known_sizes(self) -> SizesIndex:
         return self._sizes
