@@ -839,3 +839,17 @@ def test_a_stream_resumed_at_other_bytes_is_refused():
                 assert "resumed from byte 5000, the server sent Content-Range 'bytes 0-" \
                     in str(e.value)
             assert "Range: bytes=5000-" in srv.log[1][1]
+
+
+def test_a_member_of_an_archive_that_changed_size(files, nginx):
+    """A member knows the size of the archive its offset was taken from
+    (``total``): a file or object of another size fails as ``stale_index``
+    (local: a stat; remote: the total of the 206's Content-Range)."""
+    for url in (str(files / "a.bin"), f"{nginx.url}/a.bin"):
+        f = fast()
+        assert f.read(Member(url, 100, 50, total=len(BODY))) == BODY[100:150]
+        with pytest.raises(FetchError) as e:
+            f.read(Member(url, 100, 50, total=len(BODY) - 512))
+        assert e.value.reason == "stale_index" and e.value.attempts == 1
+        assert f"is {len(BODY):,} bytes, but its index was made for {len(BODY) - 512:,}" \
+            in str(e.value)

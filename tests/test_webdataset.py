@@ -288,6 +288,55 @@ def test_gzipped_shards_are_read_from_a_decompressed_copy(data, tmp_path):
     assert cli.main(["index", str(gz / "shard-000.tar.gz")]) == 1
 
 
+def test_a_shard_changed_after_its_index_was_made(data, tmp_path):
+    """An index records its shard's size.  When the shard changes size (here
+    rewritten without its first sample, plus a text member): a local shard's
+    index, and our cached index of a remote one, are found stale at construction
+    and rebuilt; an index published next to a remote shard is checked as members
+    are read -- each sample fails as ``stale_index``, counted, never read at the
+    old offsets.  (A rewrite to the same size is not detected.)"""
+    import shutil
+    base, samples, pattern = data
+    src = base / "shards" / "shard-000.tar"
+    d = tmp_path / "s"
+    d.mkdir()
+    shard = d / "shard-000.tar"
+    shutil.copy(src, shard)
+    write_index(str(shard))                                  # next to the shard
+    old = json.loads((d / "shard-000.tar.idx.json").read_text())
+    assert old["size"] == shard.stat().st_size
+    mine = [k for k, _ in samples[0::4]]
+    with tarfile.open(src) as t_in, tarfile.open(shard, "w") as t_out:
+        for m in t_in.getmembers():
+            if not m.name.startswith(mine[0] + "."):
+                t_out.addfile(m, t_in.extractfile(m))
+        pad = tarfile.TarInfo("zz-notes.txt")        # (a sample without an image) so that
+        pad.size = 30000                             # the size changes past tar's padding
+        t_out.addfile(pad, io.BytesIO(b"n" * pad.size))
+    assert shard.stat().st_size != old["size"]
+    new_ids = sorted(mine[1:])
+    cfg = wds_cfg(str(shard), source={"cache_dir": str(tmp_path / "c"), "retries": 0},
+                  remainder="pad")
+    ds = DatagoDataset(cfg)                                  # local: rebuilt at once
+    assert ds.listing.built == 1 and sorted(ds.listing.ids()) == new_ids
+    assert sorted(by_key(ds)) == new_ids
+    with Nginx(d) as n:
+        url = f"{n.url}/shard-000.tar"
+        remote = DatagoDataset(wds_cfg(url, source={"cache_dir": str(tmp_path / "r"),
+                                                     "retries": 0}, remainder="pad"))
+        assert remote.listing.built == 0                     # the published index, stale
+        assert not [i for b in remote for i in b["id"]]
+        st = remote.stats()
+        assert set(st["skipped"]) == {"stale_index"} and st["skipped_total"] >= len(mine)
+        (d / "shard-000.tar.idx.json").unlink()
+        fresh = DatagoDataset(wds_cfg(url, source={"cache_dir": str(tmp_path / "r")}))
+        assert fresh.listing.built == 1 and sorted(by_key(fresh)) == new_ids
+        shutil.copy(src, shard)                              # changed again
+        again = DatagoDataset(wds_cfg(url, source={"cache_dir": str(tmp_path / "r")}))
+        assert again.listing.built == 1                      # our cached index: rebuilt
+        assert sorted(by_key(again)) == sorted(mine)
+
+
 def test_remote_shard_without_index_is_streamed_once(data, tmp_path):
     base, samples, _ = data
     with FaultServer(base / "shards") as srv:

@@ -45,7 +45,7 @@ from datago.sources.filesystem import SampleRef
 REASONS = ("read_error", "decode_error", "too_large", "bad_attributes", "bad_latent",
            # remote locations (datago.fetch)
            "http_4xx", "http_5xx", "http_429", "timeout", "truncated", "reset", "connect",
-           "wrong_content_type", "redirect", "range_ignored", "bad_range",
+           "wrong_content_type", "redirect", "range_ignored", "bad_range", "stale_index",
            # archive members (datago._codecs)
            "bad_member", "crc_mismatch",
            # a mask that cannot be aligned with its image or read as asked

@@ -41,6 +41,10 @@ the range asked for
 (or, resuming a
 stream, not its
 next byte)
+an archive whose     no                            ``stale_index``
+size is not the one
+its index was made
+for
 a compressed range,  no                            ``wrong_content_type``
 a coding other than
 gzip or deflate
@@ -122,6 +126,7 @@ class Member:
     codec: str = ""           # how the stored bytes become the content (datago._codecs)
     raw_size: int = 0         # the content's size, for codecs that inflate
     crc32: int = -1           # the content's CRC-32 to check (a ZIP member's), -1: none
+    total: int = -1           # the size of ``url`` the offset was taken from, -1: unknown
 
     def __str__(self) -> str:
         return f"{redact(self.url)}[{self.offset}:{self.offset + self.size}]"
@@ -353,6 +358,16 @@ def _read_at_most(resp, limit: int) -> Optional[bytes]:
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 
 
+def _check_total(size: int, total: int, loc: str) -> None:
+    """A member is read from the file or object its offset was taken from: a size
+    that differs means the archive changed since (its index is stale)."""
+    if size != total:
+        shown = redact(loc)
+        raise FetchError(f"{shown} is {size:,} bytes, but its index was made for "
+                         f"{total:,}: the archive changed since, so its offsets are "
+                         f"stale (rebuild the index)", "stale_index", shown)
+
+
 def _check_range(value: Optional[str], url: str, offset: int, size: int,
                  short_ok: bool) -> None:
     """A 206's ``Content-Range`` must be the range asked for (a header probe's may
@@ -456,9 +471,9 @@ class Fetcher:
             return loc.data
         if isinstance(loc, Member):
             if is_remote(loc.url):
-                data = self._cached(loc.url, loc.offset, loc.size, cache)
+                data = self._cached(loc.url, loc.offset, loc.size, cache, loc.total)
             else:
-                data = self._local(loc.url, loc.offset, loc.size)
+                data = self._local(loc.url, loc.offset, loc.size, loc.total)
             if loc.codec or loc.crc32 >= 0:
                 from datago._codecs import decode_member
                 return decode_member(loc, data)
@@ -485,13 +500,14 @@ class Fetcher:
             return None
 
     def _cached(self, url: str, offset: Optional[int], size: Optional[int],
-                use: bool = True) -> bytes:
+                use: bool = True, total: int = -1) -> bytes:
         if self.cache is None or not use:
-            return self._http(url, offset, size)
-        key = url if offset is None else f"{url}#{offset}+{size}"
+            return self._http(url, offset, size, total=total)
+        key = url if offset is None else f"{url}#{offset}+{size}" + (
+            f"/{total}" if total >= 0 else "")
         data = self.cache.get(key)
         if data is None or (size is not None and len(data) != size):
-            data = self._http(url, offset, size)
+            data = self._http(url, offset, size, total=total)
             self.cache.put(key, data)
         return data
 
@@ -502,7 +518,8 @@ class Fetcher:
         if isinstance(loc, Member):
             if loc.codec:                    # the content is known only once decoded
                 return self.read(loc)[:nbytes]
-            return self.read(Member(loc.url, loc.offset, min(loc.size, nbytes), loc.name))
+            return self.read(Member(loc.url, loc.offset, min(loc.size, nbytes), loc.name,
+                                    total=loc.total))
         if is_remote(loc):
             return self._http(loc, 0, nbytes, short_ok=True)   # also s3://
         try:
@@ -519,14 +536,19 @@ class Fetcher:
             self._transport = None
 
     # ------------------------------------------------------------------ local
-    def _local(self, path: str, offset: Optional[int], size: Optional[int]) -> bytes:
+    def _local(self, path: str, offset: Optional[int], size: Optional[int],
+               total: int = -1) -> bytes:
         if offset is None:
             return read_file(path, self.config.max_object_bytes)
         try:
             with open(path, "rb") as f:
+                if total >= 0:
+                    _check_total(os.fstat(f.fileno()).st_size, total, path)
                 f.seek(offset)
                 data = f.read(size)
         except OSError as e:
+            if isinstance(e, FetchError):
+                raise
             raise FetchError(f"cannot read {path}: {e.strerror or e}", "read_error", path) from None
         if len(data) != size:
             raise FetchError(f"{path}: expected {size} bytes at offset {offset}, the file "
@@ -591,8 +613,9 @@ class Fetcher:
             resp.close()
 
     def _http(self, url: str, offset: Optional[int], size: Optional[int],
-              short_ok: bool = False) -> bytes:
-        return self._retrying(url, lambda: self._attempt(url, offset, size, short_ok))
+              short_ok: bool = False, total: int = -1) -> bytes:
+        return self._retrying(url, lambda: self._attempt(url, offset, size, short_ok,
+                                                         total=total))
 
     def _retrying(self, url: str, attempt_fn):
         """``attempt_fn()`` until it does not raise ``_Retry``, within the retries and
@@ -690,7 +713,8 @@ class Fetcher:
         return self._retrying(url, lambda: self._attempt(url, None, None, headers=headers))
 
     def _attempt(self, url: str, offset: Optional[int], size: Optional[int],
-                 short_ok: bool = False, headers: Optional[Dict[str, str]] = None) -> bytes:
+                 short_ok: bool = False, headers: Optional[Dict[str, str]] = None,
+                 total: int = -1) -> bytes:
         import httpx
         headers = dict(headers) if headers else {}
         limit = self.config.max_object_bytes
@@ -728,6 +752,11 @@ class Fetcher:
         coding = (head.get("content-encoding") or "identity").strip().lower()
         if coding != "identity":
             data = _decoded(data, coding, url, status, offset is not None, limit)
+        if offset is not None and total >= 0:          # the object the offsets are of?
+            length = head.get("content-range", "").rpartition("/")[2] if status == 206 \
+                else str(len(data))
+            if length.strip().isdigit():
+                _check_total(int(length), total, url)
         if offset is not None and status == 206:
             _check_range(head.get("content-range"), url, offset, size, short_ok)
         return self._sized(data, status, offset, size, short_ok)

@@ -29,6 +29,14 @@ shard without an index is streamed once at construction to build it, and the
 result is cached in ``cache_dir`` (keyed by the shard URL's hash, never by member
 names, so nothing in a tar chooses a path on disk).
 
+An index records its shard's size.  A local shard's index, and an index this
+source cached, are checked against the shard's size at construction and rebuilt
+when it changed; every member read checks it too (a stat, or the total in the
+``Content-Range`` of the reply), so an index published next to a remote shard
+that changed fails each sample as ``stale_index`` instead of reading other
+bytes at its old offsets.  A shard rewritten to the very same size (tar pads to
+10 KiB records) is not detected.
+
 A gzip-compressed shard (``.tar.gz``, ``.tgz``) has no offsets to seek to: read
 with an index, it is decompressed once into ``cache_dir`` while its index is
 built (the copy takes its decompressed size on disk; it and the index are kept
@@ -311,14 +319,24 @@ def _tee(chunks, write):
         yield chunk
 
 
+def _counted(chunks, box: list):
+    for chunk in chunks:
+        box[0] += len(chunk)
+        yield chunk
+
+
 @contextlib.contextmanager
-def _open_stream(url: str, fetcher: Fetcher, cache: bool = False, copy=None):
+def _open_stream(url: str, fetcher: Fetcher, cache: bool = False, copy=None,
+                 count: Optional[list] = None):
     """The shard as a streamed tar (``_TarStream``; the bytes from ``fetcher.stream``:
     local reads, or HTTP/S3 resumed by ``Range`` when the connection breaks);
     ``.tar.gz``/``.tgz`` decompressed.  The stream is read to its end after the
     tar's end marker (record padding), so a ``cache``d stream counts as complete.
-    ``copy``: a file the (decompressed) bytes are also written to."""
+    ``copy``: a file the (decompressed) bytes are also written to; ``count``: a
+    one-item list that gets the number of bytes the shard has as stored."""
     chunks = fetcher.stream(url, cache=cache)
+    if count is not None:
+        chunks = _counted(chunks, count)
     if is_gzipped(url):
         chunks = _gunzip(chunks)
     if copy is not None:
@@ -444,8 +462,10 @@ def build_index(url: str, fetcher: Optional[Fetcher] = None,
             if _image_ext(ext):               # (read now: a shard's heads are not kept)
                 sizes[(key, ext)] = size_of(info.read(65536))
 
+    stored = [0]
+
     def run(copy=None) -> None:
-        with _open_stream(url, fetcher, copy=copy) as tar:
+        with _open_stream(url, fetcher, copy=copy, count=stored) as tar:
             scan(tar)
 
     raw_size = None
@@ -470,7 +490,7 @@ def build_index(url: str, fetcher: Optional[Fetcher] = None,
                         "width": w, "height": h, "format": fmt})
     idx = {"version": INDEX_VERSION, "shard": os.path.basename(url.split("?")[0]),
            "reference_image_type": reference_image_type, "samples": samples,
-           "ignored": ignored}
+           "ignored": ignored, "size": stored[0]}
     if raw_size is not None:
         idx["raw_size"] = raw_size
     return idx
@@ -525,6 +545,9 @@ class WebDatasetSource(Source):
         seen = set()
         found = [] if streaming else self._indexes()
         self._locs = [loc for _, loc in found]   # where each shard's members are read
+        # and the size that file had when the index was made (-1: an older index)
+        self._totals = [int(idx.get("raw_size" if loc != shard else "size", -1))
+                        for (idx, loc), shard in zip(found, self.shards)]
         for s, (idx, _) in enumerate(found):
             if idx.get("ignored"):
                 self._count("ignored_members", int(idx["ignored"]))
@@ -634,6 +657,8 @@ class WebDatasetSource(Source):
             if idx.get("version") != INDEX_VERSION or \
                     idx.get("reference_image_type", "jpg") != self.reference_image_type:
                 continue
+            if not self._current(idx, shard, c == cached):
+                continue                     # made for another version of the shard
             if copy is not None and need_copy and not (
                     os.path.isfile(copy) and os.path.getsize(copy) == idx.get("raw_size")):
                 continue
@@ -648,6 +673,19 @@ class WebDatasetSource(Source):
             pass
         return idx, copy or shard
 
+    def _current(self, idx: dict, shard: str, ours: bool) -> bool:
+        """Whether an index that records its shard's size was made for the shard as it
+        is now: checked for local shards (a stat), and for a remote one when the
+        index is our cached one (one size request; an index published next to
+        a remote shard is checked as its members are read)."""
+        size = idx.get("size")
+        if not isinstance(size, int) or (is_remote(shard) and not ours):
+            return True
+        try:
+            return self.fetcher.size(shard) == size
+        except (FetchError, OSError):
+            return True                      # (the reads will say what is wrong)
+
     def __len__(self) -> int:
         return len(self._keys)
 
@@ -656,8 +694,9 @@ class WebDatasetSource(Source):
 
     def _member(self, i: int, ext: str) -> Member:
         off, size = self._parts[i][ext]
-        return Member(self._locs[self._shard_of[i]], int(off), int(size),
-                      f"{self._keys[i].rsplit('/', 1)[-1]}.{ext}")
+        s = self._shard_of[i]
+        return Member(self._locs[s], int(off), int(size),
+                      f"{self._keys[i].rsplit('/', 1)[-1]}.{ext}", total=self._totals[s])
 
     def main_location(self, i: int) -> Member:
         return self._member(i, self._parts[i]["__main__"])
