@@ -4,6 +4,8 @@
     python benchmarks/bench_core.py CORPUS_DIR [--limit N] [--rounds R]
                                     [--sizes 512,1024] [--out FILE.md]
 
+Variant (b) needs OpenCV and PyTurboJPEG: ``pip install -e '.[bench]'``.
+
 Every .jpg/.jpeg/.png under CORPUS_DIR (recursive, sorted; ``--limit`` keeps the
 first N) is read into memory first, so file IO is not measured.  For each bucket
 size (``make_buckets(512, 16, 0.5, 2.0)``, ``make_buckets(1024, 32, 0.5, 2.0)``)
