@@ -620,9 +620,9 @@ class WebDatasetSource(Source):
         self.skipped[reason] = self.skipped.get(reason, 0) + n
 
     def _indexes(self) -> List[Tuple[dict, str]]:
-        """Every shard's (index, location of its members), in shard order, fetched (or built) by up to
-        ``INDEX_THREADS`` threads: a thousand remote shards cost a thousand
-        requests, or a thousand shard streams when they have no index yet."""
+        """Every shard's (index, location of its members), in shard order, fetched
+        (or built) by up to ``INDEX_THREADS`` threads: a thousand remote shards cost
+        a thousand requests, or a thousand shard streams when they have no index."""
         if len(self.shards) <= 1:
             return [self._index(s, self._index_dir, self._cache) for s in self.shards]
         from concurrent.futures import ThreadPoolExecutor
