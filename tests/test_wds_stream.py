@@ -311,8 +311,9 @@ def test_over_nginx(data):
         assert sorted(i for b in ds for i in b["id"]) == sorted(k for k, _ in samples)
 
 
-def test_iter_shard_groups_members_and_skips_huge_ones(tmp_path, monkeypatch):
-    import datago.sources.webdataset as wds
+def test_iter_shard_groups_members_and_skips_huge_ones(tmp_path):
+    """A streamed member is held in memory: one over ``max_object_bytes`` is
+    skipped and counted."""
     p = tmp_path / "a.tar"
     with tarfile.open(p, "w") as tar:
         for name, payload in [("a/x.jpg", b"1"), ("a/x.json", b"{}"), ("b.y.jpg", b"2"),
@@ -320,9 +321,8 @@ def test_iter_shard_groups_members_and_skips_huge_ones(tmp_path, monkeypatch):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    monkeypatch.setattr(wds, "MAX_MEMBER_BYTES", 50)
     counts = {}
-    got = list(iter_shard(str(p), counts=counts))
+    got = list(iter_shard(str(p), Fetcher(FetchConfig(max_object_bytes=50)), counts=counts))
     assert got == [("a/x", {"jpg": b"1", "json": b"{}"}), ("b", {"y.jpg": b"2"})]
     assert counts == {"too_large_members": 1, "ignored_members": 1}
 

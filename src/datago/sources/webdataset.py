@@ -71,7 +71,6 @@ __all__ = ["WebDatasetSource", "assign_shards", "build_index", "expand_urls", "i
 
 INDEX_SUFFIX = ".idx.json"
 INDEX_VERSION = 1
-MAX_MEMBER_BYTES = 1 << 30        # a streamed member is held in memory: larger ones are skipped
 INDEX_THREADS = 16                # shard indexes fetched (or built) at once at construction
 _BUILT_LOCK = threading.Lock()
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -357,9 +356,12 @@ def iter_shard(url: str, fetcher: Optional[Fetcher] = None,
                counts: Optional[Dict[str, int]] = None) -> Iterator[Tuple[str, Dict[str, bytes]]]:
     """``(key, {extension: bytes})`` for each sample of a shard, read as a stream
     (consecutive members sharing a key form a sample, as WebDataset writes them).
-    ``counts`` (optional) gets ``ignored_members``.  ``FetchError`` when the bytes
-    cannot be had, ``DatagoError`` when they are not a tar."""
+    ``counts`` (optional) gets ``ignored_members``, and ``too_large_members``: a
+    member is held in memory, so one over the fetcher's ``max_object_bytes`` is
+    skipped.  ``FetchError`` when the bytes cannot be had, ``DatagoError`` when
+    they are not a tar."""
     fetcher = fetcher or Fetcher()
+    limit = fetcher.config.max_object_bytes
     key, parts = None, {}
     try:
         with _open_stream(url, fetcher, cache=True) as tar:
@@ -368,7 +370,7 @@ def iter_shard(url: str, fetcher: Optional[Fetcher] = None,
                     continue
                 k, ext = _split(info.name)
                 why = "ignored_members" if _ignored(k, ext) else \
-                    "too_large_members" if info.size > MAX_MEMBER_BYTES else None
+                    "too_large_members" if info.size > limit else None
                 if why is not None:
                     if counts is not None:
                         counts[why] = counts.get(why, 0) + 1
