@@ -314,15 +314,19 @@ def test_drop_last_drops_and_counts(tree):
 
 
 def test_max_open_batches_flushes_early(tree):
-    """Streaming mode: a sample that needs one more open batch than allowed closes
-    the fullest early (a partial batch, counted)."""
+    """Streaming mode: loaded samples wait for their bucket's batch to fill, at most
+    max_open_batches x batch_size of them (10 here); one more, and the bucket with
+    the most waiting is decoded early as a partial batch, counted."""
     root, ids = tree
     ds = DatagoDataset(config(root, STREAM, batch_size=5, max_open_batches=2))
     batches = list(ds)
     assert sorted(ids_of(batches)) == ids
-    partial = sum(len(b["id"]) < 5 for b in batches)
+    sizes = [len(b["id"]) for b in batches]
+    partial = sum(n < 5 for n in sizes)
     flushed = ds.stats()["early_flushed"]
-    assert flushed > 0 and flushed <= partial <= flushed + 2   # + the open ones at the end
+    # + the buckets still waiting at the end: at most 10 samples
+    assert flushed > 0 and flushed <= partial <= flushed + 10
+    assert max(sizes) <= 5 and all(b["image"].shape[0] == len(b["id"]) for b in batches)
     ds = DatagoDataset(config(root, STREAM, batch_size=5, max_open_batches=len(BUCKETS)))
     assert sorted(ids_of(ds)) == ids and ds.stats()["early_flushed"] == 0
 
@@ -538,7 +542,11 @@ def test_drop_last_with_bad_files_accounts_for_every_file(bad_tree):
     st = ds.stats()
     assert len(got) == st["samples"]
     assert st["samples"] + st["dropped_last"] + sum(st["skipped"].values()) == n_files
-    assert st["skipped"] == {"decode_error": 3, "bad_attributes": 1}
+    # the two files without a readable header fail as they are loaded; the truncated
+    # one fails at decode, unless it waits in a bucket whose partial batch is dropped
+    # (never decoded, counted as dropped)
+    assert set(st["skipped"]) == {"decode_error", "bad_attributes"}
+    assert st["skipped"]["bad_attributes"] == 1 and 2 <= st["skipped"]["decode_error"] <= 3
     # plan mode, remainder="drop": unreadable at the scan, dropped, skipped or yielded
     ds = DatagoDataset(config(root, batch_size=5, remainder="drop"))
     with pytest.warns(RuntimeWarning, match="skipping"):

@@ -644,13 +644,16 @@ def _polled(poll, wait: float = 0.005):
 
 class Engine(_ErrorPolicy):
     """Streaming mode: iterates batches (or samples) of sample references whose sizes
-    are not known in advance, filling one open batch per bucket.
+    are not known in advance.  A loaded sample (its bytes and header, not decoded)
+    waits with the others of its bucket; a bucket's batch is decoded once it has
+    ``batch_size`` of them, so batches are full and only complete batches hold
+    decoded pixels.
 
     Memory is bounded: at most ``buffer`` samples are being loaded or decoded, at
-    most ``max_open`` batches are open (when a sample needs a bucket that has no
-    open batch and ``max_open`` are open, the fullest one is closed early and
-    counted as ``early_flushed``), and no new sample is loaded while
-    ``prefetch`` closed batches wait to be yielded.
+    most ``max_open`` x ``batch_size`` loaded samples wait (one more, and the bucket
+    with the most waiting is decoded early as a partial batch, counted as
+    ``early_flushed``), and no new sample is loaded while ``prefetch`` batches wait
+    to be yielded.
 
     In per-sample mode (``batch_size=None``), ``refs`` may hold ``(step, ref)``
     pairs (with ``steps=True``); each sample dict then carries ``"step"``.
@@ -702,8 +705,11 @@ class Engine(_ErrorPolicy):
         pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="datago")
         loads: deque = deque()
         closed: deque = deque()
-        open_batches: Dict[Tuple[int, int], Batch] = {}
-        order: List[Tuple[int, int]] = []           # buckets in order of their open batch
+        # loaded samples (bytes and header, not decoded) waiting for their bucket's
+        # batch to fill, by bucket in order of first arrival
+        waiting: Dict[Tuple[int, int], List[_Loaded]] = {}
+        cap = None if self.max_open is None else self.max_open * self.batch_size
+        n_waiting = 0
         exhausted = False
         poll = getattr(self.refs, "poll", None)     # refs arriving from a stream
         try:
@@ -730,62 +736,58 @@ class Engine(_ErrorPolicy):
                     if loaded is None:
                         continue
                     bucket = nearest_bucket(*loaded.info.display_size, self.buckets)
-                    batch = open_batches.get(bucket)
-                    if batch is None:
-                        if self.max_open is not None and len(open_batches) >= self.max_open:
-                            fullest = max(order, key=lambda b: len(open_batches[b].samples))
-                            closed.append(open_batches.pop(fullest))
-                            order.remove(fullest)
-                            self.stats.add("early_flushed")
-                        batch = open_batches[bucket] = Batch(bucket, self.batch_size, self._shared,
-                                                                     stats=self.stats,
-                                                                     pool_bytes=self.pool_bytes)
-                        order.append(bucket)
-                    slot = batch.assign(loaded)
-                    with self._cond:
-                        self._pending += 1
-                    f = pool.submit(_decode_into, loaded, batch, slot, self.cfg, self.stats)
-                    f.add_done_callback(self._done)
-                    batch.futures.append(f)
-                    if batch.full:
-                        closed.append(batch)
-                        del open_batches[bucket]
-                        order.remove(bucket)
+                    group = waiting.setdefault(bucket, [])
+                    group.append(loaded)
+                    n_waiting += 1
+                    if len(group) == self.batch_size:
+                        closed.append(self._start(pool, bucket, waiting.pop(bucket)))
+                        n_waiting -= self.batch_size
+                    elif cap is not None and n_waiting > cap:
+                        fullest = max(waiting, key=lambda b: len(waiting[b]))
+                        group = waiting.pop(fullest)
+                        n_waiting -= len(group)
+                        closed.append(self._start(pool, fullest, group))
+                        self.stats.add("early_flushed")
                 elif closed:
                     t0 = time.perf_counter()
                     for f in closed[0].futures:
                         f.exception()                   # wait
                     self.stats.add("t_wait", time.perf_counter() - t0)
                 elif not exhausted:
-                    # every slot in flight sits in a batch that is not full yet: wait
-                    # for a decode to finish, then load more
+                    # the buffer is full of decodes: wait for one to finish, then load more
                     t0 = time.perf_counter()
                     with self._cond:
                         while self._pending >= self.buffer:
                             self._cond.wait()
                     self.stats.add("t_wait", time.perf_counter() - t0)
                 else:
-                    if not open_batches:
+                    if not waiting:
                         break
-                    for bucket in order:                # partial batches, in opening order
-                        b = open_batches[bucket]
+                    for bucket, group in waiting.items():   # partial batches, first seen first
                         if self.drop_last:
-                            for fut in b.futures:
-                                exc = fut.exception()
-                                if exc is None:
-                                    self.stats.add("dropped")
-                                elif isinstance(exc, SampleError):
-                                    self._skip(exc)
-                                else:
-                                    raise exc
+                            self.stats.add("dropped", len(group))
                         else:
-                            closed.append(b)
-                    open_batches.clear()
-                    order.clear()
+                            closed.append(self._start(pool, bucket, group))
+                    waiting.clear()
+                    n_waiting = 0
         finally:
             for f in loads:
                 f.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _start(self, pool: ThreadPoolExecutor, bucket: Tuple[int, int],
+               group: List[_Loaded]) -> Batch:
+        """A batch of ``group`` (one bucket's loaded samples), its decodes submitted."""
+        batch = Batch(bucket, len(group), self._shared, stats=self.stats,
+                      pool_bytes=self.pool_bytes)
+        for loaded in group:
+            slot = batch.assign(loaded)
+            with self._cond:
+                self._pending += 1
+            f = pool.submit(_decode_into, loaded, batch, slot, self.cfg, self.stats)
+            f.add_done_callback(self._done)
+            batch.futures.append(f)
+        return batch
 
     def _finish(self, batch: Batch) -> Optional[dict]:
         """Wait for the batch's decodes, close up failed slots, build the output dict."""

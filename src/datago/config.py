@@ -731,8 +731,10 @@ class LoaderConfig:
     prefetch_batches: int = 2
     """Batches being decoded or waiting, per DataLoader worker (bounds memory)."""
     max_open_batches: int = 8
-    """Streaming mode (scan_sizes=false): open per-bucket batches per worker; when a
-    sample needs one more, the fullest is yielded early (counted)."""
+    """Streaming mode (scan_sizes=false): loaded samples wait, undecoded, for their
+    bucket's batch to fill; at most this many batches' worth (x batch_size) per
+    worker: one more, and the bucket with the most waiting is decoded and yielded
+    early (counted as early_flushed)."""
     shared_pool_bytes: int = 256 << 20
     """In a DataLoader worker: bytes of shared-memory batch buffers kept for reuse
     (``datago._shm``); batches beyond it get fresh buffers, freed once the trainer
