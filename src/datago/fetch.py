@@ -369,9 +369,11 @@ def _check_total(size: int, total: int, loc: str) -> None:
 
 
 def _check_range(value: Optional[str], url: str, offset: int, size: int,
-                 short_ok: bool) -> None:
+                 short_ok: bool, total: int = -1) -> None:
     """A 206's ``Content-Range`` must be the range asked for (a header probe's may
-    end early, at the object's end): other bytes would be read as the member's."""
+    end early, at the object's end): other bytes would be read as the member's.
+    ``total`` (>= 0): the object's size the offsets were taken from, checked
+    against the one the reply names."""
     m = _CONTENT_RANGE.fullmatch((value or "").strip())
     end = offset + size - 1
     if m is None or int(m[1]) != offset or not (
@@ -379,6 +381,8 @@ def _check_range(value: Optional[str], url: str, offset: int, size: int,
         shown = redact(url)
         raise FetchError(f"{shown}: asked for bytes {offset}-{end}, the server sent "
                          f"Content-Range {(value or '(none)')[:80]!r}", "bad_range", shown, 206)
+    if total >= 0 and m[3] != "*":
+        _check_total(int(m[3]), total, url)
 
 
 def _decoded(data: bytes, coding: str, url: str, status: int, ranged: bool,
@@ -752,13 +756,10 @@ class Fetcher:
         coding = (head.get("content-encoding") or "identity").strip().lower()
         if coding != "identity":
             data = _decoded(data, coding, url, status, offset is not None, limit)
-        if offset is not None and total >= 0:          # the object the offsets are of?
-            length = head.get("content-range", "").rpartition("/")[2] if status == 206 \
-                else str(len(data))
-            if length.strip().isdigit():
-                _check_total(int(length), total, url)
         if offset is not None and status == 206:
-            _check_range(head.get("content-range"), url, offset, size, short_ok)
+            _check_range(head.get("content-range"), url, offset, size, short_ok, total)
+        elif offset is not None and total >= 0:         # (the whole object, Range ignored)
+            _check_total(len(data), total, url)
         return self._sized(data, status, offset, size, short_ok)
 
     @staticmethod

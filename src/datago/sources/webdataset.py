@@ -55,7 +55,7 @@ import re
 import tarfile
 import threading
 import zlib
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import xxhash
@@ -318,24 +318,18 @@ def _tee(chunks, write):
         yield chunk
 
 
-def _counted(chunks, box: list):
-    for chunk in chunks:
-        box[0] += len(chunk)
-        yield chunk
-
-
 @contextlib.contextmanager
 def _open_stream(url: str, fetcher: Fetcher, cache: bool = False, copy=None,
-                 count: Optional[list] = None):
+                 seen: Optional[Callable[[bytes], None]] = None):
     """The shard as a streamed tar (``_TarStream``; the bytes from ``fetcher.stream``:
     local reads, or HTTP/S3 resumed by ``Range`` when the connection breaks);
     ``.tar.gz``/``.tgz`` decompressed.  The stream is read to its end after the
     tar's end marker (record padding), so a ``cache``d stream counts as complete.
-    ``copy``: a file the (decompressed) bytes are also written to; ``count``: a
-    one-item list that gets the number of bytes the shard has as stored."""
+    ``copy``: a file the (decompressed) bytes are also written to; ``seen``: called
+    with each chunk of the shard as stored (before decompression)."""
     chunks = fetcher.stream(url, cache=cache)
-    if count is not None:
-        chunks = _counted(chunks, count)
+    if seen is not None:
+        chunks = _tee(chunks, seen)
     if is_gzipped(url):
         chunks = _gunzip(chunks)
     if copy is not None:
@@ -464,10 +458,13 @@ def build_index(url: str, fetcher: Optional[Fetcher] = None,
             if _image_ext(ext):               # (read now: a shard's heads are not kept)
                 sizes[(key, ext)] = size_of(info.read(65536))
 
-    stored = [0]
+    stored = [0]                          # the shard's size as stored
+
+    def seen(chunk: bytes) -> None:
+        stored[0] += len(chunk)
 
     def run(copy=None) -> None:
-        with _open_stream(url, fetcher, copy=copy, count=stored) as tar:
+        with _open_stream(url, fetcher, copy=copy, seen=seen) as tar:
             scan(tar)
 
     raw_size = None
